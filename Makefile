@@ -1,0 +1,56 @@
+# Everyday targets. `make demo` and `make test` set up .venv/ on a fresh machine first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO := runs/demo
+export MAX_JOBS ?= 2
+
+.PHONY: help install demo test test-fast lint format bench clean
+
+help:
+	@echo "make demo      set up .venv, pack a synthetic set, pretrain on 2 CPU ranks, probe"
+	@echo "make test      set up .venv and run the test suite"
+	@echo "make test-fast the tests without the multi-process runs"
+	@echo "make lint      ruff check + format check"
+	@echo "make format    ruff format + autofix"
+	@echo "make bench     CPU-sized benchmarks (writes bench/results/)"
+
+# --system-site-packages: a machine that already has torch/torchvision (a GPU node image) keeps
+# them; elsewhere torchvision pulls the torch build it matches. The editable install builds the
+# csrc/ extension against that torch (hence --no-build-isolation).
+$(STAMP): setup.py
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel ninja
+	$(PY) -m pip install --quiet torchvision
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[all]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m data_tools.synthetic $(DEMO)/data --overwrite
+	DS_ACCELERATOR=cpu $(VENV)/bin/deepspeed --num_gpus 2 launch/pretrain.py --config configs/demo.yaml
+	$(PY) launch/quick_probe.py --run $(DEMO)/pretrain
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(STAMP)
+	$(PY) bench/xcorr.py --sizes small
+	$(PY) bench/data_pipeline.py --samples 256
+
+clean:
+	rm -rf build *.egg-info runs .pytest_cache .ruff_cache

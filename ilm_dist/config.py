@@ -1,0 +1,353 @@
+"""Typed run configuration: YAML files + dotted ``key=value`` overrides -> validated dataclasses.
+
+A config file may name ``base:`` files (a path or a list, relative to itself) whose values it
+overrides; presets (``configs/presets/*.yaml``) and dataset defaults are shared that way.
+Unknown keys, wrong types and impossible values raise :class:`ConfigError` naming the key,
+before any process group or model exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+BLOCKS = (1, 2, 3, 4)
+
+
+class ConfigError(ValueError):
+    """A run configuration is invalid; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"  # any torchvision ResNet
+    zero_init_residual: bool = True  # official code (Kaku et al.) and Goyal et al. 2017
+    channels_last: bool = False
+
+
+@dataclass
+class MocoConfig:
+    dim: int = 128  # embedding dimension (He et al. 2020)
+    mlp: bool = True  # 2-layer MLP head (Chen et al. 2020, MoCo v2)
+    queue_size: int = 65536  # K negatives (He et al. 2020)
+    momentum: float = 0.999  # key-encoder EMA (He et al. 2020)
+    temperature: float = 0.2  # MoCo v2; the official ILM code uses 0.07
+    shuffle_bn: bool = True  # shuffle keys across ranks before the key encoder (He et al. 2020, Sec. 3.3)
+    sync_bn: bool = False  # SyncBatchNorm in the query encoder instead
+
+
+@dataclass
+class MseLossConfig:
+    pool_sizes: list[int] = field(default_factory=lambda: [16, 16, 4, 4])  # per block 1..4 (official code)
+
+
+@dataclass
+class BtLossConfig:
+    proj_dims: list[int] = field(default_factory=lambda: [2048, 2048, 2048])  # Zbontar et al. 2021
+    scale: float = 1 / 32  # official code's scale-loss, applied to both terms
+    off_diag_weight: float = 1.0  # relative to the on-diagonal term (official: 1.0)
+    eps: float = 1e-5  # BatchNorm1d(affine=False) epsilon
+    impl: Literal["auto", "ext", "torch"] = "auto"
+
+
+@dataclass
+class LossConfig:
+    type: Literal["none", "mse", "bt"] = "none"
+    blocks: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    weights: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25, 0.25])  # one per block
+    mse: MseLossConfig = field(default_factory=MseLossConfig)
+    bt: BtLossConfig = field(default_factory=BtLossConfig)
+
+
+@dataclass
+class AugConfig:
+    """MoCo v2 augmentations (Chen et al. 2020) with the ILM code's per-dataset choices."""
+
+    crop_scale: list[float] | None = field(default_factory=lambda: [0.2, 1.0])  # None: resize only
+    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # SimCLR (Chen et al. 2020)
+    hflip: bool = True
+    vflip: bool = False
+    rotation: float = 0.0  # degrees; 30 for chest X-ray and DR in the official code
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class SyntheticDataConfig:
+    num_samples: int = 4096
+    num_classes: int = 8
+
+
+@dataclass
+class DaliConfig:
+    """Options of the DALI backend (``ilm_dist.data.dali_backend``)."""
+
+    skip_bad: bool = False  # scan shards at start-up, drop samples with a missing part or undecodable JPEG
+    hw_decoder_load: float = 0.65  # share of JPEGs sent to the A100/H100 hardware decoder (DALI's default)
+    prefetch: int = 2  # batches prepared ahead (pipeline prefetch_queue_depth)
+
+
+@dataclass
+class DataConfig:
+    backend: Literal["auto", "torch", "dali", "synthetic"] = "auto"
+    shards: str | None = None  # directory written by data_tools.pack
+    split: str = "train"
+    image_size: int = 224
+    batch_size: int = 32  # per rank
+    num_workers: int = 4
+    shuffle_buffer: int = 2048
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    dali: DaliConfig = field(default_factory=DaliConfig)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.03  # for a global batch of 256 (He et al. 2020), scaled by batch/256
+    scale_lr: bool = True
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int | None = None
+    epochs: int = 1
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    export_every: int = 0  # 0: export the backbone only at the end
+
+
+@dataclass
+class EngineConfig:
+    deepspeed_config: str = "deepspeed/fp32.json"  # relative to configs/ or absolute
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs/run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def deepspeed_config_path(self) -> Path:
+        path = Path(self.engine.deepspeed_config)
+        return path if path.is_absolute() else CONFIG_DIR / path
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load ``path`` (with its ``base:`` chain), apply ``key=value`` overrides, build and validate."""
+    raw = _load_yaml_chain(Path(path)) if path else {}
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+    cfg = from_dict(RunConfig, raw)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'base' chain")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    bases = data.pop("base", []) or []
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        _deep_merge(merged, _load_yaml_chain(path.parent / base, (*seen, path)))
+    _deep_merge(merged, data)
+    return merged
+
+
+def _deep_merge(into: dict[str, Any], other: dict[str, Any]) -> None:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.max_steps=20")
+    try:
+        return key.strip(), yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"override {item!r}: value is not valid YAML") from None
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part!r} is not a section")
+    node[leaf] = value
+
+
+# --------------------------------------------------------------------------- typed construction
+
+
+def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``raw``, rejecting unknown keys and wrong types by dotted name."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
+    kwargs = {key: _coerce(hints[key], value, f"{prefix}{key}") for key, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    return _coerce_scalar(tp, value, key)
+
+
+def _coerce_scalar(tp: type, value: Any, key: str) -> Any:
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check values that are well-typed but impossible; names the key in the error."""
+    _check(cfg.model.arch.startswith(("resnet", "resnext", "wide_resnet")), "model.arch",
+           f"{cfg.model.arch!r} is not a torchvision ResNet (resnet18/34/50/101/152, resnext*, wide_resnet*)")
+    _check(cfg.moco.dim > 0, "moco.dim", "must be positive")
+    _check(cfg.moco.queue_size > 0, "moco.queue_size", "must be positive")
+    _check(0.0 <= cfg.moco.momentum < 1.0, "moco.momentum", "must be in [0, 1)")
+    _check(cfg.moco.temperature > 0, "moco.temperature", "must be positive")
+    _check(not (cfg.moco.shuffle_bn and cfg.moco.sync_bn), "moco.sync_bn",
+           "SyncBN and shuffle-BN are alternatives; set moco.shuffle_bn=false to use SyncBN")
+    _validate_loss(cfg.loss)
+    _validate_aug(cfg.aug)
+    _validate_data(cfg.data)
+    _check(cfg.optim.lr > 0, "optim.lr", "must be positive")
+    _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(cfg.train.max_steps is None or cfg.train.max_steps > 0, "train.max_steps", "must be positive")
+    _check(cfg.train.epochs > 0, "train.epochs", "must be positive")
+    _check(cfg.train.log_every > 0, "train.log_every", "must be positive")
+    _check(cfg.train.ckpt_every >= 0, "train.ckpt_every", "must be >= 0 (0: only at the end)")
+    _check(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    _check(cfg.deepspeed_config_path().is_file(), "engine.deepspeed_config",
+           f"file not found: {cfg.deepspeed_config_path()}")
+
+
+def _validate_loss(loss: LossConfig) -> None:
+    _check(len(loss.blocks) > 0 or loss.type == "none", "loss.blocks", "must name at least one block")
+    _check(all(b in BLOCKS for b in loss.blocks), "loss.blocks", f"{loss.blocks}: blocks are 1..4")
+    _check(len(set(loss.blocks)) == len(loss.blocks), "loss.blocks", f"{loss.blocks}: repeated block")
+    _check(len(loss.weights) == len(loss.blocks), "loss.weights",
+           f"has {len(loss.weights)} values for {len(loss.blocks)} blocks {loss.blocks}")
+    _check(all(w >= 0 for w in loss.weights), "loss.weights", "must be >= 0")
+    _check(len(loss.mse.pool_sizes) == 4 and all(p > 0 for p in loss.mse.pool_sizes), "loss.mse.pool_sizes",
+           "needs 4 positive sizes, one per block 1..4")
+    _check(len(loss.bt.proj_dims) >= 1 and all(d > 0 for d in loss.bt.proj_dims), "loss.bt.proj_dims",
+           "needs at least one positive width")
+    _check(loss.bt.eps > 0, "loss.bt.eps", "must be positive")
+
+
+def _validate_aug(aug: AugConfig) -> None:
+    if aug.crop_scale is not None:
+        _check(len(aug.crop_scale) == 2 and 0 < aug.crop_scale[0] <= aug.crop_scale[1] <= 1, "aug.crop_scale",
+               f"{aug.crop_scale}: expected [min, max] with 0 < min <= max <= 1")
+    _check(len(aug.color_jitter) == 4 and all(v >= 0 for v in aug.color_jitter), "aug.color_jitter",
+           "expected [brightness, contrast, saturation, hue] >= 0")
+    _check(aug.color_jitter[3] <= 0.5, "aug.color_jitter", "hue must be <= 0.5")
+    for name in ("color_jitter_p", "grayscale_p", "blur_p"):
+        _check(0 <= getattr(aug, name) <= 1, f"aug.{name}", "is a probability in [0, 1]")
+    _check(len(aug.blur_sigma) == 2 and 0 < aug.blur_sigma[0] <= aug.blur_sigma[1], "aug.blur_sigma",
+           "expected [min, max] with 0 < min <= max")
+    _check(0 <= aug.rotation <= 180, "aug.rotation", "degrees in [0, 180]")
+    _check(len(aug.mean) == 3 and len(aug.std) == 3 and all(s > 0 for s in aug.std), "aug.std",
+           "mean and std need 3 values, std > 0")
+
+
+def _validate_data(data: DataConfig) -> None:
+    _check(data.image_size >= 32, "data.image_size", "must be >= 32 (a ResNet downsamples 32x)")
+    _check(data.batch_size >= 2, "data.batch_size", "must be >= 2 (BatchNorm needs a batch)")
+    _check(data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+    _check(0 <= data.dali.hw_decoder_load <= 1, "data.dali.hw_decoder_load", "is a fraction in [0, 1]")
+    _check(data.dali.prefetch >= 1, "data.dali.prefetch", "must be >= 1")
+    if data.backend == "synthetic":
+        _check(data.synthetic.num_samples > 0, "data.synthetic.num_samples", "must be positive")
+        _check(data.synthetic.num_classes > 1, "data.synthetic.num_classes", "must be > 1")
+    else:
+        _check(data.shards is not None, "data.shards",
+               f"is required for data.backend={data.backend!r} (a directory written by data_tools.pack)")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")

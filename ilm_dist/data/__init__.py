@@ -1,0 +1,47 @@
+"""Data backends behind one factory signature: ``(cfg, rank, world_size, device) -> PretrainLoader``."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from collections.abc import Callable
+
+import torch
+
+from ilm_dist.data.batch import PretrainLoader, TwoViewBatch
+
+log = logging.getLogger("ilm_dist")
+
+BACKENDS: dict[str, str] = {
+    "torch": "ilm_dist.data.torch_backend:TorchLoader",
+    "synthetic": "ilm_dist.data.synthetic:SyntheticLoader",
+    "dali": "ilm_dist.data.dali_backend:DaliLoader",
+}
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """``auto`` means DALI on a GPU when DALI is installed, else the torch DataLoader."""
+    if requested != "auto":
+        return requested
+    has_dali = importlib.util.find_spec("nvidia.dali") is not None
+    return "dali" if device.type == "cuda" and has_dali and _dali_backend_exists() else "torch"
+
+
+def _dali_backend_exists() -> bool:
+    return importlib.util.find_spec("ilm_dist.data.dali_backend") is not None
+
+
+def backend_factory(name: str) -> Callable[..., PretrainLoader]:
+    module, _, attr = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_pretrain_loader(cfg, rank: int, world_size: int, device: torch.device) -> PretrainLoader:
+    name = resolve_backend(cfg.data.backend, device)
+    loader = backend_factory(name)(cfg, rank, world_size, device)
+    log.info("data backend %s (data.backend=%s): %s", name, cfg.data.backend, loader.description)
+    return loader
+
+
+__all__ = ["BACKENDS", "PretrainLoader", "TwoViewBatch", "build_pretrain_loader", "resolve_backend"]

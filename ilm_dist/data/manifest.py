@@ -1,0 +1,129 @@
+"""The on-disk contract between `data_tools.pack` (writer) and the data backends (readers).
+
+A packed dataset is a directory::
+
+    OUT_DIR/
+      manifest.json
+      train-000000.tar   train-000000.idx   (DALI index, `wds2idx` format)
+      val-000000.tar     ...
+      test-000000.tar    ...
+
+Each tar holds WebDataset samples; one sample is the files sharing a ``__key__`` prefix:
+
+- ``<key>.jpg``  the image, re-encoded as baseline JPEG (grayscale sources stay 1-channel);
+- ``<key>.lbl``  the label vector as raw little-endian int32 bytes: one value (the class
+  index) for ``binary``/``multiclass`` tasks, a multi-hot vector of ``len(class_names)``
+  for ``multilabel`` tasks.  Raw bytes so DALI can read it with ``dtypes=INT32``;
+- ``<key>.json`` metadata for people and tools: ``{"source": original path, "group": group id
+  or null, "labels": [class names]}``.
+
+``manifest.json`` (``format == "ilm_dist.shards/v1"``)::
+
+    {"format": "ilm_dist.shards/v1",
+     "task": "binary" | "multiclass" | "multilabel",
+     "class_names": [...],
+     "image_mode": "L" | "RGB",
+     "splits": {"train": {"num_samples": int,
+                          "class_counts": {class_name: int},
+                          "shards": [{"name": "train-000000.tar", "index": "train-000000.idx",
+                                      "num_samples": int, "sha256": hex}]},
+                "val": {...}, "test": {...}},
+     "skipped": {"count": int, "files": [{"path": str, "reason": str}]},
+     "source": {...}, "args": {...}, "created": iso8601}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT = "ilm_dist.shards/v1"
+TASKS = ("binary", "multiclass", "multilabel")
+
+
+class ManifestError(ValueError):
+    """A packed dataset directory is missing, incomplete or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    tar: Path
+    index: Path
+    num_samples: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    name: str
+    num_samples: int
+    class_counts: dict[str, int]
+    shards: tuple[ShardInfo, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    task: str
+    class_names: tuple[str, ...]
+    image_mode: str
+    splits: dict[str, SplitInfo]
+    raw: dict
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def label_width(self) -> int:
+        """Number of int32 values in each sample's ``.lbl`` record."""
+        return self.num_classes if self.task == "multilabel" else 1
+
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.splits:
+            raise ManifestError(
+                f"{self.root / 'manifest.json'}: no split {name!r}; it has {sorted(self.splits)}"
+            )
+        return self.splits[name]
+
+
+def load_manifest(root: str | Path, check_files: bool = True) -> Manifest:
+    """Read and validate ``root/manifest.json``; with ``check_files`` every shard and index must exist."""
+    root = Path(root)
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise ManifestError(f"{path}: not found (is {root} a directory written by data_tools.pack?)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{path}: not valid JSON ({err})") from None
+    if raw.get("format") != FORMAT:
+        raise ManifestError(f"{path}: format is {raw.get('format')!r}, expected {FORMAT!r}")
+    for key in ("task", "class_names", "image_mode", "splits"):
+        if key not in raw:
+            raise ManifestError(f"{path}: missing key {key!r}")
+    if raw["task"] not in TASKS:
+        raise ManifestError(f"{path}: task is {raw['task']!r}, expected one of {TASKS}")
+    splits = {name: _parse_split(root, path, name, entry) for name, entry in raw["splits"].items()}
+    if check_files:
+        for split in splits.values():
+            for shard in split.shards:
+                for file in (shard.tar, shard.index):
+                    if not file.is_file():
+                        raise ManifestError(f"{path}: split {split.name!r} lists {file.name}, which is missing")
+    return Manifest(root, raw["task"], tuple(raw["class_names"]), raw["image_mode"], splits, raw)
+
+
+def _parse_split(root: Path, path: Path, name: str, entry: dict) -> SplitInfo:
+    try:
+        shards = tuple(
+            ShardInfo(root / s["name"], root / s["index"], int(s["num_samples"]), s["sha256"])
+            for s in entry["shards"]
+        )
+        split = SplitInfo(name, int(entry["num_samples"]), dict(entry["class_counts"]), shards)
+    except (KeyError, TypeError) as err:
+        raise ManifestError(f"{path}: split {name!r} is malformed (missing {err})") from None
+    if sum(s.num_samples for s in shards) != split.num_samples:
+        raise ManifestError(f"{path}: split {name!r} shard sample counts do not add up to num_samples")
+    return split

@@ -1,0 +1,33 @@
+"""Synthetic backend: random tensors created on the training device (no decode, no copy).
+
+It measures the training step's own speed (the benchmarks' upper bound); its images carry no
+structure. For a dataset with real class structure use ``python -m data_tools.synthetic``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from ilm_dist.data.batch import TwoViewBatch
+from ilm_dist.data.sampling import steps_per_epoch
+
+POOL = 4  # distinct batches kept on the device and cycled
+
+
+class SyntheticLoader:
+    def __init__(self, cfg, rank: int, world_size: int, device: torch.device):
+        syn, size, batch = cfg.data.synthetic, cfg.data.image_size, cfg.data.batch_size
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + rank)
+        shape = (POOL, 2, batch, 3, size, size)
+        self.pool = torch.randn(shape, generator=gen).to(device)
+        self.labels = torch.randint(0, syn.num_classes, (POOL, batch), generator=gen).to(device)
+        self.batch = batch
+        self.steps_per_epoch = steps_per_epoch(syn.num_samples, batch, world_size)
+        self.description = f"synthetic: {syn.num_samples} random samples on {device}, {self.steps_per_epoch} steps/epoch"
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TwoViewBatch]:
+        for step in range(start_step, self.steps_per_epoch):
+            i = step % POOL
+            yield TwoViewBatch(self.pool[i, 0], self.pool[i, 1], self.labels[i], torch.arange(self.batch))

@@ -1,0 +1,91 @@
+"""Process-group helpers that also work without one (rank 0 of world 1).
+
+Everything that talks to ``torch.distributed`` in ilm_dist goes through here, so the model and
+the losses stay free of distribution code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def dist_info() -> DistInfo:
+    """Rank/world of the default group, or of the launcher's environment before it exists."""
+    if is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+    return DistInfo(
+        int(os.environ.get("RANK", "0")),
+        int(os.environ.get("WORLD_SIZE", "1")),
+        int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+@torch.no_grad()
+def all_gather_no_grad(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` from all ranks along dim 0 (rank order); no autograd."""
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def all_gather_with_grad(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` from all ranks along dim 0, keeping autograd.
+
+    The backward sums the incoming gradients over ranks and returns this rank's slice, so a loss
+    that every rank computes identically on the gathered batch, with gradients averaged by the
+    data-parallel engine, gets exactly the single-process gradient.
+    """
+    if world_size() == 1:
+        return tensor
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(tensor.contiguous()))
+
+
+def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
+    if world_size() > 1:
+        dist.broadcast(tensor, src)
+    return tensor
+
+
+def all_reduce_mean_(tensor: Tensor) -> Tensor:
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor /= world_size()
+    return tensor
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,30 @@
+"""The momentum (key) encoder: an fp32 EMA copy of the query encoder (He et al. 2020, Eq. 2).
+
+It is kept outside the DeepSpeed engine, in fp32 even when the engine trains in bf16/fp16:
+with m = 0.999 the per-step change (1 - m) * (q - k) is below bf16's resolution for most weights.
+The update is one fused multi-tensor ``lerp`` over all parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class KeyEncoder(nn.Module):
+    def __init__(self, query: nn.Module):
+        super().__init__()
+        self.encoder = copy.deepcopy(query).float()
+        self.encoder.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, query: nn.Module, momentum: float) -> None:
+        """k <- m * k + (1 - m) * q for every parameter (buffers such as BN statistics stay the key's own)."""
+        k_params = list(self.encoder.parameters())
+        q_params = [p.detach().to(torch.float32) for p in query.parameters()]
+        torch._foreach_lerp_(k_params, q_params, 1.0 - momentum)
+
+    def forward(self, images: torch.Tensor):
+        return self.encoder(images)

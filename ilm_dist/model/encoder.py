@@ -1,0 +1,81 @@
+"""ResNet encoder with taps on the block outputs, and the MoCo projection head.
+
+The backbone is an unmodified torchvision ResNet; ``create_feature_extractor`` exposes
+``layer1..layer4`` and the pooled features without forking its forward. Parameter names stay
+torchvision's, so the exported backbone loads into ``torchvision.models.<arch>()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.feature_extraction import create_feature_extractor
+
+BLOCK_NODES = ("layer1", "layer2", "layer3", "layer4")
+
+
+@dataclass
+class EncoderOutput:
+    embedding: Tensor  # [B, dim], not normalised
+    blocks: list[Tensor]  # outputs of layer1..layer4, [B, C_i, H_i, W_i]
+
+
+def build_resnet(arch: str, zero_init_residual: bool = True) -> nn.Module:
+    """A randomly initialised torchvision ResNet (``zero_init_residual``: Goyal et al. 2017)."""
+    try:
+        return torchvision.models.get_model(arch, weights=None, zero_init_residual=zero_init_residual)
+    except ValueError:
+        raise ValueError(f"model.arch: {arch!r} is not a torchvision model name") from None
+
+
+def block_channels(resnet: nn.Module) -> list[int]:
+    """Output channels of layer1..layer4 (64..512 for BasicBlock nets, 256..2048 for Bottleneck)."""
+    return [_block_out(getattr(resnet, name)) for name in BLOCK_NODES]
+
+
+def _block_out(layer: nn.Sequential) -> int:
+    last = layer[-1]
+    return (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
+
+
+def projection_head(in_dim: int, out_dim: int, mlp: bool) -> nn.Module:
+    """MoCo v1's linear head, or MoCo v2's 2-layer MLP (Chen et al. 2020)."""
+    if not mlp:
+        return nn.Linear(in_dim, out_dim)
+    return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+
+
+class Encoder(nn.Module):
+    """Backbone + head; returns the embedding and the four block outputs."""
+
+    def __init__(self, arch: str, dim: int, mlp: bool, zero_init_residual: bool = True):
+        super().__init__()
+        resnet = build_resnet(arch, zero_init_residual)
+        self.arch = arch
+        self.channels = block_channels(resnet)
+        nodes = {name: name for name in BLOCK_NODES} | {"flatten": "pooled"}
+        self.backbone = create_feature_extractor(resnet, return_nodes=nodes)
+        self.head = projection_head(resnet.fc.in_features, dim, mlp)
+
+    def forward(self, images: Tensor) -> EncoderOutput:
+        feats = self.backbone(images)
+        return EncoderOutput(self.head(feats["pooled"]), [feats[name] for name in BLOCK_NODES])
+
+    def backbone_state_dict(self) -> dict[str, Tensor]:
+        """The backbone's weights under torchvision's names (no ``fc``), as fp32 CPU tensors."""
+        return {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
+                for k, v in self.backbone.state_dict().items()}
+
+
+def load_backbone_into_resnet(arch: str, state_dict: dict[str, Tensor]) -> nn.Module:
+    """Load an exported backbone into a fresh torchvision ResNet; only ``fc`` may be missing."""
+    model = build_resnet(arch)
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"backbone weights do not fit {arch}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    return model

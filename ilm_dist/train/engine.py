@@ -1,0 +1,94 @@
+"""Everything DeepSpeed-specific lives here: process group, device, config resolution, wrapping.
+
+On a machine without CUDA ``DS_ACCELERATOR=cpu`` selects DeepSpeed's CPU accelerator and gloo;
+it must be set before deepspeed is imported, which :func:`select_accelerator` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ilm_dist.config import ConfigError, RunConfig
+from ilm_dist.distributed import DistInfo, dist_info
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def select_accelerator() -> str:
+    """Pick DeepSpeed's accelerator before it is imported: ``cuda`` when usable, else ``cpu``."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    return os.environ.get("DS_ACCELERATOR", "cuda")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(cfg: RunConfig) -> tuple[DistInfo, torch.device]:
+    """Join the launcher's process group (or make a world of one for plain ``python``)."""
+    accelerator = select_accelerator()
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    backend = cfg.engine.dist_backend
+    if backend == "auto":
+        backend = "nccl" if accelerator == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    info = dist_info()
+    if accelerator == "cuda":
+        torch.cuda.set_device(info.local_rank)
+        return info, torch.device("cuda", info.local_rank)
+    return info, torch.device("cpu")
+
+
+def resolve_deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
+    """The JSON named by ``engine.deepspeed_config`` plus the batch size from the run config."""
+    path = cfg.deepspeed_config_path()
+    try:
+        ds = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"engine.deepspeed_config: {path} is not valid JSON ({err})") from None
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(
+                f"engine.deepspeed_config: {path} sets {key!r}; ilm_dist sets it from the run config "
+                "(data.batch_size, optim.*) — remove it from the JSON"
+            )
+    if ds.get("zero_optimization", {}).get("stage", 0) not in (0, 1, 2):
+        raise ConfigError(f"engine.deepspeed_config: {path}: ZeRO stage must be 0, 1 or 2")
+    if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"engine.deepspeed_config: {path} enables both bf16 and fp16")
+    ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    ds.setdefault("gradient_accumulation_steps", 1)
+    ds["zero_allow_untested_optimizer"] = True  # our torch optimizer, deliberately
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def precision_of(ds_config: dict[str, Any]) -> str:
+    """``bf16``, ``fp16`` or ``fp32``: the dtype DeepSpeed keeps the module and wants inputs in."""
+    for name in ("bf16", "fp16"):
+        if ds_config.get(name, {}).get("enabled"):
+            return name
+    return "fp32"
+
+
+def wrap(model: torch.nn.Module, optimizer, scheduler, ds_config: dict[str, Any]):
+    """Hand the trainable module to DeepSpeed; returns the engine."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine

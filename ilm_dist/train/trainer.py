@@ -1,0 +1,183 @@
+"""The pretraining loop: MoCo v2 + intermediate-layer losses under a DeepSpeed engine.
+
+One step (He et al. 2020, Algorithm 1, with the ILM losses of Kaku et al. 2021):
+
+1. momentum-update the key encoder from the query encoder (once per optimizer step);
+2. keys of view 2 through the key encoder, shuffled across ranks (shuffle-BN);
+3. query of view 1 through the engine: InfoNCE against [key, queue] + intermediate losses;
+4. backward and optimizer step through the engine;
+5. all-gather the keys and enqueue the same global batch on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ilm_dist import distributed as D
+from ilm_dist.config import RunConfig, save_config
+from ilm_dist.data import TwoViewBatch, build_pretrain_loader
+from ilm_dist.model.moco import MoCoILM
+from ilm_dist.moco.key_encoder import KeyEncoder
+from ilm_dist.moco.queue import KeyQueue
+from ilm_dist.moco.shuffle_bn import shuffled_forward
+from ilm_dist.train import checkpoint, engine as ds_engine
+from ilm_dist.train.metrics import MetricsLogger
+from ilm_dist.train.optim import build_optimizer, build_scheduler, scaled_lr
+
+log = logging.getLogger("ilm_dist")
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: bool = False):
+        self.cfg = cfg
+        self.info, self.device = ds_engine.init_distributed(cfg)
+        torch.manual_seed(cfg.seed)
+        self.out = Path(cfg.output_dir)
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        self.loader = build_pretrain_loader(cfg, self.info.rank, self.info.world_size, self.device)
+        ds_config = ds_engine.resolve_deepspeed_config(cfg)
+        self.grad_accum = ds_config["gradient_accumulation_steps"]
+        self.total_steps = self._total_steps()
+        self.dtype = ds_engine.DTYPES[ds_engine.precision_of(ds_config)]
+        model = self._build_model()
+        self.key_encoder = KeyEncoder(model.encoder).to(self.device)
+        global_batch = cfg.data.batch_size * self.info.world_size * self.grad_accum
+        optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim, global_batch))
+        scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
+        self.engine = ds_engine.wrap(model, optimizer, scheduler, ds_config)
+        self.queue = KeyQueue(cfg.moco.queue_size, cfg.moco.dim, self.device, cfg.seed)
+        self.epoch, self.step_in_epoch, self.micro_steps = 0, 0, 0
+        if resume:
+            self._restore()
+        self.metrics = MetricsLogger(self.out, self.info.is_main)
+        if self.info.world_size == 1 and cfg.moco.shuffle_bn:
+            log.warning("one rank: shuffle-BN has no other rank to shuffle with (see ilm_dist/moco/shuffle_bn.py)")
+
+    # ------------------------------------------------------------------ setup
+
+    def _total_steps(self) -> int:
+        per_epoch = self.loader.steps_per_epoch // self.grad_accum
+        if per_epoch == 0 and self.cfg.train.max_steps is None:
+            raise ValueError(
+                f"data: one epoch has {self.loader.steps_per_epoch} batches of {self.cfg.data.batch_size} per rank "
+                f"x {self.info.world_size} ranks, fewer than one optimizer step; use a smaller data.batch_size"
+            )
+        return self.cfg.train.max_steps or per_epoch * self.cfg.train.epochs
+
+    def _build_model(self) -> MoCoILM:
+        model = MoCoILM(self.cfg)
+        if self.cfg.moco.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(self.device)
+        if self.cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    @property
+    def global_step(self) -> int:
+        return self.engine.global_steps
+
+    # ------------------------------------------------------------------ state
+
+    def moco_state(self) -> dict:
+        return {
+            "key_encoder": self.key_encoder.state_dict(),
+            "queue": self.queue.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "micro_steps": self.micro_steps,
+            "world_size": self.info.world_size,
+            "batch_size": self.cfg.data.batch_size,
+        }
+
+    def _restore(self) -> None:
+        state = checkpoint.load(self.engine, self.out)
+        self.key_encoder.load_state_dict(state["key_encoder"])
+        self.queue.load_state_dict(state["queue"])
+        self.epoch, self.step_in_epoch, self.micro_steps = state["epoch"], state["step_in_epoch"], state["micro_steps"]
+        log.info("resumed at step %d (epoch %d, batch %d of the epoch)", self.global_step, self.epoch, self.step_in_epoch)
+
+    def save_checkpoint(self) -> Path:
+        return checkpoint.save(self.engine, self.out, self.global_step, self.moco_state(), self.cfg.train.keep_checkpoints)
+
+    def export_backbone(self) -> Path:
+        path = self.out / "backbone.pt"
+        if self.info.is_main:
+            torch.save(self.engine.module.encoder.backbone_state_dict(), path)
+        D.barrier()
+        return path
+
+    # ------------------------------------------------------------------ loop
+
+    def _key_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return self.engine.module.key_features(self.key_encoder, images)
+
+    def train_step(self, batch: TwoViewBatch) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        batch = batch.to(self.device, self.dtype, cfg.model.channels_last)
+        if self.micro_steps % self.grad_accum == 0:
+            self.key_encoder.update(self.engine.module.encoder, cfg.moco.momentum)
+        if cfg.moco.shuffle_bn:
+            keys = shuffled_forward(self._key_features, batch.view2, cfg.seed, self.micro_steps)
+        else:
+            keys = self._key_features(batch.view2)
+        terms = self.engine(batch.view1, keys, self.queue.keys)
+        self.engine.backward(terms["loss"])
+        self.engine.step()
+        self.queue.enqueue(D.all_gather_no_grad(keys[0]))
+        self.micro_steps += 1
+        return terms
+
+    def fit(self) -> None:
+        cfg, bar = self.cfg, None
+        if self.info.is_main:
+            bar = tqdm(total=self.total_steps, initial=self.global_step, desc="pretrain", dynamic_ncols=True)
+        samples_per_step = cfg.data.batch_size * self.info.world_size
+        tick, ticks = time.perf_counter(), 0
+        while self.global_step < self.total_steps:
+            for batch in self.loader.epoch(self.epoch, self.step_in_epoch):
+                terms = self.train_step(batch)
+                self.step_in_epoch += 1
+                ticks += 1
+                if self.micro_steps % self.grad_accum:
+                    continue  # inside a gradient-accumulation cycle
+                if bar is not None:
+                    bar.update(1)
+                step = self.global_step
+                if step % cfg.train.log_every == 0 or step == self.total_steps:
+                    rate = ticks * samples_per_step / (time.perf_counter() - tick)
+                    self._log(step, terms, rate, bar)
+                    tick, ticks = time.perf_counter(), 0
+                if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
+                    self.save_checkpoint()
+                if step >= self.total_steps:
+                    break
+            else:
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        if bar is not None:
+            bar.close()
+        self.save_checkpoint()
+        self.export_backbone()
+        self.metrics.close()
+
+    def _log(self, step: int, terms: dict[str, torch.Tensor], rate: float, bar) -> None:
+        names = list(terms)
+        values = D.all_reduce_mean_(torch.stack([terms[n].detach().float() for n in names]))
+        record = {"step": step, "epoch": self.epoch, "lr": self.engine.get_lr()[0]}
+        record |= {name: float(v) for name, v in zip(names, values.tolist(), strict=True)}
+        record["samples_per_s"] = rate
+        bad = [n for n in names if not math.isfinite(record[n])]
+        if bad:
+            raise FloatingPointError(f"step {step}: non-finite loss term(s) {bad}: {record}")
+        self.metrics.log(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", moco=f"{record['moco']:.4f}", ips=f"{rate:.0f}")
