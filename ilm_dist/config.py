@@ -280,14 +280,20 @@ def _coerce_scalar(tp: type, value: Any, key: str) -> Any:
 
 def validate(cfg: RunConfig) -> None:
     """Check values that are well-typed but impossible; names the key in the error."""
-    _check(cfg.model.arch.startswith(("resnet", "resnext", "wide_resnet")), "model.arch",
-           f"{cfg.model.arch!r} is not a torchvision ResNet (resnet18/34/50/101/152, resnext*, wide_resnet*)")
+    _check(
+        cfg.model.arch.startswith(("resnet", "resnext", "wide_resnet")),
+        "model.arch",
+        f"{cfg.model.arch!r} is not a torchvision ResNet (resnet18/34/50/101/152, resnext*, wide_resnet*)",
+    )
     _check(cfg.moco.dim > 0, "moco.dim", "must be positive")
     _check(cfg.moco.queue_size > 0, "moco.queue_size", "must be positive")
     _check(0.0 <= cfg.moco.momentum < 1.0, "moco.momentum", "must be in [0, 1)")
     _check(cfg.moco.temperature > 0, "moco.temperature", "must be positive")
-    _check(not (cfg.moco.shuffle_bn and cfg.moco.sync_bn), "moco.sync_bn",
-           "SyncBN and shuffle-BN are alternatives; set moco.shuffle_bn=false to use SyncBN")
+    _check(
+        not (cfg.moco.shuffle_bn and cfg.moco.sync_bn),
+        "moco.sync_bn",
+        "SyncBN and shuffle-BN are alternatives; set moco.shuffle_bn=false to use SyncBN",
+    )
     _validate_loss(cfg.loss)
     _validate_aug(cfg.aug)
     _validate_data(cfg.data)
@@ -299,38 +305,62 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.train.log_every > 0, "train.log_every", "must be positive")
     _check(cfg.train.ckpt_every >= 0, "train.ckpt_every", "must be >= 0 (0: only at the end)")
     _check(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
-    _check(cfg.deepspeed_config_path().is_file(), "engine.deepspeed_config",
-           f"file not found: {cfg.deepspeed_config_path()}")
+    _check(
+        cfg.deepspeed_config_path().is_file(),
+        "engine.deepspeed_config",
+        f"file not found: {cfg.deepspeed_config_path()}",
+    )
 
 
 def _validate_loss(loss: LossConfig) -> None:
     _check(len(loss.blocks) > 0 or loss.type == "none", "loss.blocks", "must name at least one block")
     _check(all(b in BLOCKS for b in loss.blocks), "loss.blocks", f"{loss.blocks}: blocks are 1..4")
     _check(len(set(loss.blocks)) == len(loss.blocks), "loss.blocks", f"{loss.blocks}: repeated block")
-    _check(len(loss.weights) == len(loss.blocks), "loss.weights",
-           f"has {len(loss.weights)} values for {len(loss.blocks)} blocks {loss.blocks}")
+    _check(
+        len(loss.weights) == len(loss.blocks),
+        "loss.weights",
+        f"has {len(loss.weights)} values for {len(loss.blocks)} blocks {loss.blocks}",
+    )
     _check(all(w >= 0 for w in loss.weights), "loss.weights", "must be >= 0")
-    _check(len(loss.mse.pool_sizes) == 4 and all(p > 0 for p in loss.mse.pool_sizes), "loss.mse.pool_sizes",
-           "needs 4 positive sizes, one per block 1..4")
-    _check(len(loss.bt.proj_dims) >= 1 and all(d > 0 for d in loss.bt.proj_dims), "loss.bt.proj_dims",
-           "needs at least one positive width")
+    _check(
+        len(loss.mse.pool_sizes) == 4 and all(p > 0 for p in loss.mse.pool_sizes),
+        "loss.mse.pool_sizes",
+        "needs 4 positive sizes, one per block 1..4",
+    )
+    _check(
+        len(loss.bt.proj_dims) >= 1 and all(d > 0 for d in loss.bt.proj_dims),
+        "loss.bt.proj_dims",
+        "needs at least one positive width",
+    )
     _check(loss.bt.eps > 0, "loss.bt.eps", "must be positive")
 
 
 def _validate_aug(aug: AugConfig) -> None:
     if aug.crop_scale is not None:
-        _check(len(aug.crop_scale) == 2 and 0 < aug.crop_scale[0] <= aug.crop_scale[1] <= 1, "aug.crop_scale",
-               f"{aug.crop_scale}: expected [min, max] with 0 < min <= max <= 1")
-    _check(len(aug.color_jitter) == 4 and all(v >= 0 for v in aug.color_jitter), "aug.color_jitter",
-           "expected [brightness, contrast, saturation, hue] >= 0")
+        _check(
+            len(aug.crop_scale) == 2 and 0 < aug.crop_scale[0] <= aug.crop_scale[1] <= 1,
+            "aug.crop_scale",
+            f"{aug.crop_scale}: expected [min, max] with 0 < min <= max <= 1",
+        )
+    _check(
+        len(aug.color_jitter) == 4 and all(v >= 0 for v in aug.color_jitter),
+        "aug.color_jitter",
+        "expected [brightness, contrast, saturation, hue] >= 0",
+    )
     _check(aug.color_jitter[3] <= 0.5, "aug.color_jitter", "hue must be <= 0.5")
     for name in ("color_jitter_p", "grayscale_p", "blur_p"):
         _check(0 <= getattr(aug, name) <= 1, f"aug.{name}", "is a probability in [0, 1]")
-    _check(len(aug.blur_sigma) == 2 and 0 < aug.blur_sigma[0] <= aug.blur_sigma[1], "aug.blur_sigma",
-           "expected [min, max] with 0 < min <= max")
+    _check(
+        len(aug.blur_sigma) == 2 and 0 < aug.blur_sigma[0] <= aug.blur_sigma[1],
+        "aug.blur_sigma",
+        "expected [min, max] with 0 < min <= max",
+    )
     _check(0 <= aug.rotation <= 180, "aug.rotation", "degrees in [0, 180]")
-    _check(len(aug.mean) == 3 and len(aug.std) == 3 and all(s > 0 for s in aug.std), "aug.std",
-           "mean and std need 3 values, std > 0")
+    _check(
+        len(aug.mean) == 3 and len(aug.std) == 3 and all(s > 0 for s in aug.std),
+        "aug.std",
+        "mean and std need 3 values, std > 0",
+    )
 
 
 def _validate_data(data: DataConfig) -> None:
@@ -344,8 +374,11 @@ def _validate_data(data: DataConfig) -> None:
         _check(data.synthetic.num_samples > 0, "data.synthetic.num_samples", "must be positive")
         _check(data.synthetic.num_classes > 1, "data.synthetic.num_classes", "must be > 1")
     else:
-        _check(data.shards is not None, "data.shards",
-               f"is required for data.backend={data.backend!r} (a directory written by data_tools.pack)")
+        _check(
+            data.shards is not None,
+            "data.shards",
+            f"is required for data.backend={data.backend!r} (a directory written by data_tools.pack)",
+        )
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -86,6 +86,15 @@ def all_reduce_mean_(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's ``obj`` (picklable), in rank order."""
+    if world_size() == 1:
+        return [obj]
+    out: list[object] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

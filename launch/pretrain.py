@@ -1,8 +1,8 @@
 """Pretrain MoCo v2 + intermediate-layer losses.
 
-    deepspeed launch/pretrain.py --config configs/demo.yaml train.max_steps=20 output_dir=runs/x
-    python launch/pretrain.py --config configs/demo.yaml            # one process
-    python launch/pretrain.py --config configs/idc/moco_bt.yaml --resume
+deepspeed launch/pretrain.py --config configs/demo.yaml train.max_steps=20 output_dir=runs/x
+python launch/pretrain.py --config configs/demo.yaml            # one process
+python launch/pretrain.py --config configs/idc/moco_bt.yaml --resume
 """
 
 from ilm_dist.cli import pretrain_main

@@ -30,7 +30,9 @@ def moco_view_transform(aug: AugConfig, image_size: int) -> v2.Compose:
         *geometry,
         v2.RandomApply([v2.ColorJitter(*aug.color_jitter)], p=aug.color_jitter_p),
         v2.RandomGrayscale(p=aug.grayscale_p),
-        v2.RandomApply([v2.GaussianBlur(blur_kernel_size(image_size), sigma=tuple(aug.blur_sigma))], p=aug.blur_p),
+        v2.RandomApply(
+            [v2.GaussianBlur(blur_kernel_size(image_size), sigma=tuple(aug.blur_sigma))], p=aug.blur_p
+        ),
     ]
     if aug.rotation > 0:
         ops.append(v2.RandomRotation(aug.rotation))

@@ -111,7 +111,9 @@ def load_manifest(root: str | Path, check_files: bool = True) -> Manifest:
             for shard in split.shards:
                 for file in (shard.tar, shard.index):
                     if not file.is_file():
-                        raise ManifestError(f"{path}: split {split.name!r} lists {file.name}, which is missing")
+                        raise ManifestError(
+                            f"{path}: split {split.name!r} lists {file.name}, which is missing"
+                        )
     return Manifest(root, raw["task"], tuple(raw["class_names"]), raw["image_mode"], splits, raw)
 
 

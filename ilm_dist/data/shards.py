@@ -91,7 +91,9 @@ class ShardReader:
                 return img.convert("RGB")
         except OSError as err:
             ref = self.samples[index]
-            raise ManifestError(f"{self.tars[ref.shard]}: sample {ref.key!r}: cannot decode JPEG ({err})") from None
+            raise ManifestError(
+                f"{self.tars[ref.shard]}: sample {ref.key!r}: cannot decode JPEG ({err})"
+            ) from None
 
     def label(self, index: int) -> np.ndarray:
         return np.frombuffer(self.read(index, "lbl"), dtype="<i4").astype(np.int64)

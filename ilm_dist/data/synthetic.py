@@ -25,7 +25,9 @@ class SyntheticLoader:
         self.labels = torch.randint(0, syn.num_classes, (POOL, batch), generator=gen).to(device)
         self.batch = batch
         self.steps_per_epoch = steps_per_epoch(syn.num_samples, batch, world_size)
-        self.description = f"synthetic: {syn.num_samples} random samples on {device}, {self.steps_per_epoch} steps/epoch"
+        self.description = (
+            f"synthetic: {syn.num_samples} random samples on {device}, {self.steps_per_epoch} steps/epoch"
+        )
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TwoViewBatch]:
         for step in range(start_step, self.steps_per_epoch):

@@ -39,7 +39,9 @@ def collate(items: list) -> TwoViewBatch:
     view1, view2, labels, indices = zip(*items, strict=True)
     stacked = torch.stack(labels)
     return TwoViewBatch(
-        torch.stack(view1), torch.stack(view2), stacked.squeeze(1) if stacked.shape[1] == 1 else stacked,
+        torch.stack(view1),
+        torch.stack(view2),
+        stacked.squeeze(1) if stacked.shape[1] == 1 else stacked,
         torch.tensor(indices),
     )
 
@@ -47,7 +49,9 @@ def collate(items: list) -> TwoViewBatch:
 class TorchLoader:
     def __init__(self, cfg, rank: int, world_size: int, device: torch.device):
         manifest = load_manifest(cfg.data.shards)
-        self.dataset = TwoViewDataset(ShardReader(manifest, cfg.data.split), cfg.aug, cfg.data.image_size, cfg.seed)
+        self.dataset = TwoViewDataset(
+            ShardReader(manifest, cfg.data.split), cfg.aug, cfg.data.image_size, cfg.seed
+        )
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.steps_per_epoch = steps_per_epoch(len(self.dataset), cfg.data.batch_size, world_size)
         self.description = (
@@ -58,7 +62,13 @@ class TorchLoader:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TwoViewBatch]:
         self.dataset.epoch = epoch
         batches = rank_batches(
-            len(self.dataset), self.cfg.data.batch_size, self.rank, self.world_size, self.cfg.seed, epoch, start_step
+            len(self.dataset),
+            self.cfg.data.batch_size,
+            self.rank,
+            self.world_size,
+            self.cfg.seed,
+            epoch,
+            start_step,
         )
         workers = self.cfg.data.num_workers
         loader = DataLoader(

@@ -12,6 +12,8 @@ encoder's block ``i`` output for view 2; no gradient flows into the key encoder.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -46,7 +48,10 @@ class MseIntermediateLoss(IntermediateLoss):
         self.pool_sizes = [cfg.mse.pool_sizes[b - 1] for b in self.blocks]
 
     def reduce(self, blocks: list[Tensor]) -> list[Tensor]:
-        return [F.adaptive_avg_pool2d(blocks[b - 1], size) for b, size in zip(self.blocks, self.pool_sizes, strict=True)]
+        return [
+            F.adaptive_avg_pool2d(blocks[b - 1], size)
+            for b, size in zip(self.blocks, self.pool_sizes, strict=True)
+        ]
 
     def forward(self, q_reduced: list[Tensor], k_reduced: list[Tensor]) -> Tensor:
         losses = torch.stack(
@@ -59,7 +64,7 @@ def bt_projector(in_dim: int, dims: list[int]) -> nn.Sequential:
     """Barlow Twins projector: Linear(no bias) with BN + ReLU between, last layer plain."""
     layers: list[nn.Module] = []
     sizes = [in_dim, *dims]
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b, bias=False))
         if i < len(dims) - 1:
             layers += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
@@ -72,7 +77,12 @@ class BtIntermediateLoss(IntermediateLoss):
     def __init__(self, cfg: LossConfig, channels: list[int]):
         super().__init__(cfg)
         self.projectors = nn.ModuleList(bt_projector(channels[b - 1], cfg.bt.proj_dims) for b in self.blocks)
-        self.scale, self.off_diag_weight, self.eps, self.impl = cfg.bt.scale, cfg.bt.off_diag_weight, cfg.bt.eps, cfg.bt.impl
+        self.scale, self.off_diag_weight, self.eps, self.impl = (
+            cfg.bt.scale,
+            cfg.bt.off_diag_weight,
+            cfg.bt.eps,
+            cfg.bt.impl,
+        )
 
     def reduce(self, blocks: list[Tensor]) -> list[Tensor]:
         return [blocks[b - 1].mean(dim=(2, 3)) for b in self.blocks]
@@ -81,9 +91,13 @@ class BtIntermediateLoss(IntermediateLoss):
         from ilm_dist.ops import bt_xcorr_loss
 
         z1 = torch.stack([proj(q) for proj, q in zip(self.projectors, q_reduced, strict=True)])
-        z2 = torch.stack([proj(k.to(q_reduced[0].dtype)) for proj, k in zip(self.projectors, k_reduced, strict=True)])
+        z2 = torch.stack(
+            [proj(k.to(q_reduced[0].dtype)) for proj, k in zip(self.projectors, k_reduced, strict=True)]
+        )
         on_weight = self.weights * self.scale
-        return bt_xcorr_loss(z1, z2, on_weight, on_weight * self.off_diag_weight, eps=self.eps, impl=self.impl)
+        return bt_xcorr_loss(
+            z1, z2, on_weight, on_weight * self.off_diag_weight, eps=self.eps, impl=self.impl
+        )
 
 
 def build_intermediate_loss(cfg: LossConfig, channels: list[int]) -> IntermediateLoss | None:

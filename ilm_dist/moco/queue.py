@@ -27,11 +27,14 @@ class KeyQueue:
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor) -> None:
-        """Write ``keys [N, dim]`` at the pointer (wrapping); keeps only the newest ``size`` if N > size."""
-        keys = keys.detach().to(self.keys.dtype)[-self.size :]
-        idx = (self.ptr + torch.arange(keys.shape[0], device=self.keys.device)) % self.size
-        self.keys[idx] = keys
-        self.ptr = int((self.ptr + keys.shape[0]) % self.size)
+        """Write ``keys [N, dim]`` at the pointer, wrapping; the i-th key ever written lives in slot i % size."""
+        n = keys.shape[0]
+        kept = keys.detach().to(self.keys.dtype)[
+            -self.size :
+        ]  # older keys of a batch > size are overwritten anyway
+        start = self.ptr + n - kept.shape[0]
+        self.keys[(start + torch.arange(kept.shape[0], device=self.keys.device)) % self.size] = kept
+        self.ptr = (self.ptr + n) % self.size
 
     def state_dict(self) -> dict:
         return {"keys": self.keys.cpu(), "ptr": self.ptr}

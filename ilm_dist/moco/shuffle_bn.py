@@ -26,7 +26,9 @@ def step_permutation(size: int, seed: int, step: int, device: torch.device) -> T
 
 
 @torch.no_grad()
-def shuffled_forward(fn: Callable[[Tensor], list[Tensor]], images: Tensor, seed: int, step: int) -> list[Tensor]:
+def shuffled_forward(
+    fn: Callable[[Tensor], list[Tensor]], images: Tensor, seed: int, step: int
+) -> list[Tensor]:
     """Run ``fn`` (images -> list of per-sample tensors) on a cross-rank permutation of ``images``.
 
     Returns the outputs for this rank's own samples, in their original order.

@@ -11,6 +11,7 @@ One step (He et al. 2020, Algorithm 1, with the ILM losses of Kaku et al. 2021):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -22,11 +23,12 @@ from tqdm import tqdm
 from ilm_dist import distributed as D
 from ilm_dist.config import RunConfig, save_config
 from ilm_dist.data import TwoViewBatch, build_pretrain_loader
-from ilm_dist.model.moco import MoCoILM
 from ilm_dist.moco.key_encoder import KeyEncoder
 from ilm_dist.moco.queue import KeyQueue
 from ilm_dist.moco.shuffle_bn import shuffled_forward
-from ilm_dist.train import checkpoint, engine as ds_engine
+from ilm_dist.model.moco import MoCoILM
+from ilm_dist.train import checkpoint
+from ilm_dist.train import engine as ds_engine
 from ilm_dist.train.metrics import MetricsLogger
 from ilm_dist.train.optim import build_optimizer, build_scheduler, scaled_lr
 
@@ -59,7 +61,9 @@ class Trainer:
             self._restore()
         self.metrics = MetricsLogger(self.out, self.info.is_main)
         if self.info.world_size == 1 and cfg.moco.shuffle_bn:
-            log.warning("one rank: shuffle-BN has no other rank to shuffle with (see ilm_dist/moco/shuffle_bn.py)")
+            log.warning(
+                "one rank: shuffle-BN has no other rank to shuffle with (see ilm_dist/moco/shuffle_bn.py)"
+            )
 
     # ------------------------------------------------------------------ setup
 
@@ -102,11 +106,22 @@ class Trainer:
         state = checkpoint.load(self.engine, self.out)
         self.key_encoder.load_state_dict(state["key_encoder"])
         self.queue.load_state_dict(state["queue"])
-        self.epoch, self.step_in_epoch, self.micro_steps = state["epoch"], state["step_in_epoch"], state["micro_steps"]
-        log.info("resumed at step %d (epoch %d, batch %d of the epoch)", self.global_step, self.epoch, self.step_in_epoch)
+        self.epoch, self.step_in_epoch, self.micro_steps = (
+            state["epoch"],
+            state["step_in_epoch"],
+            state["micro_steps"],
+        )
+        log.info(
+            "resumed at step %d (epoch %d, batch %d of the epoch)",
+            self.global_step,
+            self.epoch,
+            self.step_in_epoch,
+        )
 
     def save_checkpoint(self) -> Path:
-        return checkpoint.save(self.engine, self.out, self.global_step, self.moco_state(), self.cfg.train.keep_checkpoints)
+        return checkpoint.save(
+            self.engine, self.out, self.global_step, self.moco_state(), self.cfg.train.keep_checkpoints
+        )
 
     def export_backbone(self) -> Path:
         path = self.out / "backbone.pt"
@@ -167,7 +182,23 @@ class Trainer:
             bar.close()
         self.save_checkpoint()
         self.export_backbone()
+        self._write_final_state()
         self.metrics.close()
+
+    def _write_final_state(self) -> None:
+        """Check that every rank ended with the same queue, and record it in ``final_state.json``."""
+        checksums = D.all_gather_object(self.queue.checksum())
+        if len(set(checksums)) != 1:
+            raise RuntimeError(f"the key queues differ between ranks at step {self.global_step}: {checksums}")
+        if self.info.is_main:
+            state = {
+                "step": self.global_step,
+                "epoch": self.epoch,
+                "queue_ptr": self.queue.ptr,
+                "queue_sha256_per_rank": checksums,
+                "world_size": self.info.world_size,
+            }
+            (self.out / "final_state.json").write_text(json.dumps(state, indent=2))
 
     def _log(self, step: int, terms: dict[str, torch.Tensor], rate: float, bar) -> None:
         names = list(terms)

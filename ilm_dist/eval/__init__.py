@@ -1,0 +1,1 @@
+"""Evaluation of pretrained encoders (kNN, probing, fine-tuning, feature reuse)."""

@@ -1,0 +1,5 @@
+"""The one exception type of the evaluation tools; the CLI turns it into ``error: ...`` and exit 2."""
+
+
+class EvalError(ValueError):
+    """Bad evaluation input (weights, label fraction, mismatched runs); the message names the file or value."""

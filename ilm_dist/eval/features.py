@@ -1,0 +1,111 @@
+"""Pooled block features (and logits) of a ResNet over a split of a packed dataset.
+
+Images come through the same :class:`ShardReader` and transforms as pretraining; features are the
+global-average-pooled outputs of layer1..layer4 ("Block 1..4" in Kaku et al. 2021, as in the
+official code's ``avgpool`` of each block).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from ilm_dist.config import AugConfig
+from ilm_dist.data.augment import eval_transform
+from ilm_dist.data.manifest import Manifest
+from ilm_dist.data.shards import ShardReader
+from ilm_dist.model.encoder import BLOCK_NODES
+
+
+class SplitDataset(Dataset):
+    """``(image, label)`` of one split, in split order or at ``indices``."""
+
+    def __init__(self, reader: ShardReader, transform: Callable, indices: Sequence[int] | None = None):
+        self.reader, self.transform = reader, transform
+        self.indices = list(range(len(reader))) if indices is None else [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        index = self.indices[i]
+        return self.transform(self.reader.image(index)), torch.from_numpy(self.reader.label(index))
+
+
+def eval_loader(
+    reader: ShardReader,
+    aug: AugConfig,
+    image_size: int,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    indices: Sequence[int] | None = None,
+) -> DataLoader:
+    """Deterministic views (resize + normalise) in a fixed order."""
+    dataset = SplitDataset(reader, eval_transform(aug, image_size), indices)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+
+
+def squeeze_labels(labels: np.ndarray) -> np.ndarray:
+    """[N, 1] class indices -> [N]; multi-hot [N, C] unchanged."""
+    return labels[:, 0] if labels.shape[1] == 1 else labels
+
+
+@dataclass
+class BlockFeatures:
+    blocks: list[np.ndarray]  # per block 1..4: [N, C_i], global-average-pooled
+    labels: np.ndarray  # [N] class index or [N, C] multi-hot
+    logits: np.ndarray | None = None  # [N, num_outputs] when the extractor returns them
+
+
+def block_extractor(resnet: nn.Module, with_logits: bool = False) -> nn.Module:
+    """A module returning ``{"layer1".."layer4"[, "logits"]}`` for a torchvision ResNet (shares its weights)."""
+    nodes = {name: name for name in BLOCK_NODES} | ({"fc": "logits"} if with_logits else {})
+    return create_feature_extractor(resnet, return_nodes=nodes)
+
+
+@torch.no_grad()
+def run_blocks(extractor: nn.Module, loader: DataLoader, device: torch.device) -> BlockFeatures:
+    """Run a dict-returning extractor in eval mode over ``loader``; its train/eval mode is restored."""
+    was_training = extractor.training
+    extractor.eval()
+    dtype = next(extractor.parameters()).dtype
+    blocks: list[list[np.ndarray]] = [[] for _ in BLOCK_NODES]
+    labels, logits = [], []
+    try:
+        for images, label in loader:
+            out = extractor(images.to(device, dtype))
+            for i, name in enumerate(BLOCK_NODES):
+                blocks[i].append(out[name].float().mean(dim=(2, 3)).cpu().numpy())
+            if "logits" in out:
+                logits.append(out["logits"].float().cpu().numpy())
+            labels.append(label.numpy())
+    finally:
+        extractor.train(was_training)
+    return BlockFeatures(
+        [np.concatenate(b) for b in blocks],
+        squeeze_labels(np.concatenate(labels)),
+        np.concatenate(logits) if logits else None,
+    )
+
+
+def extract_block_features(
+    resnet: nn.Module,
+    manifest: Manifest,
+    split: str,
+    aug: AugConfig,
+    image_size: int,
+    device: torch.device,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    indices: Sequence[int] | None = None,
+    with_logits: bool = False,
+) -> BlockFeatures:
+    """Pooled layer1..layer4 outputs (and ``fc`` logits) of a torchvision ResNet over ``split`` in eval mode."""
+    loader = eval_loader(ShardReader(manifest, split), aug, image_size, batch_size, num_workers, indices)
+    return run_blocks(block_extractor(resnet, with_logits).to(device), loader, device)

@@ -1,0 +1,99 @@
+"""The supervised training loop shared by fine-tuning (images) and probing (cached features).
+
+Adam with lr 1e-3 and model selection by the validation metric, as in the official fine-tuning
+and probing code (Kaku et al. 2021: ``torch.optim.Adam(lr=1e-3)``, best-validation checkpoint).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ilm_dist.eval.metrics import PRIMARY, compute_metrics, probabilities
+
+ADAM_LR = 1e-3  # official fine-tuning and probing code
+
+
+@dataclass
+class FitResult:
+    steps: int
+    best_step: int
+    best_val: float
+    history: list[dict] = field(default_factory=list)
+
+
+def task_loss(task: str, logits: Tensor, labels: Tensor) -> Tensor:
+    """BCE-with-logits per finding (multilabel), cross-entropy over classes otherwise."""
+    if task == "multilabel":
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
+    return F.cross_entropy(logits, labels.long().reshape(-1))
+
+
+def eval_points(steps: int, evals: int) -> set[int]:
+    """``evals`` validation steps spread evenly over ``1..steps``, always including the last."""
+    return {max(1, round(steps * i / evals)) for i in range(1, evals + 1)} | {steps}
+
+
+def _forever(loader: DataLoader) -> Iterator:
+    while True:
+        yield from loader
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """``(logits, labels)`` of ``model`` in eval mode over ``loader``."""
+    model.eval()
+    logits, labels = [], []
+    for inputs, target in loader:
+        logits.append(model(inputs.to(device)).float().cpu().numpy())
+        labels.append(target.numpy())
+    stacked = np.concatenate(labels)
+    return np.concatenate(logits), stacked[:, 0] if stacked.ndim == 2 and stacked.shape[1] == 1 else stacked
+
+
+def val_score(model: nn.Module, loader: DataLoader, device: torch.device, task: str, class_names: tuple) -> float:
+    """The task's primary metric (see :data:`PRIMARY`) on a validation loader."""
+    logits, labels = predict(model, loader, device)
+    return compute_metrics(task, labels, probabilities(task, logits), class_names)[PRIMARY[task]]
+
+
+def fit(
+    model: nn.Module, trainable: nn.Module, loader: DataLoader, task: str, steps: int, evals: int,
+    evaluate: Callable[[], float], device: torch.device, lr: float = ADAM_LR,
+) -> FitResult:
+    """Train ``trainable`` (``model`` or a part of it) for ``steps``; keep the best-validation weights.
+
+    Only ``trainable`` is put in train mode, so a frozen backbone stays in eval mode (fixed BN statistics).
+    """
+    optimizer = torch.optim.Adam([p for p in trainable.parameters() if p.requires_grad], lr=lr)
+    checks = eval_points(steps, evals)
+    result = FitResult(steps, steps, float("nan"))
+    best_state, losses, batches = None, [], _forever(loader)
+    for step in range(1, steps + 1):
+        trainable.train()
+        inputs, labels = next(batches)
+        loss = task_loss(task, model(inputs.to(device)), labels.to(device))
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"step {step}: non-finite training loss {loss.item()}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if step in checks:
+            score = evaluate()
+            result.history.append({"step": step, "train_loss": float(np.mean(losses)), "val": score})
+            losses = []
+            if math.isfinite(score) and (best_state is None or score > result.best_val):
+                result.best_step, result.best_val = step, score
+                best_state = copy.deepcopy(trainable.state_dict())
+    if best_state is not None:
+        trainable.load_state_dict(best_state)
+    return result

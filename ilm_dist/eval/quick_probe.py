@@ -1,0 +1,60 @@
+"""kNN accuracy of a pretrained backbone vs a randomly initialised one, per block, on held-out data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ilm_dist.config import ConfigError, load_config
+from ilm_dist.data.manifest import ManifestError, load_manifest
+from ilm_dist.eval.features import extract_block_features
+from ilm_dist.eval.knn import knn_accuracy
+from ilm_dist.model.encoder import build_resnet, load_backbone_into_resnet
+
+
+def block_knn_accuracies(resnet, manifest, cfg, bank_split: str, split: str) -> list[float]:
+    device = torch.device("cpu")
+    args = (cfg.aug, cfg.data.image_size, device)
+    bank = extract_block_features(resnet, manifest, bank_split, *args)
+    test = extract_block_features(resnet, manifest, split, *args)
+    return [
+        knn_accuracy(b, bank.labels, t, test.labels) for b, t in zip(bank.blocks, test.blocks, strict=True)
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--run", required=True, help="pretraining output_dir (config.yaml + backbone.pt)")
+    parser.add_argument("--bank-split", default="train", help="labelled split the neighbours come from")
+    parser.add_argument("--split", default="test", help="held-out split to classify")
+    args = parser.parse_args(argv)
+    run = Path(args.run)
+    try:
+        cfg = load_config(run / "config.yaml")
+        manifest = load_manifest(cfg.data.shards)
+        if manifest.task == "multilabel":
+            raise ManifestError(
+                f"{cfg.data.shards}: quick_probe's kNN needs single-label data, task is multilabel"
+            )
+        trained = load_backbone_into_resnet(
+            cfg.model.arch, torch.load(run / "backbone.pt", weights_only=True)
+        )
+    except (ConfigError, ManifestError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    torch.manual_seed(cfg.seed + 1)
+    results = {
+        "trained": block_knn_accuracies(trained, manifest, cfg, args.bank_split, args.split),
+        "random_init": block_knn_accuracies(
+            build_resnet(cfg.model.arch), manifest, cfg, args.bank_split, args.split
+        ),
+    }
+    (run / "quick_probe.json").write_text(json.dumps(results | vars(args), indent=2))
+    print(f"kNN accuracy (k=20) on '{args.split}', neighbours from '{args.bank_split}' of {cfg.data.shards}:")
+    print(f"{'block':>8} {'trained':>9} {'random':>9}")
+    for i, (a, b) in enumerate(zip(results["trained"], results["random_init"], strict=True), start=1):
+        print(f"{i:>8} {a:>9.3f} {b:>9.3f}")
+    print(f"chance: {1 / manifest.num_classes:.3f}; written to {run / 'quick_probe.json'}")

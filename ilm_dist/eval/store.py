@@ -1,0 +1,60 @@
+"""Files of an evaluation directory: atomic JSON/NPZ writes and identities of datasets and subsets.
+
+Layout (one directory per dataset, shared by every method compared on it)::
+
+    EVAL_DIR/subsets/train_f0.01_s0.json          label subsets, drawn once, reused by every method
+    EVAL_DIR/<method>/source.json                 which weights and data this method was evaluated from
+    EVAL_DIR/<method>/init_features_test.npz      block features of the test split before fine-tuning
+    EVAL_DIR/<method>/finetune/<mode>_f<frac>/    metrics.json, predictions.npz, features_test.npz, cka.json
+    EVAL_DIR/<method>/probe/f<frac>/              features_<split>.npz, metrics.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ilm_dist.data.manifest import Manifest
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+def fraction_tag(fraction: float) -> str:
+    """``0.01 -> 'f0.01'``, ``1.0 -> 'f1'``: the fraction as it appears in file names."""
+    return f"f{fraction:g}"
+
+
+def digest(obj: Any) -> str:
+    """Short SHA-256 of a JSON-serialisable value."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dataset_id(manifest: Manifest) -> str:
+    """Identity of a packed dataset: a digest of every split's shard checksums."""
+    return digest({name: [s.sha256 for s in split.shards] for name, split in manifest.splits.items()})

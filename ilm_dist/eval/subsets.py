@@ -1,0 +1,100 @@
+"""Seeded, stratified label subsets (the 1% / 6% / 100% settings of Kaku et al. 2021, Sec. 4).
+
+Single-label tasks take ``round(fraction * n_c)`` samples of every class ``c``. Multi-label tasks
+(chest X-rays) use a greedy form of iterative stratification (Sechidis et al. 2011): rarest finding
+first, draw samples carrying it until it reaches ``round(fraction * positives)``, then fill up to
+``round(fraction * N)`` with samples whose findings are still under target (including "no finding").
+A fraction that would give some class zero samples is an error, not a silent omission. A subset is
+drawn once per (split, fraction, seed), saved under ``EVAL_DIR/subsets/``, and reused by every
+method, so all methods are compared on exactly the same images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ilm_dist.data.manifest import Manifest
+from ilm_dist.data.shards import ShardReader
+from ilm_dist.eval.errors import EvalError
+from ilm_dist.eval.store import dataset_id, digest, fraction_tag, read_json, write_json
+
+
+def _count(fraction: float, n: int) -> int:
+    return int(np.floor(fraction * n + 0.5))
+
+
+def stratified_subset(labels: np.ndarray, fraction: float, seed: int, class_names: tuple[str, ...]) -> np.ndarray:
+    """Sorted indices of a stratified ``fraction`` of ``labels`` ([N] class ids or [N, C] multi-hot)."""
+    if not 0 < fraction <= 1:
+        raise EvalError(f"label fraction {fraction}: must be in (0, 1]")
+    if fraction == 1:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    multi_hot = labels if labels.ndim == 2 else np.eye(len(class_names), dtype=np.int64)[labels]
+    positives = multi_hot.sum(axis=0)
+    targets = np.array([_count(fraction, int(n)) for n in positives])
+    for name, n, target in zip(class_names, positives, targets, strict=True):
+        if target == 0:
+            raise EvalError(
+                f"label fraction {fraction} leaves class {name!r} empty ({n} samples x {fraction} = "
+                f"{n * fraction:.2f}); use a larger fraction"
+            )
+    if labels.ndim == 1:
+        picks = [rng.permutation(np.flatnonzero(labels == c))[:t] for c, t in enumerate(targets)]
+        return np.sort(np.concatenate(picks))
+    return _iterative_multilabel(multi_hot.astype(bool), targets, _count(fraction, len(labels)), rng)
+
+
+def _iterative_multilabel(labels: np.ndarray, targets: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:
+    chosen = np.zeros(len(labels), dtype=bool)
+    for c in np.argsort(labels.sum(axis=0), kind="stable"):  # rarest class first
+        need = targets[c] - int(labels[chosen, c].sum())
+        if need > 0:
+            chosen[rng.permutation(np.flatnonzero(labels[:, c] & ~chosen))[:need]] = True
+    remaining = total - int(chosen.sum())
+    if remaining > 0:
+        full = labels[chosen].sum(axis=0) >= targets
+        fits = ~(labels & full).any(axis=1)  # adds no sample of an already-full class
+        pool = np.concatenate([rng.permutation(np.flatnonzero(~chosen & fits)),
+                               rng.permutation(np.flatnonzero(~chosen & ~fits))])
+        chosen[pool[:remaining]] = True
+    return np.flatnonzero(chosen)
+
+
+def split_labels(reader: ShardReader) -> np.ndarray:
+    """All labels of a split, [N] or [N, C], read from the ``.lbl`` records only."""
+    stacked = np.stack([reader.label(i) for i in range(len(reader))])
+    return stacked[:, 0] if stacked.shape[1] == 1 else stacked
+
+
+def subset_path(eval_dir: Path, split: str, fraction: float, seed: int) -> Path:
+    return Path(eval_dir) / "subsets" / f"{split}_{fraction_tag(fraction)}_s{seed}.json"
+
+
+def load_or_draw_subset(eval_dir: Path, manifest: Manifest, split: str, fraction: float, seed: int) -> dict:
+    """The saved subset for (split, fraction, seed), drawing and saving it the first time."""
+    path = subset_path(eval_dir, split, fraction, seed)
+    if path.is_file():
+        subset = read_json(path)
+        if subset["dataset_id"] != dataset_id(manifest):
+            raise EvalError(
+                f"{path} was drawn from another packed dataset ({subset['data']}), not {manifest.root}; "
+                "use another eval directory"
+            )
+        return subset
+    reader = ShardReader(manifest, split)
+    labels = split_labels(reader)
+    indices = stratified_subset(labels, fraction, seed, manifest.class_names)
+    picked = labels[indices]
+    counts = picked.sum(axis=0) if picked.ndim == 2 else np.bincount(picked, minlength=manifest.num_classes)
+    subset = {
+        "split": split, "fraction": fraction, "seed": seed, "data": str(manifest.root),
+        "dataset_id": dataset_id(manifest), "num_samples": len(indices),
+        "class_counts": dict(zip(manifest.class_names, counts.tolist(), strict=True)),
+        "indices": indices.tolist(), "keys": [reader.key(int(i)) for i in indices],
+    }
+    subset["digest"] = digest(subset["keys"])
+    write_json(path, subset)
+    return subset

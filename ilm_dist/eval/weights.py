@@ -1,0 +1,162 @@
+"""Initial weights for evaluation: an SSL run's backbone, a DeepSpeed checkpoint, a torchvision file, or none.
+
+Accepted ``--weights`` values:
+
+- ``random``: a freshly initialised ResNet (the supervised-from-scratch baseline);
+- a pretraining run directory (``backbone.pt`` + ``config.yaml``, written by ``launch/pretrain.py``);
+- ``backbone.pt`` or any torchvision-format ``state_dict`` file (``fc.*`` is ignored);
+- a DeepSpeed checkpoint: ``<run>/checkpoints`` (its ``latest`` tag), ``<run>/checkpoints/step_N``, or the
+  ``mp_rank_00_model_states.pt`` file in it. The query encoder's backbone (``encoder.backbone.*``) is read
+  in the dtype the engine kept the module in (bf16 for bf16 runs, the same precision as ``backbone.pt``).
+
+Weights that do not fit the architecture raise :class:`EvalError` naming the file and the first
+mismatching tensors (and the architecture the file looks like).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ilm_dist.eval.errors import EvalError
+from ilm_dist.model.encoder import build_resnet
+
+RUN_CONFIG = "config.yaml"
+BACKBONE = "backbone.pt"
+DS_MODEL_STATES = "mp_rank_00_model_states.pt"
+DS_BACKBONE_PREFIX = "encoder.backbone."
+# torchvision ResNets by blocks per stage and block type (He et al. 2016, Table 1)
+KNOWN_LAYOUTS = {
+    ((2, 2, 2, 2), False): "resnet18",
+    ((3, 4, 6, 3), False): "resnet34",
+    ((3, 4, 6, 3), True): "resnet50",
+    ((3, 4, 23, 3), True): "resnet101",
+    ((3, 8, 36, 3), True): "resnet152",
+}
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """Where initial weights come from; ``run_config`` is the ``config.yaml`` of the run that wrote them."""
+
+    spec: str
+    kind: str  # "random" | "state_dict" | "deepspeed"
+    path: Path | None = None
+    run_config: Path | None = None
+
+    def describe(self) -> dict[str, str | None]:
+        return {"spec": self.spec, "kind": self.kind, "path": str(self.path) if self.path else None}
+
+
+def resolve_init(spec: str) -> InitSpec:
+    """Interpret a ``--weights`` value (see the module docstring)."""
+    if spec == "random":
+        return InitSpec(spec, "random")
+    path = Path(spec)
+    if path.is_dir():
+        return _resolve_dir(spec, path)
+    if not path.is_file():
+        raise EvalError(f"--weights {spec}: no such file or directory (or 'random')")
+    if path.name == DS_MODEL_STATES:
+        return InitSpec(spec, "deepspeed", path, _config_beside(path.parent.parent.parent))
+    return InitSpec(spec, "state_dict", path, _config_beside(path.parent))
+
+
+def _resolve_dir(spec: str, path: Path) -> InitSpec:
+    if (path / BACKBONE).is_file():
+        return InitSpec(spec, "state_dict", path / BACKBONE, _config_beside(path))
+    if (path / DS_MODEL_STATES).is_file():
+        return InitSpec(spec, "deepspeed", path / DS_MODEL_STATES, _config_beside(path.parent.parent))
+    for root, run in ((path, path.parent), (path / "checkpoints", path)):
+        if (root / "latest").is_file():
+            tag = (root / "latest").read_text().strip()
+            if not (root / tag / DS_MODEL_STATES).is_file():
+                raise EvalError(f"{root / 'latest'} names tag {tag!r}, but {root / tag / DS_MODEL_STATES} is missing")
+            return InitSpec(spec, "deepspeed", root / tag / DS_MODEL_STATES, _config_beside(run))
+    raise EvalError(
+        f"--weights {spec}: directory has no {BACKBONE}, no DeepSpeed checkpoint ({DS_MODEL_STATES}) "
+        "and no checkpoints/latest"
+    )
+
+
+def _config_beside(directory: Path) -> Path | None:
+    path = directory / RUN_CONFIG
+    return path if path.is_file() else None
+
+
+def load_state(init: InitSpec) -> dict[str, Tensor] | None:
+    """The backbone ``state_dict`` under torchvision names (``None`` for random init)."""
+    if init.kind == "random":
+        return None
+    if init.kind == "deepspeed":
+        states = torch.load(init.path, map_location="cpu", weights_only=False)  # DeepSpeed pickles its config
+        module = states.get("module", {}) if isinstance(states, dict) else {}
+        state = {k[len(DS_BACKBONE_PREFIX) :]: v for k, v in module.items() if k.startswith(DS_BACKBONE_PREFIX)}
+        if not state:
+            raise EvalError(f"{init.path}: no '{DS_BACKBONE_PREFIX}*' weights (not an ilm_dist pretraining checkpoint)")
+    else:
+        try:
+            state = torch.load(init.path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle/zip errors come in many types
+            raise EvalError(f"{init.path}: cannot read as a torch state_dict ({type(err).__name__}: {err})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise EvalError(f"{init.path}: not a state_dict (a flat mapping of parameter names to tensors)")
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def build_classifier(arch: str, state: dict[str, Tensor] | None, num_outputs: int, source: str) -> nn.Module:
+    """A torchvision ResNet with ``state`` loaded (random when ``None``) and a fresh ``fc`` of ``num_outputs``."""
+    model = build_resnet(arch)
+    if state is not None:
+        check_fits(model, state, arch, source)
+        model.load_state_dict(state, strict=False)
+    model.fc = nn.Linear(model.fc.in_features, num_outputs)
+    return model
+
+
+def check_fits(model: nn.Module, state: dict[str, Tensor], arch: str, source: str) -> None:
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k} {list(state[k].shape)} vs {list(expected[k])}" for k in expected if k in state and state[k].shape != expected[k]
+    ]
+    if missing or unexpected or shapes:
+        guess = guess_arch(state)
+        looks = f"; the file looks like {guess}" if guess and guess != arch else ""
+        raise EvalError(
+            f"{source}: weights do not fit {arch}{looks} (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"shape file vs model {shapes[:2]})"
+        )
+
+
+def guess_arch(state: dict[str, Tensor]) -> str | None:
+    """Name the standard ResNet whose block layout matches ``state``'s keys, if any."""
+    counts = []
+    for stage in range(1, 5):
+        blocks = {int(m.group(1)) for k in state if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
+        counts.append(max(blocks) + 1 if blocks else 0)
+    bottleneck = any(".conv3." in k for k in state)
+    return KNOWN_LAYOUTS.get((tuple(counts), bottleneck))
+
+
+def fingerprint(module: nn.Module, skip_prefix: str = "fc.") -> str:
+    """SHA-256 over every parameter and buffer (BN running statistics included) except ``skip_prefix``."""
+    sha = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        if name.startswith(skip_prefix):
+            continue
+        sha.update(name.encode())
+        sha.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+
+
+def assert_unchanged(module: nn.Module, before: str, what: str) -> None:
+    """Fail loudly when a frozen backbone's weights or BN statistics moved."""
+    if fingerprint(module) != before:
+        raise RuntimeError(f"{what}: the frozen backbone changed (weights or BatchNorm statistics); this is a bug")

@@ -1,0 +1,32 @@
+"""Run ilm_dist's entry points through the real DeepSpeed launcher on CPU (gloo)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_deepspeed(
+    script: str, args: list[str], num_procs: int = 2, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus N script args`` with DS_ACCELERATOR=cpu; raises with the output on failure."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [str(DEEPSPEED), "--num_gpus", str(num_procs), "--master_port", str(free_port()), script, *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
+    return proc

@@ -1,0 +1,82 @@
+"""Config loading: overrides, base chains, and error messages that name the key."""
+
+import json
+
+import pytest
+
+from ilm_dist.cli import preflight
+from ilm_dist.config import ConfigError, load_config
+from ilm_dist.data.manifest import ManifestError
+from ilm_dist.train.engine import resolve_deepspeed_config
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(
+        "configs/demo.yaml", ["train.max_steps=20", "output_dir=runs/x", "loss.weights=[1, 2, 3, 4]"]
+    )
+    assert cfg.train.max_steps == 20
+    assert cfg.output_dir == "runs/x"
+    assert cfg.loss.weights == [1.0, 2.0, 3.0, 4.0]
+    assert all(isinstance(w, float) for w in cfg.loss.weights)
+
+
+def test_base_chain_and_presets():
+    official = load_config("configs/idc/moco.yaml")
+    assert (official.moco.mlp, official.moco.temperature, official.optim.lr) == (False, 0.07, 0.03)
+    assert (official.optim.momentum, official.optim.weight_decay) == (0.9, 1e-4)
+    demo = load_config("configs/demo.yaml")
+    assert (demo.moco.mlp, demo.moco.temperature, demo.optim.schedule) == (True, 0.2, "cosine")
+    assert demo.model.arch == "resnet18"  # the file overrides its base
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.max_stpes=3", "unknown key 'train.max_stpes' (did you mean 'train.max_steps'?)"),
+        ("trian.max_steps=3", "unknown key 'trian'"),
+        ("train.max_steps=abc", "train.max_steps: expected int, got 'abc'"),
+        ("moco.mlp=1", "moco.mlp: expected bool, got 1"),
+        ("loss.type=cosine", "loss.type: 'cosine' is not one of ['none', 'mse', 'bt']"),
+        ("loss.blocks=[1, 5]", "loss.blocks: [1, 5]: blocks are 1..4"),
+        ("loss.weights=[0.1]", "loss.weights: has 1 values for 4 blocks [1, 2, 3, 4]"),
+        ("moco.momentum=1.5", "moco.momentum: must be in [0, 1)"),
+        ("aug.crop_scale=[0.9, 0.2]", "aug.crop_scale: [0.9, 0.2]: expected [min, max]"),
+        ("data.batch_size=1", "data.batch_size: must be >= 2"),
+        ("model.arch=vit_b_16", "model.arch: 'vit_b_16' is not a torchvision ResNet"),
+        ("engine.deepspeed_config=nope.json", "engine.deepspeed_config: file not found"),
+        ("data.shards=null", "data.shards: is required for data.backend='torch'"),
+        ("train", "override 'train': expected key=value"),
+    ],
+)
+def test_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/demo.yaml", [override])
+    assert message in str(err.value)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="circular 'base' chain"):
+        load_config(write(tmp_path / "a.yaml", "base: a.yaml\n"))
+    with pytest.raises(ConfigError, match=r"unknown key 'data\.shard'"):
+        load_config(write(tmp_path / "b.yaml", "data:\n  shard: x\n"))
+
+
+def test_missing_shards_fail_before_training(tmp_path):
+    with pytest.raises(ManifestError, match=r"manifest\.json: not found"):
+        preflight("configs/demo.yaml", [f"data.shards={tmp_path}"])
+
+
+def test_deepspeed_json_may_not_set_batch(tmp_path):
+    ds = write(tmp_path / "ds.json", json.dumps({"train_batch_size": 64}))
+    cfg = load_config("configs/demo.yaml", [f"engine.deepspeed_config={ds}"])
+    with pytest.raises(ConfigError, match="sets 'train_batch_size'"):
+        resolve_deepspeed_config(cfg)
+    resolved = resolve_deepspeed_config(load_config("configs/demo.yaml", ["data.batch_size=48"]))
+    assert resolved["train_micro_batch_size_per_gpu"] == 48
