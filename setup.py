@@ -94,7 +94,9 @@ def _extensions() -> tuple[list, dict]:
             "ilm_dist builds a C++ extension against torch: install torch first, then "
             "`pip install --no-build-isolation -e .`"
         ) from err
-    cuda_home = None if os.environ.get("ILM_DIST_NO_CUDA") == "1" or torch.version.cuda is None else _cuda_home()
+    cuda_home = (
+        None if os.environ.get("ILM_DIST_NO_CUDA") == "1" or torch.version.cuda is None else _cuda_home()
+    )
     if cuda_home is not None:
         _check_nvcc(cuda_home)
         os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import

@@ -40,4 +40,54 @@ def pretrain_main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {err}")
     from ilm_dist.train.trainer import Trainer
 
-    Trainer(cfg, resume=args.resume).fit()
+    trainer = Trainer(cfg, resume=args.resume)
+    sys.exit(run_guarded(trainer))
+
+
+def run_guarded(trainer) -> int:
+    """Train; turn a non-finite loss or a failed collective into one clear line naming rank and step."""
+    from ilm_dist.train import checkpoint
+    from ilm_dist.train.health import NonFiniteLoss
+
+    log = logging.getLogger("ilm_dist")
+    rank, world = trainer.info.rank, trainer.info.world_size
+    try:
+        trainer.fit()
+    except NonFiniteLoss as err:
+        latest = checkpoint.latest_tag(trainer.out)
+        log.error("rank %d/%d: %s; stopped, last good checkpoint: %s", rank, world, err, latest or "none")
+        return 3
+    except RuntimeError as err:
+        if world == 1:
+            raise
+        log.error(
+            "rank %d/%d: a collective failed at step %d, another rank has probably died or hangs (%s). "
+            "Heartbeats, stalest first: %s",
+            rank, world, trainer.global_step, str(err).splitlines()[0], trainer.heartbeat.report(),
+        )
+        return 4
+    return 0
+
+
+def dry_run_main(argv: list[str] | None = None) -> None:
+    """Validate a configuration for a cluster shape and print the plan, without a cluster."""
+    parser = argparse.ArgumentParser(description="plan a distributed pretraining job without running it")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--num-samples", type=int, default=None, help="split size when the shards are not reachable")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    from ilm_dist.plan import build_plan
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        samples, shards = args.num_samples, None
+        if cfg.data.backend != "synthetic" and samples is None:
+            split = load_manifest(cfg.data.shards).split(cfg.data.split)
+            samples, shards = split.num_samples, len(split.shards)
+    except (ConfigError, ManifestError) as err:
+        sys.exit(f"error: {err}")
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        sys.exit("error: --nodes and --gpus-per-node must be >= 1")
+    print(build_plan(cfg, args.nodes, args.gpus_per_node, samples, shards).render())

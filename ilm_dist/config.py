@@ -56,6 +56,7 @@ class BtLossConfig:
     off_diag_weight: float = 1.0  # relative to the on-diagonal term (official: 1.0)
     eps: float = 1e-5  # BatchNorm1d(affine=False) epsilon
     impl: Literal["auto", "ext", "torch"] = "auto"
+    global_batch: bool = False  # statistics and C over all ranks' samples (the official code: per GPU)
 
 
 @dataclass
@@ -130,13 +131,29 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500
     keep_checkpoints: int = 2
-    export_every: int = 0  # 0: export the backbone only at the end
+    deterministic: bool = False  # torch deterministic algorithms (CPU tests; slower on GPU)
 
 
 @dataclass
 class EngineConfig:
     deepspeed_config: str = "deepspeed/fp32.json"  # relative to configs/ or absolute
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    collective_timeout_s: int = 600  # a rank that stops answering fails the job after this long
+
+
+@dataclass
+class MonitorConfig:
+    """Online kNN monitor during pretraining (``ilm_dist.eval.monitor.KnnMonitor``), rank 0 only."""
+
+    every: int = 0  # optimizer steps between checks; 0: off
+    k: int = 20  # neighbours
+    temperature: float = 0.07  # vote weight exp(sim / T) (Wu et al. 2018)
+    max_bank: int = 4096  # labelled neighbours drawn from split_bank (seeded, fixed across checks)
+    max_val: int = 1024  # queries drawn from split_val
+    split_bank: str = "train"
+    split_val: str = "val"
+    batch_size: int = 256
+    num_workers: int = 0
 
 
 @dataclass
@@ -152,6 +169,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -297,6 +315,7 @@ def validate(cfg: RunConfig) -> None:
     _validate_loss(cfg.loss)
     _validate_aug(cfg.aug)
     _validate_data(cfg.data)
+    _validate_monitor(cfg.monitor, cfg.data)
     _check(cfg.optim.lr > 0, "optim.lr", "must be positive")
     _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _check(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
@@ -305,6 +324,7 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.train.log_every > 0, "train.log_every", "must be positive")
     _check(cfg.train.ckpt_every >= 0, "train.ckpt_every", "must be >= 0 (0: only at the end)")
     _check(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    _check(cfg.engine.collective_timeout_s >= 10, "engine.collective_timeout_s", "must be >= 10 seconds")
     _check(
         cfg.deepspeed_config_path().is_file(),
         "engine.deepspeed_config",
@@ -379,6 +399,24 @@ def _validate_data(data: DataConfig) -> None:
             "data.shards",
             f"is required for data.backend={data.backend!r} (a directory written by data_tools.pack)",
         )
+
+
+def _validate_monitor(mon: MonitorConfig, data: DataConfig) -> None:
+    _check(mon.every >= 0, "monitor.every", "must be >= 0 (0: off)")
+    for name in ("k", "max_bank", "max_val", "batch_size"):
+        _check(getattr(mon, name) >= 1, f"monitor.{name}", "must be >= 1")
+    _check(mon.temperature > 0, "monitor.temperature", "must be positive")
+    _check(mon.num_workers >= 0, "monitor.num_workers", "must be >= 0")
+    _check(
+        mon.split_bank != mon.split_val,
+        "monitor.split_val",
+        f"must differ from monitor.split_bank ({mon.split_bank!r}): a query would find itself",
+    )
+    _check(
+        mon.every == 0 or data.backend != "synthetic",
+        "monitor.every",
+        "the kNN monitor needs labelled packed shards; data.backend=synthetic has none (set monitor.every=0)",
+    )
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -89,7 +89,7 @@ def test_bt_loss_is_the_official_per_block_computation():
         on = (torch.diagonal(c) - 1).pow(2).sum()
         off = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
         expected = w * cfg.bt.scale * on + w * cfg.bt.scale * 0.5 * off
-        assert got[i].item() == pytest.approx(expected.item(), rel=1e-9)
+        assert got[i].item() == pytest.approx(expected.item(), rel=1e-7)
     assert [type(m).__name__ for m in loss.projectors[0]] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
     assert loss.projectors[0][0].bias is None
 

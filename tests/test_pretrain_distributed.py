@@ -1,6 +1,7 @@
 """Real 2-rank DeepSpeed pretraining runs on CPU through the launcher."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -68,3 +69,87 @@ def test_resume_continues_from_the_saved_step(uninterrupted, tmp_path):
     ref = torch.load(uninterrupted / "backbone.pt")
     for key in ref:
         torch.testing.assert_close(final[key], ref[key], rtol=1e-4, atol=1e-5)
+
+
+def assert_same_run(out, reference, first_step):
+    got = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
+    want = {r["step"]: r for r in read_metrics(reference / "metrics.jsonl")}
+    assert sorted(got) == sorted(want)
+    for step in range(first_step, 13):
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-4, abs=1e-5), step
+    final, ref = torch.load(out / "backbone.pt"), torch.load(reference / "backbone.pt")
+    for key in ref:
+        torch.testing.assert_close(final[key], ref[key], rtol=1e-4, atol=1e-5)
+    state, ref_state = (json.loads((d / "final_state.json").read_text()) for d in (out, reference))
+    assert state["queue_sha256_per_rank"] == ref_state["queue_sha256_per_rank"]
+
+
+@pytest.mark.parametrize(("fault", "resumed_from"), [("step@8", 6), ("save@6", 3)])
+def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, tmp_path, fault, resumed_from):
+    """SIGKILL mid-epoch (step 8) or inside the checkpoint save at step 6; the resume is exact."""
+    crashed = run_deepspeed(
+        "launch/pretrain.py",
+        ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY, "train.max_steps=12", "train.ckpt_every=3"],
+        check=False, ILM_DIST_FAULT=fault,
+    )
+    assert crashed.returncode != 0
+    assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{resumed_from}"
+    assert not (tmp_path / "backbone.pt").exists()
+    proc = pretrain(tmp_path, "train.max_steps=12", "train.ckpt_every=3", resume=True)
+    assert f"resumed at step {resumed_from}" in proc.stdout + proc.stderr
+    assert_same_run(tmp_path, uninterrupted, resumed_from + 1)
+
+
+def test_resume_on_another_world_size(uninterrupted, tmp_path):
+    pretrain(tmp_path, "train.max_steps=6")
+    proc = run_deepspeed(
+        "launch/pretrain.py",
+        ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY, "data.batch_size=16", "train.max_steps=12",
+         "--resume"],
+        num_procs=1,
+    )
+    out = proc.stdout + proc.stderr
+    assert "resuming on 1 ranks x batch 16 (checkpoint: 2 x 8): data re-sharded, 96 samples of epoch 0 done" in out
+    assert "resumed at step 6 (epoch 0, batch 6 of the epoch)" in out
+    steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    assert steps == list(range(1, 13))
+    assert json.loads((tmp_path / "final_state.json").read_text())["queue_ptr"] == 12 * 16 % 48
+
+
+def test_non_finite_loss_stops_with_step_and_term(tmp_path):
+    proc = run_deepspeed(
+        "launch/pretrain.py",
+        ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY, "optim.lr=1e30", "train.max_steps=12",
+         "train.ckpt_every=1"],
+        check=False,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    match = re.search(r"step (\d+): non-finite loss term\(s\) \{'loss'", out)
+    assert match, out[-3000:]
+    bad_step = int(match.group(1))
+    latest = (tmp_path / "checkpoints" / "latest").read_text()
+    assert latest == f"step_{bad_step - 1}", "the last good checkpoint is the one before the bad step"
+
+
+def test_dead_rank_fails_the_job_naming_it(tmp_path):
+    proc = run_deepspeed(
+        "launch/pretrain.py",
+        ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY, "train.max_steps=12",
+         "engine.collective_timeout_s=30"],
+        check=False, timeout=240, ILM_DIST_FAULT="step@3:1",
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "rank 1" in out, out[-3000:]
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_two_ranks_on_packed_shards(packed_tiny, tmp_path, backend):
+    """The real data paths under the launcher: torch DataLoader workers, and DALI in CPU mode."""
+    pretrain(tmp_path, f"data.backend={backend}", f"data.shards={packed_tiny}", "data.num_workers=1",
+             "train.max_steps=4")
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert len(set(json.loads((tmp_path / "final_state.json").read_text())["queue_sha256_per_rank"])) == 1

@@ -8,8 +8,8 @@ Known differences from torchvision, all within the augmentations' own randomness
 - colour jitter applies brightness, contrast, saturation, hue in that fixed order (torchvision draws a
   random order per sample); hue is DALI's linear (YIQ) approximation of an HSV hue rotation;
 - ``fn.random_resized_crop`` and ``fn.gaussian_blur`` resample and pad borders slightly differently;
-- horizontal and vertical flips come after rotation in both, but DALI flips at the very end (fused into
-  the normalisation), which commutes with everything else.
+- the horizontal flip is fused into the final normalisation (``fn.crop_mirror_normalize``), which it
+  commutes with.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from ilm_dist.data.augment import blur_kernel_size
 
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range (torchvision default, used by MoCo v2)
 LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601 weights, as torchvision's rgb_to_grayscale
+FLIP_P = 0.5  # RandomHorizontalFlip (He et al. 2020; MoCo v2); RandomVerticalFlip where configured
 
 
 def moco_view(image: DataNode, aug: AugConfig, size: int, layout: str) -> DataNode:
@@ -37,10 +38,10 @@ def moco_view(image: DataNode, aug: AugConfig, size: int, layout: str) -> DataNo
         angle = _uniform(-aug.rotation, aug.rotation)
         image = fn.rotate(image, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_NN)
     if aug.vflip:
-        image = fn.flip(image, horizontal=0, vertical=fn.random.coin_flip(probability=0.5))
+        image = fn.flip(image, horizontal=0, vertical=fn.random.coin_flip(probability=FLIP_P))
     return fn.crop_mirror_normalize(
         image,
-        mirror=fn.random.coin_flip(probability=0.5) if aug.hflip else 0,
+        mirror=fn.random.coin_flip(probability=FLIP_P) if aug.hflip else 0,
         mean=[255 * m for m in aug.mean],
         std=[255 * s for s in aug.std],
         dtype=types.FLOAT,
@@ -53,7 +54,11 @@ def _geometry(image: DataNode, crop_scale: list[float] | None, size: int) -> Dat
     if crop_scale is None:
         return fn.resize(image, size=[size, size], antialias=True)
     return fn.random_resized_crop(
-        image, size=[size, size], random_area=list(crop_scale), random_aspect_ratio=list(CROP_RATIO), antialias=True
+        image,
+        size=[size, size],
+        random_area=list(crop_scale),
+        random_aspect_ratio=list(CROP_RATIO),
+        antialias=True,
     )
 
 

@@ -1,10 +1,11 @@
 """The GPU data path: NVIDIA DALI reads the packed shards, decodes with nvJPEG and augments on the GPU.
 
 Reading: ``fn.readers.webdataset`` over the split's shards and index files, sharded by global rank (rank
-``r`` of ``R`` reads the ``r``-th contiguous ``1/R`` of the split, padded to equal length) and shuffled in
-a buffer of ``data.shuffle_buffer`` samples. Every rank stops after ``num_samples // (batch * R)`` steps,
-so all ranks run the same number of steps; the rest of each rank's part is left out of that epoch.
-Unlike the torch backend, a global batch depends on ``R`` (each rank owns a fixed part of the split).
+``r`` of ``R`` reads the ``r``-th contiguous ``1/R`` of the samples, padded to equal length) and shuffled
+in a buffer of ``data.shuffle_buffer`` samples. The shard order is permuted per epoch (same permutation
+on every rank), so a rank reads other shards in the next epoch. Every rank stops after
+``num_samples // (batch * R)`` steps, so all ranks run the same number of steps; the rest of each rank's
+part is left out of that epoch. Unlike the torch backend, a global batch depends on ``R``.
 
 Each epoch is a fresh pipeline seeded from ``(seed, rank, epoch)``: an epoch's order and views do not
 depend on the epochs before it. ``start_step`` runs and discards the first batches (it costs their
@@ -40,7 +41,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from ilm_dist.data.batch import TwoViewBatch
 from ilm_dist.data.dali_augment import moco_view
-from ilm_dist.data.dali_shards import BadSample, SplitScan, decode_problem, scan_split, write_indexes
+from ilm_dist.data.dali_shards import BadSample, decode_problem, scan_split, write_indexes
 from ilm_dist.data.manifest import ManifestError, load_manifest
 from ilm_dist.data.sampling import steps_per_epoch
 
@@ -98,16 +99,18 @@ class DaliLoader:
         return max(1, self.cfg.data.num_workers)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TwoViewBatch]:
-        for step, outputs in enumerate(self._dali_outputs(_epoch_seed(self.cfg.seed, self.rank, epoch))):
+        if start_step >= self.steps_per_epoch:
+            return
+        for step, outputs in enumerate(self._dali_outputs(epoch)):
             if step >= start_step:
                 yield self._batch(outputs)
 
     # ------------------------------------------------------------------ pipeline
 
-    def _dali_outputs(self, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    def _dali_outputs(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         data = self.cfg.data
         pipe = two_view_pipeline(
-            reader=self._reader_args(seed),
+            reader=self._reader_args(epoch),
             aug=self.cfg.aug,
             size=data.image_size,
             layout=self.layout,
@@ -115,19 +118,32 @@ class DaliLoader:
             batch_size=data.batch_size,
             num_threads=self._threads,
             device_id=self.device_id,
-            seed=seed,
+            seed=self._seed(epoch),
             prefetch_queue_depth=data.dali.prefetch,
         )
         iterator = self._guard(
-            seed, 0, lambda: DALIGenericIterator(pipe, OUTPUTS, reader_name=READER, last_batch_policy=LastBatchPolicy.DROP)
+            epoch,
+            0,
+            lambda: DALIGenericIterator(
+                pipe, OUTPUTS, reader_name=READER, last_batch_policy=LastBatchPolicy.DROP
+            ),
         )
         for step in range(self.steps_per_epoch):
-            yield self._guard(seed, step, lambda: next(iterator)[0])
+            yield self._guard(epoch, step, lambda: next(iterator)[0])
 
-    def _reader_args(self, seed: int) -> dict[str, Any]:
+    def _seed(self, epoch: int) -> int:
+        """This rank's seed for ``epoch`` (shuffle buffer and augmentations)."""
+        return int(
+            np.random.SeedSequence([self.cfg.seed, self.rank, epoch]).generate_state(1)[0] & 0x7FFFFFFF
+        )
+
+    def _reader_args(self, epoch: int) -> dict[str, Any]:
+        # The shard order is permuted per epoch with a seed every rank shares, so the ranks' contiguous
+        # parts cover different shards from epoch to epoch, and stay disjoint within one.
+        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.scan.tars))
         return {
-            "paths": [str(tar) for tar in self.scan.tars],
-            "index_paths": [str(index) for index in self.index_paths],
+            "paths": [str(self.scan.tars[i]) for i in order],
+            "index_paths": [str(self.index_paths[i]) for i in order],
             "ext": ["jpg", "lbl"],
             "dtypes": [types.UINT8, types.INT32],
             "missing_component_behavior": "error",  # the start-up scan already removed or rejected such samples
@@ -136,7 +152,7 @@ class DaliLoader:
             "pad_last_batch": True,
             "random_shuffle": self.cfg.data.shuffle_buffer > 0,
             "initial_fill": max(1, self.cfg.data.shuffle_buffer),
-            "seed": seed,
+            "seed": self._seed(epoch),
             "name": READER,
         }
 
@@ -159,7 +175,9 @@ class DaliLoader:
                 f"to drop them):\n{_listing(bad)}"
             )
         if bad:
-            log.warning("dali: dropping %d unusable sample(s) of split %r:\n%s", len(bad), split, _listing(bad))
+            log.warning(
+                "dali: dropping %d unusable sample(s) of split %r:\n%s", len(bad), split, _listing(bad)
+            )
 
     def _index_paths(self) -> list[Path]:
         """The packed index files, or (when samples were dropped) filtered copies in a temporary directory."""
@@ -168,22 +186,26 @@ class DaliLoader:
         self._index_dir = tempfile.TemporaryDirectory(prefix="ilm_dist_dali_")
         return write_indexes(self.scan, Path(self._index_dir.name))
 
-    def _guard(self, seed: int, step: int, call: Callable[[], Any]) -> Any:
+    def _guard(self, epoch: int, step: int, call: Callable[[], Any]) -> Any:
         """Run ``call``; turn a DALI failure caused by a bad sample into a ManifestError naming it."""
         try:
             return call()
         except RuntimeError as err:
-            bad = self._bad_in_flight(seed, step)
+            bad = self._bad_in_flight(epoch, step)
             if not bad:
                 raise
             note = " (not caught by the data.dali.skip_bad scan)" if self.cfg.data.dali.skip_bad else ""
             raise ManifestError(f"DALI failed on bad sample(s){note}:\n{_listing(bad)}") from err
 
-    def _bad_in_flight(self, seed: int, step: int) -> list[BadSample]:
+    def _bad_in_flight(self, epoch: int, step: int) -> list[BadSample]:
         """Replay the epoch's reader stream up to the batches in flight at ``step`` and decode-check them."""
         data = self.cfg.data
         pipe = reader_pipeline(
-            reader=self._reader_args(seed), batch_size=data.batch_size, num_threads=1, device_id=None, seed=seed
+            reader=self._reader_args(epoch),
+            batch_size=data.batch_size,
+            num_threads=1,
+            device_id=None,
+            seed=self._seed(epoch),
         )
         bad: dict[str, BadSample] = {}
         for replayed in range(step + data.dali.prefetch + 1):
@@ -196,10 +218,6 @@ class DaliLoader:
                     tar, _, name = bytes(np.asarray(info)).decode().rsplit(":", 2)
                     bad[f"{tar}:{name}"] = BadSample(Path(tar), name.split(".", 1)[0], reason)
         return list(bad.values())
-
-
-def _epoch_seed(seed: int, rank: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def _cuda_index(device: torch.device) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 
@@ -103,7 +104,7 @@ def decode_problem(data: bytes) -> str | None:
     return None
 
 
-def read_component(tar, ref: SampleRef, ext: str) -> bytes:
+def read_component(tar: BinaryIO, ref: SampleRef, ext: str) -> bytes:
     offset, size = ref.components[ext]
     tar.seek(offset)
     return tar.read(size)

@@ -23,13 +23,23 @@ Each tar holds WebDataset samples; one sample is the files sharing a ``__key__``
      "task": "binary" | "multiclass" | "multilabel",
      "class_names": [...],
      "image_mode": "L" | "RGB",
+     "split_method": "source" | "stratified" | "stratified_group",
      "splits": {"train": {"num_samples": int,
                           "class_counts": {class_name: int},
+                          "num_groups": int | null,
                           "shards": [{"name": "train-000000.tar", "index": "train-000000.idx",
-                                      "num_samples": int, "sha256": hex}]},
+                                      "num_samples": int, "sha256": hex, "bytes": int}]},
                 "val": {...}, "test": {...}},
      "skipped": {"count": int, "files": [{"path": str, "reason": str}]},
-     "source": {...}, "args": {...}, "created": iso8601}
+     "source": {"kind": "folder" | "csv" | "nih_list" | "npz" | "synthetic", "path": str | null, ...},
+     "args": {...}, "created": iso8601}
+
+Fields added by ``data_tools.pack`` (readers may ignore them): ``split_method`` says whether the splits
+come from the source or were made by the packer (``stratified_group``: groups, e.g. patients, are
+disjoint across splits, which ``data_tools.verify`` checks); ``num_groups`` is the number of distinct
+groups in a split (null without ``--group-by``); ``bytes`` is the shard's size.  Splits are omitted
+when empty; ``class_counts`` lists every class (positives per class for ``multilabel``); keys are
+``{split}_{index:08d}``; ``skipped`` paths and ``.json`` sources are relative to ``source.path``.
 """
 
 from __future__ import annotations

@@ -64,16 +64,28 @@ def rbf_cka(x: np.ndarray, y: np.ndarray, sigma: float = RBF_SIGMA, relative: bo
     return float((kx * ky).sum() / np.sqrt((kx * kx).sum() * (ky * ky).sum()))
 
 
+def subset_plan(n: int, num_subsets: int, subset_size: int) -> tuple[int, int]:
+    """``(draws, size)``: all ``n`` samples once when ``n <= subset_size``, else ``num_subsets`` draws."""
+    return (1, n) if n <= subset_size else (num_subsets, subset_size)
+
+
 def subset_cka(
-    x: np.ndarray, y: np.ndarray, kernel: str = "rbf", num_subsets: int = NUM_SUBSETS,
-    subset_size: int = SUBSET_SIZE, seed: int = 0, sigma: float = RBF_SIGMA, relative: bool = True,
+    x: np.ndarray,
+    y: np.ndarray,
+    kernel: str = "rbf",
+    num_subsets: int = NUM_SUBSETS,
+    subset_size: int = SUBSET_SIZE,
+    seed: int = 0,
+    sigma: float = RBF_SIGMA,
+    relative: bool = True,
 ) -> tuple[float, float]:
     """Mean and std of CKA over random subsets without replacement (one subset when n <= subset_size)."""
     rng = np.random.default_rng(seed)
-    n = len(x)
-    draws = 1 if n <= subset_size else num_subsets
+    draws, size = subset_plan(len(x), num_subsets, subset_size)
     values = []
     for _ in range(draws):
-        idx = rng.permutation(n)[:subset_size]
-        values.append(linear_cka(x[idx], y[idx]) if kernel == "linear" else rbf_cka(x[idx], y[idx], sigma, relative))
+        idx = rng.permutation(len(x))[:size]
+        values.append(
+            linear_cka(x[idx], y[idx]) if kernel == "linear" else rbf_cka(x[idx], y[idx], sigma, relative)
+        )
     return float(np.mean(values)), float(np.std(values))

@@ -59,15 +59,24 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple
     return np.concatenate(logits), stacked[:, 0] if stacked.ndim == 2 and stacked.shape[1] == 1 else stacked
 
 
-def val_score(model: nn.Module, loader: DataLoader, device: torch.device, task: str, class_names: tuple) -> float:
+def val_score(
+    model: nn.Module, loader: DataLoader, device: torch.device, task: str, class_names: tuple
+) -> float:
     """The task's primary metric (see :data:`PRIMARY`) on a validation loader."""
     logits, labels = predict(model, loader, device)
     return compute_metrics(task, labels, probabilities(task, logits), class_names)[PRIMARY[task]]
 
 
 def fit(
-    model: nn.Module, trainable: nn.Module, loader: DataLoader, task: str, steps: int, evals: int,
-    evaluate: Callable[[], float], device: torch.device, lr: float = ADAM_LR,
+    model: nn.Module,
+    trainable: nn.Module,
+    loader: DataLoader,
+    task: str,
+    steps: int,
+    evals: int,
+    evaluate: Callable[[], float],
+    device: torch.device,
+    lr: float = ADAM_LR,
 ) -> FitResult:
     """Train ``trainable`` (``model`` or a part of it) for ``steps``; keep the best-validation weights.
 

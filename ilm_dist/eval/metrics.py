@@ -31,7 +31,9 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(y, score)) if 0 < y.sum() < len(y) else float("nan")
 
 
-def compute_metrics(task: str, labels: np.ndarray, probs: np.ndarray, class_names: tuple[str, ...]) -> dict[str, float]:
+def compute_metrics(
+    task: str, labels: np.ndarray, probs: np.ndarray, class_names: tuple[str, ...]
+) -> dict[str, float]:
     """Metrics of one prediction set; AUC is NaN where a class has only one label value."""
     if task == "multilabel":
         per_class = {f"auc/{name}": _auc(labels[:, c], probs[:, c]) for c, name in enumerate(class_names)}
@@ -44,24 +46,35 @@ def compute_metrics(task: str, labels: np.ndarray, probs: np.ndarray, class_name
         return {"auc": _auc(labels, probs[:, 1]), "accuracy": accuracy, "f1": f1}
     with warnings.catch_warnings():  # kappa of a constant prediction is 0/0
         warnings.simplefilter("ignore", RuntimeWarning)
-        kappa = float(cohen_kappa_score(labels, predicted, weights="quadratic", labels=range(len(class_names))))
+        kappa = float(
+            cohen_kappa_score(labels, predicted, weights="quadratic", labels=range(len(class_names)))
+        )
     return {"accuracy": accuracy, "kappa": 0.0 if np.isnan(kappa) else kappa}
 
 
 def bootstrap_ci(
-    task: str, labels: np.ndarray, probs: np.ndarray, class_names: tuple[str, ...], n_boot: int = 1000,
-    seed: int = 0, level: float = 0.95,
+    task: str,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    class_names: tuple[str, ...],
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
 ) -> dict[str, list[float]]:
     """``{metric: [low, high]}``, percentile intervals over resamples (NaN resamples are skipped)."""
     rng = np.random.default_rng(seed)
-    draws = [compute_metrics(task, labels[idx], probs[idx], class_names)
-             for idx in rng.integers(0, len(labels), size=(n_boot, len(labels)))]
+    draws = [
+        compute_metrics(task, labels[idx], probs[idx], class_names)
+        for idx in rng.integers(0, len(labels), size=(n_boot, len(labels)))
+    ]
     tail = 100 * (1 - level) / 2
     intervals = {}
     for name in draws[0]:
         values = np.array([d[name] for d in draws])
         values = values[~np.isnan(values)]
-        intervals[name] = np.percentile(values, [tail, 100 - tail]).tolist() if len(values) else [np.nan, np.nan]
+        intervals[name] = (
+            np.percentile(values, [tail, 100 - tail]).tolist() if len(values) else [np.nan, np.nan]
+        )
     return intervals
 
 

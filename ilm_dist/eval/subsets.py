@@ -25,7 +25,9 @@ def _count(fraction: float, n: int) -> int:
     return int(np.floor(fraction * n + 0.5))
 
 
-def stratified_subset(labels: np.ndarray, fraction: float, seed: int, class_names: tuple[str, ...]) -> np.ndarray:
+def stratified_subset(
+    labels: np.ndarray, fraction: float, seed: int, class_names: tuple[str, ...]
+) -> np.ndarray:
     """Sorted indices of a stratified ``fraction`` of ``labels`` ([N] class ids or [N, C] multi-hot)."""
     if not 0 < fraction <= 1:
         raise EvalError(f"label fraction {fraction}: must be in (0, 1]")
@@ -47,7 +49,9 @@ def stratified_subset(labels: np.ndarray, fraction: float, seed: int, class_name
     return _iterative_multilabel(multi_hot.astype(bool), targets, _count(fraction, len(labels)), rng)
 
 
-def _iterative_multilabel(labels: np.ndarray, targets: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:
+def _iterative_multilabel(
+    labels: np.ndarray, targets: np.ndarray, total: int, rng: np.random.Generator
+) -> np.ndarray:
     chosen = np.zeros(len(labels), dtype=bool)
     for c in np.argsort(labels.sum(axis=0), kind="stable"):  # rarest class first
         need = targets[c] - int(labels[chosen, c].sum())
@@ -57,8 +61,12 @@ def _iterative_multilabel(labels: np.ndarray, targets: np.ndarray, total: int, r
     if remaining > 0:
         full = labels[chosen].sum(axis=0) >= targets
         fits = ~(labels & full).any(axis=1)  # adds no sample of an already-full class
-        pool = np.concatenate([rng.permutation(np.flatnonzero(~chosen & fits)),
-                               rng.permutation(np.flatnonzero(~chosen & ~fits))])
+        pool = np.concatenate(
+            [
+                rng.permutation(np.flatnonzero(~chosen & fits)),
+                rng.permutation(np.flatnonzero(~chosen & ~fits)),
+            ]
+        )
         chosen[pool[:remaining]] = True
     return np.flatnonzero(chosen)
 
@@ -90,10 +98,15 @@ def load_or_draw_subset(eval_dir: Path, manifest: Manifest, split: str, fraction
     picked = labels[indices]
     counts = picked.sum(axis=0) if picked.ndim == 2 else np.bincount(picked, minlength=manifest.num_classes)
     subset = {
-        "split": split, "fraction": fraction, "seed": seed, "data": str(manifest.root),
-        "dataset_id": dataset_id(manifest), "num_samples": len(indices),
+        "split": split,
+        "fraction": fraction,
+        "seed": seed,
+        "data": str(manifest.root),
+        "dataset_id": dataset_id(manifest),
+        "num_samples": len(indices),
         "class_counts": dict(zip(manifest.class_names, counts.tolist(), strict=True)),
-        "indices": indices.tolist(), "keys": [reader.key(int(i)) for i in indices],
+        "indices": indices.tolist(),
+        "keys": [reader.key(int(i)) for i in indices],
     }
     subset["digest"] = digest(subset["keys"])
     write_json(path, subset)

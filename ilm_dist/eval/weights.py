@@ -50,7 +50,8 @@ class InitSpec:
     run_config: Path | None = None
 
     def describe(self) -> dict[str, str | None]:
-        return {"spec": self.spec, "kind": self.kind, "path": str(self.path) if self.path else None}
+        """Identity of the weights: their kind and resolved file (not how ``--weights`` spelled it)."""
+        return {"kind": self.kind, "path": str(self.path.resolve()) if self.path else None}
 
 
 def resolve_init(spec: str) -> InitSpec:
@@ -76,7 +77,9 @@ def _resolve_dir(spec: str, path: Path) -> InitSpec:
         if (root / "latest").is_file():
             tag = (root / "latest").read_text().strip()
             if not (root / tag / DS_MODEL_STATES).is_file():
-                raise EvalError(f"{root / 'latest'} names tag {tag!r}, but {root / tag / DS_MODEL_STATES} is missing")
+                raise EvalError(
+                    f"{root / 'latest'} names tag {tag!r}, but {root / tag / DS_MODEL_STATES} is missing"
+                )
             return InitSpec(spec, "deepspeed", root / tag / DS_MODEL_STATES, _config_beside(run))
     raise EvalError(
         f"--weights {spec}: directory has no {BACKBONE}, no DeepSpeed checkpoint ({DS_MODEL_STATES}) "
@@ -96,14 +99,20 @@ def load_state(init: InitSpec) -> dict[str, Tensor] | None:
     if init.kind == "deepspeed":
         states = torch.load(init.path, map_location="cpu", weights_only=False)  # DeepSpeed pickles its config
         module = states.get("module", {}) if isinstance(states, dict) else {}
-        state = {k[len(DS_BACKBONE_PREFIX) :]: v for k, v in module.items() if k.startswith(DS_BACKBONE_PREFIX)}
+        state = {
+            k[len(DS_BACKBONE_PREFIX) :]: v for k, v in module.items() if k.startswith(DS_BACKBONE_PREFIX)
+        }
         if not state:
-            raise EvalError(f"{init.path}: no '{DS_BACKBONE_PREFIX}*' weights (not an ilm_dist pretraining checkpoint)")
+            raise EvalError(
+                f"{init.path}: no '{DS_BACKBONE_PREFIX}*' weights (not an ilm_dist pretraining checkpoint)"
+            )
     else:
         try:
             state = torch.load(init.path, map_location="cpu", weights_only=True)
         except Exception as err:  # pickle/zip errors come in many types
-            raise EvalError(f"{init.path}: cannot read as a torch state_dict ({type(err).__name__}: {err})") from None
+            raise EvalError(
+                f"{init.path}: cannot read as a torch state_dict ({type(err).__name__}: {err})"
+            ) from None
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise EvalError(f"{init.path}: not a state_dict (a flat mapping of parameter names to tensors)")
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items() if not k.startswith("fc.")}
@@ -124,7 +133,9 @@ def check_fits(model: nn.Module, state: dict[str, Tensor], arch: str, source: st
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [
-        f"{k} {list(state[k].shape)} vs {list(expected[k])}" for k in expected if k in state and state[k].shape != expected[k]
+        f"{k} {list(state[k].shape)} vs {list(expected[k])}"
+        for k in expected
+        if k in state and state[k].shape != expected[k]
     ]
     if missing or unexpected or shapes:
         guess = guess_arch(state)
@@ -159,4 +170,6 @@ def fingerprint(module: nn.Module, skip_prefix: str = "fc.") -> str:
 def assert_unchanged(module: nn.Module, before: str, what: str) -> None:
     """Fail loudly when a frozen backbone's weights or BN statistics moved."""
     if fingerprint(module) != before:
-        raise RuntimeError(f"{what}: the frozen backbone changed (weights or BatchNorm statistics); this is a bug")
+        raise RuntimeError(
+            f"{what}: the frozen backbone changed (weights or BatchNorm statistics); this is a bug"
+        )

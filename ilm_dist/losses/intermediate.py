@@ -7,7 +7,8 @@ encoder's block ``i`` output for view 2; no gradient flows into the key encoder.
   to soften the spatial mismatch that crops and rotations create, then weighted MSE.
 - Barlow Twins (Zbontar et al. 2021): global average pooling, one projector per block shared by
   both views, then the cross-correlation loss of :func:`ilm_dist.ops.bt_xcorr_loss` with
-  on-diagonal weight ``w_i * scale`` and off-diagonal weight ``w_i * scale * off_diag_weight``.
+  on-diagonal weight ``w_i * scale`` and off-diagonal weight ``w_i * scale * off_diag_weight``;
+  with ``loss.bt.global_batch`` the statistics and C are over all ranks' samples.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ilm_dist.config import LossConfig
+from ilm_dist.ops import bt_xcorr_loss, bt_xcorr_loss_global
 
 
 class IntermediateLoss(nn.Module):
@@ -88,8 +90,6 @@ class BtIntermediateLoss(IntermediateLoss):
         return [blocks[b - 1].mean(dim=(2, 3)) for b in self.blocks]
 
     def forward(self, q_reduced: list[Tensor], k_reduced: list[Tensor]) -> Tensor:
-        from ilm_dist.ops import bt_xcorr_loss
-
         z1 = torch.stack([proj(q) for proj, q in zip(self.projectors, q_reduced, strict=True)])
         z2 = torch.stack(
             [proj(k.to(q_reduced[0].dtype)) for proj, k in zip(self.projectors, k_reduced, strict=True)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch  # noqa: F401  (loads libtorch/libc10, which ilm_dist._C links against)
+
 try:
     import ilm_dist._C  # noqa: F401
 except ImportError as err:

@@ -56,21 +56,41 @@ def bt_xcorr_loss_global(
     initialised process group (or with one rank) this is :func:`bt_xcorr_loss`.
 
     Gradient convention: every rank computes the identical global loss, and the backward of the
-    differentiable all_gather sums the gradients that all ranks computed for this rank's slice, so the
+    differentiable all_gather sums (all_reduce) the gradients that all ranks computed for the global batch
+    and keeps this rank's slice, so the
     gradient w.r.t. the local ``z`` is ``world_size`` times the single-process global-batch gradient of
     that slice. The data-parallel engine (DDP, DeepSpeed) then averages parameter gradients over ranks,
     which gives exactly the single-process global-batch gradient. (A plain, autograd-unaware all_reduce of
     the statistics would pass gradients only to the local term and be off by a factor ``1/world_size``.)
     """
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        z1, z2 = _gather_batch(z1, group), _gather_batch(z2, group)
+        z1, z2 = _GatherBatch.apply(z1, group), _GatherBatch.apply(z2, group)
     return bt_xcorr_loss(z1, z2, on_weight, off_weight, eps, impl)
 
 
-def _gather_batch(z: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-    from torch.distributed.nn.functional import all_gather
+class _GatherBatch(torch.autograd.Function):
+    """Differentiable all_gather along the batch axis (1) of ``[L, N_local, D]``.
 
-    return torch.cat(all_gather(z, group=group if group is not None else dist.group.WORLD), dim=1)
+    The backward sums the gradients that all ranks computed for the global batch (all_reduce) and returns
+    this rank's slice. (``torch.distributed.nn.functional.all_gather`` is deprecated, and its gloo backward
+    mis-orders gradients that arrive non-contiguous, as the reference's matmul backward produces.)
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+        parts = [
+            torch.empty_like(z, memory_format=torch.contiguous_format)
+            for _ in range(dist.get_world_size(group))
+        ]
+        dist.all_gather(parts, z.contiguous(), group=group)
+        ctx.group, ctx.start, ctx.length = group, dist.get_rank(group) * z.shape[1], z.shape[1]
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad.narrow(1, ctx.start, ctx.length), None
 
 
 def _use_extension(impl: Impl) -> bool:
@@ -92,12 +112,16 @@ def _use_extension(impl: Impl) -> bool:
 
 @functools.cache
 def _log_fallback() -> None:
-    logger.warning("ilm_dist._C extension not available (%s); bt_xcorr_loss uses the PyTorch reference", LOAD_ERROR)
+    logger.warning(
+        "ilm_dist._C extension not available (%s); bt_xcorr_loss uses the PyTorch reference", LOAD_ERROR
+    )
 
 
 def _fake_loss(z1: Tensor, z2: Tensor, on_weight: Tensor, off_weight: Tensor, eps: float) -> Tensor:
     torch._check(z1.dim() == 3, lambda: f"bt_xcorr_loss: z1 must be a 3-D [L, N, D] tensor, got {z1.shape}")
-    torch._check(z1.shape == z2.shape, lambda: f"bt_xcorr_loss: z1 and z2 shapes differ: {z1.shape}, {z2.shape}")
+    torch._check(
+        z1.shape == z2.shape, lambda: f"bt_xcorr_loss: z1 and z2 shapes differ: {z1.shape}, {z2.shape}"
+    )
     return z1.new_empty((z1.shape[0],), dtype=compute_dtype(z1.dtype))
 
 
@@ -120,7 +144,13 @@ def _backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
     dz1, dz2 = torch.ops.ilm_dist.bt_xcorr_loss_backward.default(
         grad_loss.contiguous(), z1, z2, on_weight, off_weight, ctx.eps
     )
-    return (dz1 if ctx.needs_input_grad[0] else None, dz2 if ctx.needs_input_grad[1] else None, None, None, None)
+    return (
+        dz1 if ctx.needs_input_grad[0] else None,
+        dz2 if ctx.needs_input_grad[1] else None,
+        None,
+        None,
+        None,
+    )
 
 
 if extension_available():

@@ -1,9 +1,9 @@
 """Checkpoints: DeepSpeed's engine state plus the MoCo state it does not know about.
 
 Layout: ``output_dir/checkpoints/step_<N>/`` (DeepSpeed's files) with ``moco_state.pt`` (key
-encoder, queue, pointer, data position) written by rank 0 *before* DeepSpeed's ``latest`` file
-moves to the new tag, so ``latest`` only ever names a complete checkpoint. Older tags beyond
-``keep`` are deleted after the new one is complete.
+encoder, queue, pointer, data position). ``latest`` is replaced atomically (write + rename) only
+after every rank has finished writing, so a crash during a save leaves it naming the previous
+complete checkpoint. Older tags beyond ``keep`` are deleted after the new one is complete.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ilm_dist import distributed as D
+from ilm_dist.train import faults
 
 TAG = re.compile(r"^step_(\d+)$")
 MOCO_STATE = "moco_state.pt"
@@ -35,11 +36,20 @@ def save(engine, output_dir: str | Path, step: int, moco_state: dict[str, Any], 
         torch.save(moco_state, tmp)
         os.replace(tmp, root / tag / MOCO_STATE)
     D.barrier()
-    engine.save_checkpoint(str(root), tag=tag)  # writes `latest` last
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     D.barrier()
+    faults.maybe_kill("save", step)
     if D.rank() == 0:
+        _write_atomic(root / "latest", tag)
         _rotate(root, keep)
+    D.barrier()
     return root / tag
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _rotate(root: Path, keep: int) -> None:
@@ -53,13 +63,22 @@ def latest_tag(output_dir: str | Path) -> str | None:
     return latest.read_text().strip() if latest.is_file() else None
 
 
-def load(engine, output_dir: str | Path) -> dict[str, Any]:
-    """Restore the engine from the latest complete checkpoint; returns its MoCo state."""
+def load_moco_state(output_dir: str | Path) -> tuple[str, dict[str, Any]]:
+    """The latest complete checkpoint's tag and MoCo state."""
     tag = latest_tag(output_dir)
     if tag is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_dir(output_dir)} (no 'latest' file)")
+    path = checkpoint_dir(output_dir) / tag / MOCO_STATE
+    return tag, torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_engine(engine, output_dir: str | Path, tag: str, same_world: bool) -> None:
+    """Restore DeepSpeed's state. On another world size ZeRO's optimizer partitions do not fit,
+    so only the module and the LR schedule are restored (the optimizer's momentum restarts)."""
     root = checkpoint_dir(output_dir)
-    path, _ = engine.load_checkpoint(str(root), tag=tag)
+    zero = engine.zero_optimization_stage() > 0
+    path, _ = engine.load_checkpoint(
+        str(root), tag=tag, load_optimizer_states=same_world or not zero, load_module_only=not same_world and zero
+    )
     if path is None:
         raise FileNotFoundError(f"--resume: DeepSpeed could not load {root / tag}")
-    return torch.load(root / tag / MOCO_STATE, map_location="cpu", weights_only=False)

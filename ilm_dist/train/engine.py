@@ -6,6 +6,7 @@ it must be set before deepspeed is imported, which :func:`select_accelerator` do
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -44,7 +45,8 @@ def init_distributed(cfg: RunConfig) -> tuple[DistInfo, torch.device]:
     backend = cfg.engine.dist_backend
     if backend == "auto":
         backend = "nccl" if accelerator == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    timeout = datetime.timedelta(seconds=cfg.engine.collective_timeout_s)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     info = dist_info()
     if accelerator == "cuda":
         torch.cuda.set_device(info.local_rank)

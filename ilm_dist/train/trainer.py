@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -27,8 +26,9 @@ from ilm_dist.moco.key_encoder import KeyEncoder
 from ilm_dist.moco.queue import KeyQueue
 from ilm_dist.moco.shuffle_bn import shuffled_forward
 from ilm_dist.model.moco import MoCoILM
-from ilm_dist.train import checkpoint
+from ilm_dist.train import checkpoint, faults
 from ilm_dist.train import engine as ds_engine
+from ilm_dist.train.health import Heartbeat, NanWatch
 from ilm_dist.train.metrics import MetricsLogger
 from ilm_dist.train.optim import build_optimizer, build_scheduler, scaled_lr
 
@@ -40,6 +40,8 @@ class Trainer:
         self.cfg = cfg
         self.info, self.device = ds_engine.init_distributed(cfg)
         torch.manual_seed(cfg.seed)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
         self.out = Path(cfg.output_dir)
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -60,6 +62,9 @@ class Trainer:
         if resume:
             self._restore()
         self.metrics = MetricsLogger(self.out, self.info.is_main)
+        self.nan_watch = NanWatch(self.engine.module.term_names())
+        self.heartbeat = Heartbeat(self.out, self.info.rank, self.info.world_size)
+        self.monitor = self._build_monitor()
         if self.info.world_size == 1 and cfg.moco.shuffle_bn:
             log.warning(
                 "one rank: shuffle-BN has no other rank to shuffle with (see ilm_dist/moco/shuffle_bn.py)"
@@ -85,6 +90,20 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         return model
 
+    def _build_monitor(self):
+        """The online kNN monitor (rank 0 only; the other ranks wait at the next collective)."""
+        if self.cfg.monitor.every == 0 or not self.info.is_main:
+            return None
+        from ilm_dist.eval.monitor import KnnMonitor
+
+        return KnnMonitor.from_run_config(self.cfg, self.device)
+
+    def _run_monitor(self, step: int) -> None:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            results = self.monitor(self.engine.module.encoder.backbone, step)
+        self.metrics.log({"step": step, "epoch": self.epoch, **results})
+        log.info("step %d kNN monitor: %s", step, " ".join(f"{k}={v:.3f}" for k, v in results.items()))
+
     @property
     def global_step(self) -> int:
         return self.engine.global_steps
@@ -98,27 +117,42 @@ class Trainer:
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "micro_steps": self.micro_steps,
+            "global_step": self.global_step,
             "world_size": self.info.world_size,
             "batch_size": self.cfg.data.batch_size,
         }
 
     def _restore(self) -> None:
-        state = checkpoint.load(self.engine, self.out)
+        tag, state = checkpoint.load_moco_state(self.out)
+        same_world = state["world_size"] == self.info.world_size and state["batch_size"] == self.cfg.data.batch_size
+        checkpoint.load_engine(self.engine, self.out, tag, same_world)
         self.key_encoder.load_state_dict(state["key_encoder"])
         self.queue.load_state_dict(state["queue"])
-        self.epoch, self.step_in_epoch, self.micro_steps = (
-            state["epoch"],
-            state["step_in_epoch"],
-            state["micro_steps"],
-        )
-        log.info(
-            "resumed at step %d (epoch %d, batch %d of the epoch)",
-            self.global_step,
-            self.epoch,
-            self.step_in_epoch,
+        self.epoch, self.micro_steps = state["epoch"], state["micro_steps"]
+        self.step_in_epoch = state["step_in_epoch"]
+        if not same_world:
+            self._reshard(state)
+        log.info("resumed at step %d (epoch %d, batch %d of the epoch)", self.global_step, self.epoch, self.step_in_epoch)
+
+    def _reshard(self, state: dict) -> None:
+        """Continue on another world size or batch: same epoch permutation, position kept in samples."""
+        done = state["step_in_epoch"] * state["batch_size"] * state["world_size"]
+        global_batch = self.cfg.data.batch_size * self.info.world_size
+        self.step_in_epoch = done // global_batch
+        self.engine.global_steps = state["global_step"]
+        self.engine.lr_scheduler.last_epoch = state["global_step"] - 1
+        self.engine.lr_scheduler.step()
+        log.warning(
+            "resuming on %d ranks x batch %d (checkpoint: %d x %d): data re-sharded, %d samples of epoch %d "
+            "done -> batch %d (%d samples seen again); queue and key encoder kept%s",
+            self.info.world_size, self.cfg.data.batch_size, state["world_size"], state["batch_size"], done,
+            self.epoch, self.step_in_epoch, done - self.step_in_epoch * global_batch,
+            "; ZeRO optimizer state restarted (partitions depend on the world size)"
+            if self.engine.zero_optimization_stage() > 0 else "",
         )
 
     def save_checkpoint(self) -> Path:
+        self.nan_watch.check()  # never checkpoint a run whose loss went non-finite
         return checkpoint.save(
             self.engine, self.out, self.global_step, self.moco_state(), self.cfg.train.keep_checkpoints
         )
@@ -150,6 +184,7 @@ class Trainer:
         self.engine.step()
         self.queue.enqueue(D.all_gather_no_grad(keys[0]))
         self.micro_steps += 1
+        self.nan_watch.record(self.global_step, terms)
         return terms
 
     def fit(self) -> None:
@@ -168,10 +203,14 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 step = self.global_step
+                self.heartbeat.beat(step)
+                faults.maybe_kill("step", step)
                 if step % cfg.train.log_every == 0 or step == self.total_steps:
                     rate = ticks * samples_per_step / (time.perf_counter() - tick)
                     self._log(step, terms, rate, bar)
                     tick, ticks = time.perf_counter(), 0
+                if self.monitor is not None and step % cfg.monitor.every == 0:
+                    self._run_monitor(step)
                 if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
                     self.save_checkpoint()
                 if step >= self.total_steps:
@@ -201,14 +240,12 @@ class Trainer:
             (self.out / "final_state.json").write_text(json.dumps(state, indent=2))
 
     def _log(self, step: int, terms: dict[str, torch.Tensor], rate: float, bar) -> None:
+        self.nan_watch.check()
         names = list(terms)
         values = D.all_reduce_mean_(torch.stack([terms[n].detach().float() for n in names]))
         record = {"step": step, "epoch": self.epoch, "lr": self.engine.get_lr()[0]}
         record |= {name: float(v) for name, v in zip(names, values.tolist(), strict=True)}
         record["samples_per_s"] = rate
-        bad = [n for n in names if not math.isfinite(record[n])]
-        if bad:
-            raise FloatingPointError(f"step {step}: non-finite loss term(s) {bad}: {record}")
         self.metrics.log(record)
         if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.4f}", moco=f"{record['moco']:.4f}", ips=f"{rate:.0f}")

@@ -1,0 +1,161 @@
+"""Writing a packed dataset: shard plan, parallel shard writing, manifest, and the staging directory that
+makes the output appear only when complete.
+
+Keys are ``{split}_{index:08d}`` (index within the split, in shard order); shards are
+``{split}-{shard:06d}.tar`` with the DALI index ``{split}-{shard:06d}.idx`` next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, is_dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+
+from data_tools.errors import PackError
+from data_tools.parallel import parallel_map
+from data_tools.records import Record
+from data_tools.shards import EncodeOptions, LabelSpace, ShardJob, ShardResult, write_shard
+from ilm_dist.data.manifest import FORMAT
+
+
+def plan_shards(
+    root: Path, splits: dict[str, list[Record]], labels: LabelSpace, encode: EncodeOptions, shard_size: int
+) -> list[ShardJob]:
+    jobs = []
+    for split, records in splits.items():
+        keyed = [(f"{split}_{i:08d}", record) for i, record in enumerate(records)]
+        for shard, start in enumerate(range(0, len(keyed), shard_size)):
+            samples = tuple(keyed[start : start + shard_size])
+            jobs.append(ShardJob(split, root / f"{split}-{shard:06d}.tar", samples, labels, encode))
+    return jobs
+
+
+def write_splits(
+    root: Path,
+    splits: dict[str, list[Record]],
+    labels: LabelSpace,
+    encode: EncodeOptions,
+    shard_size: int,
+    workers: int,
+    quiet: bool = False,
+) -> dict[str, dict]:
+    """Write every shard (in parallel) and return the manifest's ``splits`` section."""
+    jobs = plan_shards(root, splits, labels, encode, shard_size)
+    results = parallel_map(
+        write_shard, jobs, workers, "writing shards", weight=lambda job: len(job.samples), quiet=quiet
+    )
+    by_split: dict[str, list[ShardResult]] = {split: [] for split in splits}
+    for job, result in zip(jobs, results, strict=True):
+        by_split[job.split].append(result)
+    return {split: _split_entry(splits[split], shards, labels) for split, shards in by_split.items()}
+
+
+def _split_entry(records: list[Record], shards: list[ShardResult], labels: LabelSpace) -> dict:
+    groups = {record.group for record in records if record.group is not None}
+    return {
+        "num_samples": len(records),
+        "class_counts": labels.counts([record.labels for record in records]),
+        "num_groups": len(groups) if groups else None,
+        "shards": [
+            {
+                "name": shard.tar.name,
+                "index": shard.index.name,
+                "num_samples": shard.num_samples,
+                "sha256": shard.sha256,
+                "bytes": shard.bytes,
+            }
+            for shard in shards
+        ],
+    }
+
+
+def build_manifest(
+    *,
+    labels: LabelSpace,
+    image_mode: str,
+    split_method: str,
+    splits: dict[str, dict],
+    skipped: list[dict[str, str]],
+    source: dict,
+    args: dict,
+) -> dict:
+    return {
+        "format": FORMAT,
+        "task": labels.task,
+        "class_names": list(labels.class_names),
+        "image_mode": image_mode,
+        "split_method": split_method,
+        "splits": splits,
+        "skipped": {"count": len(skipped), "files": skipped},
+        "source": jsonable(source),
+        "args": jsonable(args),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def jsonable(value: object) -> object:
+    """Paths → str, tuples → lists, dataclasses → dicts, recursively."""
+    if isinstance(value, dict):
+        return {str(key): jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(item) for item in value]
+    if is_dataclass(value) and not isinstance(value, type):
+        return jsonable(asdict(value))
+    return str(value) if isinstance(value, Path) else value
+
+
+class Staging:
+    """Build the output in ``OUT_DIR.tmp-<pid>`` and move it into place only on `commit`.
+
+    On any failure the temporary directory is removed, so a directory with a ``manifest.json`` is always
+    complete.  An existing non-empty ``OUT_DIR`` is refused unless ``overwrite``, and even then only if it
+    is a packed dataset (has a ``manifest.json``) and does not contain ``protect`` (the source).
+    """
+
+    def __init__(self, out_dir: Path, overwrite: bool, protect: Path | None = None):
+        self.out = Path(os.path.abspath(out_dir))
+        self.tmp = self.out.with_name(f"{self.out.name}.tmp-{os.getpid()}")
+        self.committed = False
+        if self.out.exists() and not self.out.is_dir():
+            raise PackError(f"{out_dir}: exists and is not a directory")
+        if protect is not None and self.out in (p := Path(os.path.abspath(protect)), *p.parents):
+            raise PackError(f"{out_dir}: the output directory would contain the source {protect}")
+        if self.out.is_dir() and any(self.out.iterdir()):
+            if not overwrite:
+                raise PackError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
+            if not (self.out / "manifest.json").is_file():
+                raise PackError(
+                    f"{out_dir}: refusing to overwrite, it is not a packed dataset (no manifest.json)"
+                )
+
+    def __enter__(self) -> Staging:
+        self.tmp.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self.committed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def commit(self, manifest: dict) -> None:
+        """Write ``manifest.json`` atomically, then swap the staging directory into ``OUT_DIR``."""
+        partial = self.tmp / "manifest.json.partial"
+        with open(partial, "w") as file:
+            json.dump(manifest, file, indent=1)
+            file.write("\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, self.tmp / "manifest.json")
+        old = self.out.with_name(f"{self.out.name}.old-{os.getpid()}")
+        if self.out.exists():
+            os.rename(self.out, old)
+        os.rename(self.tmp, self.out)
+        shutil.rmtree(old, ignore_errors=True)
+        self.committed = True

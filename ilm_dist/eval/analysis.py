@@ -1,0 +1,162 @@
+"""Collect the results of several methods on one dataset, check they are comparable, add CKA and KS.
+
+Methods are comparable when they were evaluated on the same packed dataset and test images, with the
+same label fractions drawn as the same subsets. CKA (per fine-tuning result, before vs after, per
+block) is cached in the result's ``cka.json`` with its parameters; KS is cheap and recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ilm_dist.eval.cka import NUM_SUBSETS, RBF_SIGMA, SUBSET_SIZE, linear_cka, subset_cka, subset_plan
+from ilm_dist.eval.context import SOURCE
+from ilm_dist.eval.errors import EvalError
+from ilm_dist.eval.ks import ks_per_class
+from ilm_dist.eval.store import load_npz, read_json, write_json
+
+log = logging.getLogger("ilm_dist")
+
+CKA_FORMAT = 1  # bump when cka.json's contents change, so older files are recomputed
+
+
+@dataclass(frozen=True)
+class CkaParams:
+    num_subsets: int = NUM_SUBSETS
+    subset_size: int = SUBSET_SIZE
+    sigma: float = RBF_SIGMA
+    relative: bool = True  # sigma x median distance; False: absolute sigma (official code)
+    seed: int = 0
+
+
+@dataclass
+class MethodResults:
+    name: str
+    path: Path
+    source: dict
+    finetune: dict[tuple[str, float], dict] = field(default_factory=dict)  # (mode, fraction) -> metrics.json
+    probe: dict[float, dict] = field(default_factory=dict)  # fraction -> metrics.json
+
+    def result_dir(self, mode: str, fraction: float) -> Path:
+        return Path(self.finetune[(mode, fraction)]["_dir"])
+
+
+def expand_dirs(paths: list[str | Path]) -> list[Path]:
+    """Method directories; an eval directory stands for all method directories in it."""
+    found = []
+    for path in map(Path, paths):
+        if (path / SOURCE).is_file():
+            found.append(path)
+        elif path.is_dir() and (subs := sorted(p.parent for p in path.glob(f"*/{SOURCE}"))):
+            found += subs
+        else:
+            raise EvalError(
+                f"{path}: no {SOURCE} (not a method directory written by launch/finetune.py or probe.py)"
+            )
+    return found
+
+
+def load_method(path: Path) -> MethodResults:
+    source = read_json(path / SOURCE)
+    method = MethodResults(source["name"], path, source)
+    for metrics in sorted(path.glob("finetune/*/metrics.json")):
+        record = read_json(metrics) | {"_dir": str(metrics.parent)}
+        method.finetune[(record["mode"], record["fraction"])] = record
+    for metrics in sorted(path.glob("probe/*/metrics.json")):
+        record = read_json(metrics)
+        method.probe[record["fraction"]] = record
+    return method
+
+
+def check_comparable(methods: list[MethodResults]) -> None:
+    """Raise :class:`EvalError` naming the directories and values that differ."""
+    if not methods:
+        raise EvalError("no method directories to analyse")
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise EvalError(f"two method directories share a name: {[str(m.path) for m in methods]}")
+    first = methods[0]
+    for other in methods[1:]:
+        for key, what in (("dataset_id", "packed dataset"), ("test_digest", "test images")):
+            if other.source[key] != first.source[key]:
+                raise EvalError(
+                    f"mismatched runs: {first.path} used {what} {first.source['data']} ({first.source[key]}), "
+                    f"{other.path} used {other.source['data']} ({other.source[key]})"
+                )
+        _check_same(
+            first, other, "fine-tuning (mode, fraction)", sorted(first.finetune), sorted(other.finetune)
+        )
+        _check_same(first, other, "probe fractions", sorted(first.probe), sorted(other.probe))
+        for key, record in first.finetune.items():
+            if other.finetune[key]["subset"]["digest"] != record["subset"]["digest"]:
+                raise EvalError(
+                    f"mismatched label subsets at fraction {key[1]}: {first.path} and {other.path} were fine-tuned "
+                    f"on different images (subset digests {record['subset']['digest']} vs "
+                    f"{other.finetune[key]['subset']['digest']}); evaluate both into the same EVAL_DIR"
+                )
+
+
+def _check_same(a: MethodResults, b: MethodResults, what: str, values_a: list, values_b: list) -> None:
+    if values_a != values_b:
+        raise EvalError(f"mismatched {what}: {a.path} has {values_a}, {b.path} has {values_b}")
+
+
+def cka_for(
+    method: MethodResults, mode: str, fraction: float, params: CkaParams, force: bool = False
+) -> dict:
+    """``{"block<i>": {"linear", "rbf_mean", "rbf_std"}}`` between init and fine-tuned test features."""
+    out = method.result_dir(mode, fraction)
+    path = out / "cka.json"
+    header = {"format": CKA_FORMAT, "params": asdict(params)}
+    if path.is_file() and not force and (saved := read_json(path)) | header == saved:
+        return saved["blocks"]
+    log.info("CKA: %s %s fraction %g", method.name, mode, fraction)
+    before, after = load_npz(method.path / "init_features_test.npz"), load_npz(out / "features_test.npz")
+    blocks = {}
+    for block in sorted(k for k in after if k.startswith("block")):
+        x, y = before[block], after[block]
+        mean, std = subset_cka(
+            x, y, "rbf", params.num_subsets, params.subset_size, params.seed, params.sigma, params.relative
+        )
+        draws, size = subset_plan(len(x), params.num_subsets, params.subset_size)
+        blocks[block] = {
+            "linear": linear_cka(x, y),
+            "rbf_mean": mean,
+            "rbf_std": std,
+            "rbf_subsets": draws,
+            "rbf_subset_size": size,
+        }
+    write_json(path, header | {"blocks": blocks})
+    return blocks
+
+
+def ks_for(method: MethodResults, mode: str, fraction: float) -> dict:
+    """KS between the test probabilities after fine-tuning on ``fraction`` and on all labels."""
+    few = load_npz(method.result_dir(mode, fraction) / "predictions.npz")["probs"]
+    full = load_npz(method.result_dir(mode, 1.0) / "predictions.npz")["probs"]
+    return ks_per_class(few, full, method.source["task"], tuple(method.source["class_names"]))
+
+
+def needs_init_features(methods: list[MethodResults]) -> list[Path]:
+    return [
+        m.path
+        for m in methods
+        if any(k[0] == "full" for k in m.finetune) and not (m.path / "init_features_test.npz").is_file()
+    ]
+
+
+def summarise(methods: list[MethodResults], params: CkaParams, force: bool = False) -> dict:
+    """CKA for every full fine-tuning result, KS for every fraction < 1 that has a 100% counterpart."""
+    missing = needs_init_features(methods)
+    if missing:
+        raise EvalError(f"{missing[0]}: init_features_test.npz is missing (written by launch/finetune.py)")
+    cka, ks = {}, {}
+    for m in methods:
+        for mode, fraction in sorted(m.finetune):
+            if mode == "full":
+                cka[(m.name, fraction)] = cka_for(m, mode, fraction, params, force)
+            if fraction < 1 and (mode, 1.0) in m.finetune:
+                ks[(m.name, mode, fraction)] = ks_for(m, mode, fraction)
+    return {"cka": cka, "ks": ks}

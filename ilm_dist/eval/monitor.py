@@ -1,0 +1,68 @@
+"""Online kNN monitor during pretraining: weighted kNN (Wu et al. 2018) per block on held-out images.
+
+A fixed, seeded draw of at most ``max_bank`` labelled images of ``split_bank`` is the neighbour bank
+and at most ``max_val`` images of ``split_val`` are the queries, both through the evaluation
+transform. Each call embeds both with the current backbone in eval mode (BatchNorm running statistics
+untouched, no gradients), restores its previous mode, and returns ``knn_acc_block<i>`` (single-label
+tasks) or ``knn_auc_block<i>`` (macro ROC AUC of the vote scores, multi-label tasks) for blocks 1..4.
+The monitor has no collectives: call it on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ilm_dist.config import AugConfig, MonitorConfig, RunConfig
+from ilm_dist.data.manifest import Manifest, load_manifest
+from ilm_dist.data.shards import ShardReader
+from ilm_dist.eval.features import block_extractor, eval_loader, run_blocks
+from ilm_dist.eval.knn import knn_scores
+from ilm_dist.eval.metrics import compute_metrics
+
+SAMPLE_SEED = 0  # the bank and query draws are the same in every run on a dataset
+
+
+def draw(n: int, cap: int) -> list[int]:
+    """A seeded draw of ``min(n, cap)`` indices, sorted (for sequential reads)."""
+    return sorted(np.random.default_rng(SAMPLE_SEED).permutation(n)[:cap].tolist())
+
+
+class KnnMonitor:
+    def __init__(
+        self, params: MonitorConfig, manifest: Manifest, device: torch.device, aug: AugConfig, image_size: int
+    ):
+        self.params, self.manifest, self.device = params, manifest, device
+        self.loaders = {}
+        for split, cap in ((params.split_bank, params.max_bank), (params.split_val, params.max_val)):
+            reader = ShardReader(manifest, split)
+            self.loaders[split] = eval_loader(
+                reader, aug, image_size, params.batch_size, params.num_workers, draw(len(reader), cap)
+            )
+
+    @classmethod
+    def from_run_config(cls, cfg: RunConfig, device: torch.device) -> KnnMonitor:
+        return cls(cfg.monitor, load_manifest(cfg.data.shards), device, cfg.aug, cfg.data.image_size)
+
+    def __call__(self, backbone: nn.Module, step: int) -> dict[str, float]:
+        """kNN metrics per block for ``backbone``: a torchvision ResNet, or a module returning
+        ``{"layer1": .., "layer4": ..}`` such as ``Encoder.backbone``. ``step`` is for the caller's log."""
+        extractor = block_extractor(backbone) if hasattr(backbone, "fc") else backbone
+        p = self.params
+        bank = run_blocks(extractor, self.loaders[p.split_bank], self.device)
+        val = run_blocks(extractor, self.loaders[p.split_val], self.device)
+        multilabel = self.manifest.task == "multilabel"
+        targets = bank.labels if multilabel else np.eye(self.manifest.num_classes)[bank.labels]
+        name = "auc" if multilabel else "acc"
+        results = {}
+        for i, (b, v) in enumerate(zip(bank.blocks, val.blocks, strict=True), start=1):
+            scores = knn_scores(b, targets, v, p.k, p.temperature)
+            if multilabel:
+                value = compute_metrics("multilabel", val.labels, scores, self.manifest.class_names)[
+                    "macro_auc"
+                ]
+            else:
+                value = float((scores.argmax(axis=1) == val.labels).mean())
+            results[f"knn_{name}_block{i}"] = value
+        return results

@@ -1,0 +1,131 @@
+"""Layer-wise probing: a linear classifier on the pooled output of each frozen block (Kaku et al. 2021, Sec. 5).
+
+The backbone runs once per split in eval mode (no augmentation) and its pooled block features are
+cached (``features_<split>.npz``); each block's linear layer is then trained on standardised features
+with Adam (lr 1e-3, official probing code), selected on validation, scored on test. The backbone's
+full ``state_dict`` (weights and BatchNorm statistics) is hashed before and after; any change fails.
+Outputs in ``EVAL_DIR/<method>/probe/f<fraction>/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ilm_dist.eval.context import SPLITS, EvalContext
+from ilm_dist.eval.fit import ADAM_LR, fit, predict, val_score
+from ilm_dist.eval.metrics import evaluate_predictions
+from ilm_dist.eval.store import fraction_tag, load_npz, read_json, save_npz, write_json
+from ilm_dist.eval.subsets import load_or_draw_subset
+from ilm_dist.eval.weights import assert_unchanged, fingerprint
+from ilm_dist.model.encoder import BLOCK_NODES
+
+log = logging.getLogger("ilm_dist")
+
+
+@dataclass
+class ProbeSettings:
+    fraction: float = 1.0  # of the train split's labels (a saved subset, as for fine-tuning)
+    epochs: int = 100
+    min_steps: int = 0
+    batch_size: int = 256
+    lr: float = ADAM_LR
+    evals: int = 20
+    seed: int = 0
+    n_boot: int = 1000
+
+
+def probe_dir(ctx: EvalContext, fraction: float) -> Path:
+    return ctx.method_dir / "probe" / fraction_tag(fraction)
+
+
+def cached_features(
+    ctx: EvalContext, backbone: nn.Module, out: Path, indices: list[int], force: bool
+) -> dict:
+    """``{split: {"block1".."block4", "labels"}}``, extracted once per split."""
+    feats = {}
+    for split in SPLITS:
+        path = out / f"features_{split}.npz"
+        if not path.is_file() or force:
+            extracted = ctx.features(backbone, split, indices if split == "train" else None)
+            blocks = {f"block{i}": b for i, b in enumerate(extracted.blocks, start=1)}
+            save_npz(path, **blocks, labels=extracted.labels)
+        feats[split] = load_npz(path)
+    return feats
+
+
+def _tensors(x: np.ndarray, labels: np.ndarray, mean: np.ndarray, std: np.ndarray) -> TensorDataset:
+    return TensorDataset(torch.from_numpy((x - mean) / std).float(), torch.from_numpy(labels))
+
+
+def probe_block(ctx: EvalContext, feats: dict, block: str, settings: ProbeSettings) -> dict:
+    train = feats["train"][block]
+    mean, std = train.mean(axis=0), train.std(axis=0)
+    std[std < 1e-6] = 1.0  # dead (constant) features stay zero after centring
+    data = {s: _tensors(feats[s][block], feats[s]["labels"], mean, std) for s in SPLITS}
+    torch.manual_seed(settings.seed)
+    head = nn.Linear(train.shape[1], ctx.manifest.num_classes).to(ctx.device)
+    generator = torch.Generator().manual_seed(settings.seed)
+    loader = DataLoader(
+        data["train"],
+        batch_size=min(settings.batch_size, len(train)),
+        shuffle=True,
+        drop_last=True,
+        generator=generator,
+    )
+    val, test = (DataLoader(data[s], batch_size=4096) for s in ("val", "test"))
+    steps = max(settings.epochs * len(loader), settings.min_steps)
+    result = fit(
+        head,
+        head,
+        loader,
+        ctx.task,
+        steps,
+        settings.evals,
+        lambda: val_score(head, val, ctx.device, ctx.task, ctx.class_names),
+        ctx.device,
+        settings.lr,
+    )
+    logits, labels = predict(head, test, ctx.device)
+    return {
+        "fit": asdict(result),
+        **evaluate_predictions(ctx.task, labels, logits, ctx.class_names, settings.n_boot, settings.seed),
+    }
+
+
+def probe(ctx: EvalContext, settings: ProbeSettings, force: bool = False) -> dict:
+    """Probe every block of the initial weights (or return the saved result)."""
+    out = probe_dir(ctx, settings.fraction)
+    if (out / "metrics.json").is_file() and not force:
+        log.info("%s: already done (use --force to recompute)", out)
+        return read_json(out / "metrics.json")
+    subset = load_or_draw_subset(ctx.eval_dir, ctx.manifest, "train", settings.fraction, settings.seed)
+    backbone = ctx.classifier()
+    before = fingerprint(backbone)
+    feats = cached_features(ctx, backbone, out, subset["indices"], force)
+    blocks = {}
+    for i in range(1, len(BLOCK_NODES) + 1):
+        log.info("%s: probing block %d", ctx.name, i)
+        blocks[f"block{i}"] = probe_block(ctx, feats, f"block{i}", settings)
+    assert_unchanged(backbone, before, f"probing {ctx.name}")
+    record = {
+        "method": ctx.name,
+        "kind": "probe",
+        "fraction": settings.fraction,
+        "task": ctx.task,
+        "class_names": list(ctx.class_names),
+        "dataset_id": subset["dataset_id"],
+        "subset": {"digest": subset["digest"], "num_samples": subset["num_samples"]},
+        "test": {"num_samples": len(feats["test"]["labels"]), "digest": ctx.test_digest},
+        "backbone_sha256": before,
+        "settings": asdict(settings),
+        "blocks": blocks,
+    }
+    write_json(out / "metrics.json", record)
+    return record

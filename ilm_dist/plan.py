@@ -1,0 +1,142 @@
+"""Dry-run planning of a distributed job: shapes, data split, memory and communication per rank.
+
+Nothing is allocated: the model is built on the ``meta`` device and one forward on a meta batch
+measures the activations. Memory figures are estimates for one rank and say how they are made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ilm_dist.config import RunConfig
+from ilm_dist.model.moco import MoCoILM
+from ilm_dist.train.engine import DTYPES, precision_of, resolve_deepspeed_config
+
+GIB = 1024**3
+
+
+@dataclass
+class Plan:
+    lines: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def add(self, key: str, value: str) -> None:
+        self.lines.append((key, value))
+
+    def render(self) -> str:
+        width = max(len(k) for k, _ in self.lines)
+        text = [f"{k:<{width}}  {v}" for k, v in self.lines]
+        return "\n".join(text + [f"WARNING: {w}" for w in self.warnings])
+
+
+def activation_bytes(model: MoCoILM, batch: int, image_size: int, bytes_per: int) -> int:
+    """Sum of every leaf module's output size for one query forward: what autograd keeps, roughly."""
+    total = 0
+
+    def hook(_module, _inputs, output):
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * bytes_per
+
+    handles = [m.register_forward_hook(hook) for m in model.encoder.modules() if not list(m.children())]
+    with torch.no_grad():
+        model.encoder(torch.empty(batch, 3, image_size, image_size, device="meta"))
+    for handle in handles:
+        handle.remove()
+    return total
+
+
+def count(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def build_plan(cfg: RunConfig, nodes: int, gpus_per_node: int, num_samples: int | None, num_shards: int | None) -> Plan:
+    plan, world = Plan(), nodes * gpus_per_node
+    ds = resolve_deepspeed_config(cfg)
+    precision, stage, accum = precision_of(ds), ds.get("zero_optimization", {}).get("stage", 0), ds["gradient_accumulation_steps"]
+    batch, size = cfg.data.batch_size, cfg.data.image_size
+    global_batch = batch * world * accum
+    plan.add("world", f"{nodes} nodes x {gpus_per_node} ranks = {world} ranks")
+    plan.add("batch", f"{batch}/rank x {world} ranks x {accum} accumulation = global {global_batch}")
+    plan.add("precision / ZeRO", f"{precision}, stage {stage}")
+    lr = cfg.optim.lr * global_batch / 256 if cfg.optim.scale_lr else cfg.optim.lr
+    plan.add("learning rate", f"{lr:.4g} ({cfg.optim.name}, {cfg.optim.schedule})")
+    _plan_queue(plan, cfg, batch * world)
+    _plan_data(plan, cfg, batch, world, num_samples, num_shards)
+    with torch.device("meta"):
+        model = MoCoILM(cfg)
+    _plan_memory(plan, cfg, model, precision, stage, world)
+    _plan_comm(plan, cfg, model, precision, stage, world, batch)
+    return plan
+
+
+def _plan_queue(plan: Plan, cfg: RunConfig, keys_per_step: int) -> None:
+    k = cfg.moco.queue_size
+    plan.add("queue", f"{k} keys; {keys_per_step} enter per step -> a key lives {k / keys_per_step:.1f} steps")
+    if k < keys_per_step:
+        plan.warnings.append(f"moco.queue_size={k} is smaller than one global batch of keys ({keys_per_step})")
+
+
+def _plan_data(plan: Plan, cfg: RunConfig, batch: int, world: int, samples: int | None, shards: int | None) -> None:
+    if samples is None:
+        plan.add("data", "no manifest read (pass --num-samples or make data.shards reachable)")
+        return
+    steps = samples // (batch * world)
+    dropped = samples - steps * batch * world
+    plan.add("data", f"{samples} samples -> {steps} steps/epoch, {dropped} dropped per epoch (same on every rank)")
+    if steps == 0:
+        plan.warnings.append("fewer samples than one global batch: the job cannot take a step")
+    if shards is not None:
+        plan.add("shards", f"{shards} shards, {shards / world:.2f} per rank (readers split by sample index)")
+
+
+def _plan_memory(plan: Plan, cfg: RunConfig, model: MoCoILM, precision: str, stage: int, world: int) -> None:
+    params = count(model)
+    low = DTYPES[precision].itemsize
+    weights = params * low  # the engine's module copy
+    master = params * 4 if precision != "fp32" else 0  # fp32 master weights
+    optim_state = params * 4 * (2 if cfg.optim.name == "adamw" else 1)
+    grads = params * low
+    if stage >= 1:
+        master, optim_state = master / world, optim_state / world
+    if stage >= 2:
+        grads = grads / world
+    key_encoder = count(model.encoder) * 4  # fp32 EMA copy
+    queue = cfg.moco.queue_size * cfg.moco.dim * 4
+    acts = activation_bytes(model, cfg.data.batch_size, cfg.data.image_size, low)
+    total = weights + master + optim_state + grads + key_encoder + queue + acts
+    plan.add("parameters", f"{params / 1e6:.1f} M trainable (+ {count(model.encoder) / 1e6:.1f} M key encoder)")
+    plan.add(
+        "memory / rank",
+        f"~{total / GIB:.1f} GiB = weights {weights / GIB:.2f} + master {master / GIB:.2f} + optimizer "
+        f"{optim_state / GIB:.2f} + grads {grads / GIB:.2f} + key encoder {key_encoder / GIB:.2f} + queue "
+        f"{queue / GIB:.3f} + activations {acts / GIB:.2f} (sum of leaf-module outputs of one query forward)",
+    )
+
+
+def _plan_comm(plan: Plan, cfg: RunConfig, model: MoCoILM, precision: str, stage: int, world: int, batch: int) -> None:
+    """Bytes each rank sends per step with ring collectives: all-reduce 2(R-1)/R, all-gather (R-1)/R."""
+    if world == 1:
+        plan.add("communication", "none (one rank)")
+        return
+    low, ring = DTYPES[precision].itemsize, (world - 1) / world
+    grads = 2 * ring * count(model) * low  # all-reduce, or reduce-scatter + all-gather under ZeRO 1/2
+    keys = ring * world * batch * cfg.moco.dim * 4
+    shuffle = 0.0
+    if cfg.moco.shuffle_bn:  # the images out, the key features (embedding + reduced blocks) back
+        with torch.no_grad():
+            one = model.key_features(model.encoder, torch.empty(1, 3, cfg.data.image_size, cfg.data.image_size, device="meta"))
+        per_sample = 3 * cfg.data.image_size**2 * low + sum(t.numel() for t in one) * 4
+        shuffle = ring * world * batch * per_sample
+    bt = 0.0
+    if cfg.loss.type == "bt" and cfg.loss.bt.global_batch:
+        bt = 2 * ring * world * batch * len(cfg.loss.blocks) * cfg.loss.bt.proj_dims[-1] * low
+    total = grads + keys + shuffle + bt
+    plan.add(
+        "communication / step",
+        f"~{total / 1e6:.1f} MB/rank = gradients {grads / 1e6:.1f} + keys {keys / 1e6:.2f} + shuffle-BN "
+        f"{shuffle / 1e6:.1f} + BT global batch {bt / 1e6:.2f}",
+    )

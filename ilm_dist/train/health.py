@@ -1,0 +1,70 @@
+"""Run health: non-finite losses found without a sync per step, and per-rank heartbeats.
+
+:class:`NanWatch` keeps each step's loss terms on the device and checks them in one transfer at
+log and checkpoint time, naming the first bad step and term, so no checkpoint is ever written
+after a non-finite loss and the hot loop never waits on ``.item()``.
+
+:class:`Heartbeat` lets a surviving rank say *which* rank went silent when a collective fails:
+every rank touches ``output_dir/heartbeat/rank<r>`` (at most every few seconds) with its step.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A loss term became NaN or inf; the message names the step and the term."""
+
+
+class NanWatch:
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.steps: list[int] = []
+        self.values: list[torch.Tensor] = []
+
+    def record(self, step: int, terms: dict[str, torch.Tensor]) -> None:
+        self.steps.append(step)
+        self.values.append(torch.stack([terms[n].detach().float() for n in self.names]))
+
+    def check(self) -> None:
+        """Raise :class:`NonFiniteLoss` for the first recorded step with a non-finite term; then forget."""
+        if not self.values:
+            return
+        values = torch.stack(self.values).cpu()
+        steps, self.steps, self.values = self.steps, [], []
+        bad = ~torch.isfinite(values)
+        if bad.any():
+            row = int(bad.any(dim=1).nonzero()[0])
+            terms = {n: float(v) for n, v, b in zip(self.names, values[row], bad[row], strict=True) if b}
+            raise NonFiniteLoss(f"step {steps[row]}: non-finite loss term(s) {terms}")
+
+
+class Heartbeat:
+    def __init__(self, output_dir: Path, rank: int, world_size: int, period_s: float = 5.0):
+        self.dir = output_dir / "heartbeat"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rank, self.world_size, self.period_s = rank, world_size, period_s
+        self.last = 0.0
+
+    def beat(self, step: int, force: bool = False) -> None:
+        now = time.time()
+        if force or now - self.last >= self.period_s:
+            (self.dir / f"rank{self.rank}").write_text(f"{step} {now:.3f}\n")
+            self.last = now
+
+    def report(self) -> str:
+        """Each rank's last step and age, stalest first: the likely culprit leads."""
+        rows = []
+        for r in range(self.world_size):
+            path = self.dir / f"rank{r}"
+            if not path.is_file():
+                rows.append((float("inf"), f"rank {r}: no heartbeat"))
+                continue
+            step, stamp = path.read_text().split()
+            age = time.time() - float(stamp)
+            rows.append((age, f"rank {r}: last at step {step}, {age:.0f} s ago"))
+        return "; ".join(text for _, text in sorted(rows, reverse=True))

@@ -1,0 +1,173 @@
+"""The sweep's outputs: a results table (CSV), a plot of the metric by loss type and layer subset,
+and the best trial's configuration as a normal run config YAML."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ilm_dist.config import ConfigError, RunConfig, save_config
+from ilm_dist.tune.space import plain
+from ilm_dist.tune.spec import Sweep
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    status: str  # completed | stopped (early, by the scheduler) | error
+    sampled: dict[str, Any]  # the sample of the search space
+    cfg: RunConfig | None  # resolved run config (None when the sample itself is invalid)
+    history: pd.DataFrame  # one row per report
+    error: str
+
+
+def collect(grid: Any, sweep: Sweep) -> list[TrialRecord]:
+    """One record per trial of Ray's ``ResultGrid``."""
+    return [_record(result, sweep) for result in grid]
+
+
+def _record(result: Any, sweep: Sweep) -> TrialRecord:
+    trial_id = Path(result.path).name
+    run_dir = sweep.trials_dir / trial_id
+    # Ray keeps the config with the last report; a trial that never reported has it in params.json
+    config = result.config or json.loads((Path(result.path) / "params.json").read_text())
+    sampled = {key: plain(value) for key, value in config.items()}
+    try:
+        cfg = sweep.run_config(sampled, run_dir, trial_id)
+    except ConfigError:
+        cfg = None
+    history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+    if result.error is not None:
+        status = "error"
+    else:
+        status = "completed" if (run_dir / "final_state.json").exists() else "stopped"
+    return TrialRecord(trial_id, status, sampled, cfg, history, error_text(result.error))
+
+
+def error_text(error: BaseException | None) -> str:
+    """One line: the trial's own exception (Ray wraps it), without the traceback."""
+    if error is None:
+        return ""
+    cause = getattr(error, "cause", None) or error
+    return f"{type(cause).__name__}: {' | '.join(str(cause).split(chr(10)))}"
+
+
+def metric_values(record: TrialRecord, metric: str) -> pd.Series:
+    if metric not in record.history:
+        return pd.Series(dtype=float)
+    return record.history[metric].dropna()
+
+
+def best_value(record: TrialRecord, metric: str, mode: str) -> float | None:
+    values = metric_values(record, metric)
+    if values.empty:
+        return None
+    return float(values.max() if mode == "max" else values.min())
+
+
+def layer_label(cfg: RunConfig | None) -> str:
+    """The intermediate-loss layer subset, e.g. ``1,2,3,4``; ``-`` without an intermediate loss."""
+    if cfg is None:
+        return "?"
+    return "-" if cfg.loss.type == "none" else ",".join(map(str, cfg.loss.blocks))
+
+
+def table(records: list[TrialRecord], sweep: Sweep) -> pd.DataFrame:
+    """One row per trial: sampled keys, resolved loss settings, best/last metric, status, error."""
+    metric, mode = sweep.settings.metric, sweep.settings.mode
+    rows = []
+    for r in records:
+        values = metric_values(r, metric)
+        steps = r.history["step"].dropna() if "step" in r.history else pd.Series(dtype=float)
+        rows.append(
+            {
+                "trial_id": r.trial_id,
+                "status": r.status,
+                **{key: _cell(value) for key, value in r.sampled.items()},
+                "loss.type": r.cfg.loss.type if r.cfg else None,
+                "layers": layer_label(r.cfg),
+                "loss.weights": _cell(r.cfg.loss.weights) if r.cfg else None,
+                "steps": int(steps.max()) if not steps.empty else 0,
+                "reports": len(values),
+                f"best_{metric}": best_value(r, metric, mode),
+                f"last_{metric}": float(values.iloc[-1]) if not values.empty else None,
+                "error": r.error,
+                "run_dir": str(sweep.trials_dir / r.trial_id),
+            }
+        )
+    df = pd.DataFrame(rows)
+    return df.sort_values(f"best_{metric}", ascending=mode == "min", na_position="last", kind="stable")
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, list):
+        return "[" + ", ".join(str(_cell(v)) for v in value) + "]"
+    return f"{value:.4g}" if isinstance(value, float) else value
+
+
+def best(records: list[TrialRecord], sweep: Sweep) -> TrialRecord | None:
+    """The trial with the best metric over its reports (errored trials excluded)."""
+    scored = [
+        (best_value(r, sweep.settings.metric, sweep.settings.mode), r) for r in records if r.status != "error"
+    ]
+    scored = [(v, r) for v, r in scored if v is not None and r.cfg is not None]
+    if not scored:
+        return None
+    sign = 1 if sweep.settings.mode == "max" else -1
+    return max(scored, key=lambda item: sign * item[0])[1]
+
+
+def export_best(record: TrialRecord, sweep: Sweep, path: Path) -> RunConfig:
+    """Write the best trial's run config, writing to ``runs/<sweep name>/best``, as a normal run config."""
+    name = sweep.settings.name
+    cfg = sweep.run_config(record.sampled, Path("runs") / name / "best", f"{name}_best")
+    save_config(cfg, path)
+    value = best_value(record, sweep.settings.metric, sweep.settings.mode)
+    header = f"# best trial {record.trial_id} of sweep {name}: {sweep.settings.metric} = {value:.4f}\n"
+    path.write_text(header + path.read_text())
+    return cfg
+
+
+LOSS_STYLE = {"none": ("C7", 0.0), "mse": ("C0", -0.08), "bt": ("C3", 0.08)}  # colour, x offset
+
+
+def plot(df: pd.DataFrame, sweep: Sweep, path: Path) -> None:
+    """Best metric per trial by layer subset (x) and loss type (colour); hollow: stopped early."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = sweep.settings.metric
+    ok = df[(df["status"] != "error") & df[f"best_{metric}"].notna()]
+    layers = sorted(ok["layers"].unique(), key=lambda s: (s != "-", len(s), s))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(layers) + 2), 4))
+    for loss_type, (colour, offset) in LOSS_STYLE.items():
+        sub = ok[ok["loss.type"] == loss_type]
+        if sub.empty:
+            continue
+        ax.scatter(
+            [layers.index(x) + offset for x in sub["layers"]],
+            sub[f"best_{metric}"],
+            edgecolors=colour,
+            facecolors=["none" if s == "stopped" else colour for s in sub["status"]],
+            label=loss_type,
+            s=40,
+        )
+    ax.set_xticks(range(len(layers)), layers)
+    ax.set_xlabel("layer subset (loss.blocks; '-': no intermediate loss)")
+    ax.set_ylabel(f"best {metric}")
+    failed = int((df["status"] == "error").sum())
+    ax.set_title(
+        f"sweep {sweep.settings.name}: {len(ok)} trials with results, {failed} failed (hollow: stopped early)",
+        fontsize=9,
+    )
+    ax.legend(title="loss.type", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

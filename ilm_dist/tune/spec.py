@@ -1,0 +1,184 @@
+"""A sweep file: the base run config, the search space, the metric, scheduler and resources.
+
+Everything is checked here, before Ray starts: the settings by type and value, the base run config
+and its data (as ``launch/pretrain.py`` would), and every search-space value against the base.
+Errors raise :class:`~ilm_dist.config.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ilm_dist.cli import preflight
+from ilm_dist.config import ConfigError, RunConfig, from_dict, load_config
+from ilm_dist.data.manifest import ManifestError, load_manifest
+from ilm_dist.tune.space import SearchSpace, parse_space
+
+
+@dataclass
+class BaseRun:
+    config: str = ""  # run-config YAML, relative to the sweep file
+    overrides: list[str] = field(default_factory=list)  # fixed dotted key=value overrides of every trial
+
+
+@dataclass
+class SchedulerConfig:
+    type: Literal["asha", "fifo"] = "asha"
+    grace_period: int = 1  # kNN monitor reports before ASHA may stop a trial
+    reduction_factor: float = 2.0
+    max_t: int | None = None  # reports of a full trial; None: train.max_steps // monitor.every
+
+
+@dataclass
+class ResourcesConfig:
+    cpus: float = 1.0  # per trial
+    gpus: float = 0.0  # per trial; a fraction < 1 shares a GPU between trials
+    ranks: int | None = None  # DeepSpeed ranks per trial; None: one per GPU, else 1
+
+    @property
+    def num_ranks(self) -> int:
+        return self.ranks or max(1, int(self.gpus))
+
+
+@dataclass
+class SweepSettings:
+    name: str = "sweep"
+    output_dir: str = "runs/sweeps/sweep"  # relative to the working directory
+    base: BaseRun = field(default_factory=BaseRun)
+    metric: str = "knn_acc_block4"  # reported by the kNN monitor, or "loss"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = 1  # samples of the space (each grid value is run num_samples times)
+    max_concurrent: int = 1
+    seed: int = 0  # random state of the sampler
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+
+@dataclass
+class Sweep:
+    settings: SweepSettings
+    space: SearchSpace
+    base_config: Path  # absolute
+    base: RunConfig  # the base config with the fixed overrides
+    cwd: Path  # relative data paths are resolved against it, as launch/pretrain.py would
+
+    @property
+    def output(self) -> Path:
+        return self.cwd / self.settings.output_dir
+
+    @property
+    def trials_dir(self) -> Path:
+        return self.output / "trials"
+
+    @property
+    def max_t(self) -> int:
+        return self.settings.scheduler.max_t or self.base.train.max_steps // self.base.monitor.every
+
+    def run_config(self, sampled: dict[str, Any], output_dir: Path, name: str) -> RunConfig:
+        """The trial's run config: base + fixed overrides + the sample (raises ConfigError)."""
+        overrides = {**self.space.overrides(sampled), "output_dir": str(output_dir), "name": name}
+        cfg = load_config(self.base_config, [*self.settings.base.overrides, *format_overrides(overrides)])
+        if cfg.data.shards is not None:
+            cfg.data.shards = str(self.cwd / cfg.data.shards)
+        return cfg
+
+
+def format_overrides(values: dict[str, Any]) -> list[str]:
+    """``{key: value}`` as ``key=value`` strings that :func:`~ilm_dist.config.load_config` parses back."""
+    return [f"{key}={_yaml_value(value)}" for key, value in values.items()]
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("...\n").strip()
+
+
+def load_sweep(path: str | Path, run_overrides: list[str] = (), **settings: Any) -> Sweep:
+    """Load and check a sweep file; ``run_overrides`` extend ``base.overrides``, ``settings`` replace top-level keys."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read the sweep file ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw_space = raw.pop("space", None)
+    sweep_settings: SweepSettings = from_dict(
+        SweepSettings, {**raw, **{k: v for k, v in settings.items() if v is not None}}
+    )
+    sweep_settings.base.overrides = [*sweep_settings.base.overrides, *run_overrides]
+    _validate_settings(sweep_settings)
+    base_config = (path.parent / sweep_settings.base.config).resolve()
+    base = _load_base(base_config, sweep_settings)
+
+    def check(values: dict[str, Any]) -> None:
+        load_config(base_config, [*sweep_settings.base.overrides, *format_overrides(values)])
+
+    space = parse_space(raw_space, base, check)
+    sweep = Sweep(sweep_settings, space, base_config, base, Path.cwd().resolve())
+    _validate_schedule(sweep)
+    return sweep
+
+
+def _load_base(base_config: Path, settings: SweepSettings) -> RunConfig:
+    if not settings.base.config:
+        raise ConfigError("base.config: required (the run config every trial starts from)")
+    try:
+        base = preflight(str(base_config), settings.base.overrides)
+    except (ConfigError, ManifestError) as err:
+        raise ConfigError(f"base: {err}") from None
+    if base.monitor.every <= 0:
+        raise ConfigError(
+            "monitor.every: the sweep's metric comes from the kNN monitor; add monitor.every=N to base.overrides"
+        )
+    metrics = _reported_metrics(base)
+    if settings.metric not in metrics:
+        raise ConfigError(
+            f"metric: {settings.metric!r} is not reported for this data; choose one of {metrics}"
+        )
+    return base
+
+
+def _reported_metrics(base: RunConfig) -> list[str]:
+    name = "auc" if load_manifest(base.data.shards).task == "multilabel" else "acc"
+    return [f"knn_{name}_block{b}" for b in (1, 2, 3, 4)] + ["loss"]
+
+
+def _validate_settings(s: SweepSettings) -> None:
+    checks = [
+        (bool(re.fullmatch(r"[\w.-]+", s.name)), "name", "letters, digits, '_', '.', '-' only"),
+        (s.num_samples >= 1, "num_samples", "must be >= 1"),
+        (s.max_concurrent >= 1, "max_concurrent", "must be >= 1"),
+        (s.scheduler.grace_period >= 1, "scheduler.grace_period", "must be >= 1"),
+        (s.scheduler.reduction_factor > 1, "scheduler.reduction_factor", "must be > 1"),
+        (s.scheduler.max_t is None or s.scheduler.max_t >= 1, "scheduler.max_t", "must be >= 1"),
+        (s.resources.cpus > 0, "resources.cpus", "must be > 0"),
+        (s.resources.gpus >= 0, "resources.gpus", "must be >= 0"),
+        (
+            s.resources.gpus < 1 or s.resources.gpus.is_integer(),
+            "resources.gpus",
+            "a whole number, or a fraction < 1",
+        ),
+        (s.resources.ranks is None or s.resources.ranks >= 1, "resources.ranks", "must be >= 1"),
+        (
+            s.resources.gpus == 0 or s.resources.ranks in (None, max(1, int(s.resources.gpus))),
+            "resources.ranks",
+            "with GPUs, one rank per GPU (leave it unset)",
+        ),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+
+
+def _validate_schedule(sweep: Sweep) -> None:
+    if sweep.settings.scheduler.max_t is None and sweep.base.train.max_steps is None:
+        raise ConfigError("scheduler.max_t: required when the base run sets no train.max_steps")
+    if sweep.max_t < 1:
+        raise ConfigError(
+            f"monitor.every: {sweep.base.monitor.every} is more than train.max_steps ({sweep.base.train.max_steps})"
+        )

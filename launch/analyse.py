@@ -1,0 +1,10 @@
+"""Report over methods evaluated on one dataset: tables with CIs, probe/CKA/KS plots, Markdown page.
+
+python launch/analyse.py evals/idc --out evals/idc/report
+python launch/analyse.py evals/idc/idc_moco evals/idc/idc_moco_mse --out report/
+"""
+
+from ilm_dist.eval.cli import analyse_main
+
+if __name__ == "__main__":
+    analyse_main()
