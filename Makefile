@@ -20,7 +20,7 @@ help:
 # --system-site-packages: a machine that already has torch/torchvision (a GPU node image) keeps
 # them; elsewhere torchvision pulls the torch build it matches. The editable install builds the
 # csrc/ extension against that torch (hence --no-build-isolation).
-$(STAMP): setup.py
+$(STAMP): setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel ninja
 	$(PY) -m pip install --quiet torchvision
@@ -30,7 +30,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m data_tools.synthetic $(DEMO)/data --overwrite
+	$(PY) -m data_tools.synthetic $(DEMO)/data --num-classes 4 --per-class 800 --grayscale --overwrite
 	DS_ACCELERATOR=cpu $(VENV)/bin/deepspeed --num_gpus 2 launch/pretrain.py --config configs/demo.yaml
 	$(PY) launch/quick_probe.py --run $(DEMO)/pretrain
 

@@ -152,8 +152,16 @@ def run_case(n: int, d: int, dtype: torch.dtype, args: argparse.Namespace) -> di
 
 
 def commit() -> str:
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return proc.stdout.strip() if proc.returncode == 0 else "uncommitted"
+    """HEAD's hash when the benchmarked sources are committed there, else "uncommitted"."""
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--", "csrc", "ilm_dist/ops", "bench/xcorr.py", "setup.py"],
+        capture_output=True,
+        text=True,
+    )
+    clean = head.returncode == 0 and dirty.returncode == 0 and not dirty.stdout.strip()
+    return head.stdout.strip() if clean else "uncommitted"
 
 
 def main() -> None:

@@ -89,22 +89,28 @@ std::tuple<at::Tensor, at::Tensor> xcorr_backward(const Kernels& kernels, const 
               ", got ", grad_loss.device());
   const auto dtype = compute_dtype(z1);
   const int64_t n = z1.size(1), d = z1.size(2);
-  const Standardized st = kernels.standardize(z1, z2, eps);
+  Standardized st = kernels.standardize(z1, z2, eps);
+  // The products need the standardised a, b; the fused backward recomputes them from z, so a and b are
+  // released as soon as the products no longer need them.
+  at::Tensor pa, pb;  // G_b a, G_a b
+  if (gram_backward(n, d)) {
+    const auto ga = at::bmm(st.a, st.a.transpose(1, 2));
+    pa = at::bmm(at::bmm(st.b, st.b.transpose(1, 2)), st.a);
+    st.a.reset();
+    pb = at::bmm(ga, st.b);
+  } else {
+    const auto c = at::bmm(st.a.transpose(1, 2), st.b);  // a^T b = N C: G_b a = b c^T, G_a b = a c
+    pb = at::bmm(st.a, c);
+    st.a.reset();
+    pa = at::bmm(st.b, c.transpose(1, 2));
+  }
+  st.b.reset();
   const auto grad = grad_loss.to(dtype).contiguous();
   const auto on = on_weight.to(dtype).contiguous();
   const auto off = off_weight.to(dtype).contiguous();
-  // One input at a time, so that only one [L, N, D] product is alive.
-  auto side = [&](const at::Tensor& self, const at::Tensor& partner, const at::Tensor& rstd, at::Tensor p) {
-    return kernels.standardize_backward({self, partner, std::move(p), rstd, st.diag, grad, on, off, z1.scalar_type()});
-  };
-  if (gram_backward(n, d)) {
-    auto dz1 = side(st.a, st.b, st.rstd1, at::bmm(at::bmm(st.b, st.b.transpose(1, 2)), st.a));
-    auto dz2 = side(st.b, st.a, st.rstd2, at::bmm(at::bmm(st.a, st.a.transpose(1, 2)), st.b));
-    return {dz1, dz2};
-  }
-  const auto c = at::bmm(st.a.transpose(1, 2), st.b);  // a^T b = N C: G_b a = b c^T, G_a b = a c
-  auto dz1 = side(st.a, st.b, st.rstd1, at::bmm(st.b, c.transpose(1, 2)));
-  auto dz2 = side(st.b, st.a, st.rstd2, at::bmm(st.a, c));
+  const Side s1{z1, st.mean1, st.rstd1}, s2{z2, st.mean2, st.rstd2};
+  auto dz1 = kernels.standardize_backward({s1, s2, std::move(pa), st.diag, grad, on, off});
+  auto dz2 = kernels.standardize_backward({s2, s1, std::move(pb), st.diag, grad, on, off});
   return {dz1, dz2};
 }
 

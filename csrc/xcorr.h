@@ -8,6 +8,9 @@
 //   dL/da = g * (2 off_l / N^2 * G_b a + b * h / N),   dL/db = g * (2 off_l / N^2 * G_a b + a * h / N)
 //   G_b a = b (a^T b)^T and G_a b = a (a^T b) give the D x D form of the same products,
 // followed by the batch-standardisation backward dz = rstd * (da - mean_N da - a * mean_N(da * a)).
+// Which form is used is chosen per pass by the multiply-add count (xcorr.cpp). The backward saves nothing
+// from the forward: it recomputes the standardisation and the products from z1, z2, and its fused kernels
+// recompute a, b from z and the statistics so that a, b are freed as soon as the products are formed.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -16,28 +19,34 @@
 
 namespace ilm_dist {
 
-// Batch-standardised inputs (compute dtype: fp64 for fp64 inputs, else fp32) and statistics.
+// Batch-standardised inputs and per-feature statistics; compute dtype: fp64 for fp64 inputs, else fp32.
 struct Standardized {
-  at::Tensor a;      // (z1 - mean) * rstd1, [L, N, D]
-  at::Tensor b;      // (z2 - mean) * rstd2, [L, N, D]
+  at::Tensor a;      // (z1 - mean1) * rstd1, [L, N, D]
+  at::Tensor b;      // (z2 - mean2) * rstd2, [L, N, D]
+  at::Tensor mean1;  // [L, D]
   at::Tensor rstd1;  // 1 / sqrt(var + eps), [L, D]
+  at::Tensor mean2;  // [L, D]
   at::Tensor rstd2;  // [L, D]
   at::Tensor diag;   // C_ii = sum_n a_ni b_ni / N, [L, D]
 };
 
-// Inputs of the fused standardisation backward of one input ("self"; the other one is "partner"),
-// all in the compute dtype: dL/dself = g * (2 off / N^2 * P + partner * h / N), then through the
-// standardisation.
+// One input of the op with its statistics; the backward recomputes its standardised values from these.
+struct Side {
+  at::Tensor z;     // [L, N, D], input dtype
+  at::Tensor mean;  // [L, D]
+  at::Tensor rstd;  // [L, D]
+};
+
+// Inputs of the fused backward for the input "self" (the other one is "partner"); with s, t their
+// standardised values, dL/ds = g * (2 off / N^2 * p + t * h / N), then through the standardisation.
 struct SideInputs {
-  at::Tensor self;        // standardised input, [L, N, D]
-  at::Tensor partner;     // the other standardised input, [L, N, D]
-  at::Tensor p;           // G_partner self, [L, N, D]
-  at::Tensor rstd;        // rstd of self, [L, D]
+  Side self;
+  Side partner;
+  at::Tensor p;           // G_t s, [L, N, D]
   at::Tensor diag;        // C_ii, [L, D]
   at::Tensor grad_loss;   // [L]
   at::Tensor on_weight;   // [L]
   at::Tensor off_weight;  // [L]
-  at::ScalarType out_dtype;
 };
 
 // The device-specific fused kernels; everything else (checks, bmm products) is shared.
@@ -47,7 +56,7 @@ struct Kernels {
   // loss_l = on_l * sum_i (d_i - 1)^2 + off_l * (scale * sum(x_l * y_l) - sum_i d_i^2).
   at::Tensor (*layer_loss)(const at::Tensor& x, const at::Tensor& y, double scale, const at::Tensor& diag,
                            const at::Tensor& on_weight, const at::Tensor& off_weight);
-  // dL/dz of one input, in out_dtype.
+  // dL/dz of the input "self", in its dtype.
   at::Tensor (*standardize_backward)(const SideInputs& in);
 };
 

@@ -5,6 +5,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -48,11 +49,22 @@ struct ColumnStats {
   }
 };
 
-// a = standardise(z1), b = standardise(z2) and diag[j] = sum_i a[i, j] b[i, j] / n for the block.
+// Outputs of standardize_block, offset to the block.
+template <typename opmath_t>
+struct StandardizedBlock {
+  opmath_t* a;
+  opmath_t* b;
+  opmath_t* mean1;
+  opmath_t* rstd1;
+  opmath_t* mean2;
+  opmath_t* rstd2;
+  opmath_t* diag;
+};
+
+// a = standardise(z1), b = standardise(z2), their statistics, and diag[j] = sum_i a[i, j] b[i, j] / n.
 template <typename scalar_t, typename opmath_t, typename acc_t>
-void standardize_block(const scalar_t* __restrict__ z1, const scalar_t* __restrict__ z2, opmath_t* __restrict__ a,
-                       opmath_t* __restrict__ b, opmath_t* __restrict__ rstd1, opmath_t* __restrict__ rstd2,
-                       opmath_t* __restrict__ diag, Block blk, double eps) {
+void standardize_block(const scalar_t* __restrict__ z1, const scalar_t* __restrict__ z2,
+                       StandardizedBlock<opmath_t> out, Block blk, double eps) {
   const ColumnStats<scalar_t, acc_t> s1(z1, blk, eps), s2(z2, blk, eps);
   std::array<acc_t, kBlock> dot{};
   for (int64_t i = 0; i < blk.n; ++i) {
@@ -60,15 +72,17 @@ void standardize_block(const scalar_t* __restrict__ z1, const scalar_t* __restri
       const int64_t k = i * blk.ld + j;
       const opmath_t x = static_cast<opmath_t>((static_cast<acc_t>(z1[k]) - s1.mean[j]) * s1.rstd[j]);
       const opmath_t y = static_cast<opmath_t>((static_cast<acc_t>(z2[k]) - s2.mean[j]) * s2.rstd[j]);
-      a[k] = x;
-      b[k] = y;
+      out.a[k] = x;
+      out.b[k] = y;
       dot[j] += static_cast<acc_t>(x) * static_cast<acc_t>(y);
     }
   }
   for (int64_t j = 0; j < blk.w; ++j) {
-    rstd1[j] = static_cast<opmath_t>(s1.rstd[j]);
-    rstd2[j] = static_cast<opmath_t>(s2.rstd[j]);
-    diag[j] = static_cast<opmath_t>(dot[j] / blk.n);
+    out.mean1[j] = static_cast<opmath_t>(s1.mean[j]);
+    out.rstd1[j] = static_cast<opmath_t>(s1.rstd[j]);
+    out.mean2[j] = static_cast<opmath_t>(s2.mean[j]);
+    out.rstd2[j] = static_cast<opmath_t>(s2.rstd[j]);
+    out.diag[j] = static_cast<opmath_t>(dot[j] / blk.n);
   }
 }
 
@@ -79,22 +93,24 @@ Standardized standardize_typed(const at::Tensor& z1, const at::Tensor& z2, doubl
   const int64_t L = z1.size(0), n = z1.size(1), d = z1.size(2);
   const auto opts = z1.options().dtype(c10::CppTypeToScalarType<opmath_t>::value);
   Standardized st{at::empty({L, n, d}, opts), at::empty({L, n, d}, opts), at::empty({L, d}, opts),
-                  at::empty({L, d}, opts), at::empty({L, d}, opts)};
+                  at::empty({L, d}, opts),    at::empty({L, d}, opts),    at::empty({L, d}, opts),
+                  at::empty({L, d}, opts)};
   const scalar_t* z1p = z1.const_data_ptr<scalar_t>();
   const scalar_t* z2p = z2.const_data_ptr<scalar_t>();
-  opmath_t* ap = st.a.mutable_data_ptr<opmath_t>();
-  opmath_t* bp = st.b.mutable_data_ptr<opmath_t>();
-  opmath_t* r1p = st.rstd1.mutable_data_ptr<opmath_t>();
-  opmath_t* r2p = st.rstd2.mutable_data_ptr<opmath_t>();
-  opmath_t* dp = st.diag.mutable_data_ptr<opmath_t>();
+  const StandardizedBlock<opmath_t> base{st.a.mutable_data_ptr<opmath_t>(),     st.b.mutable_data_ptr<opmath_t>(),
+                                         st.mean1.mutable_data_ptr<opmath_t>(), st.rstd1.mutable_data_ptr<opmath_t>(),
+                                         st.mean2.mutable_data_ptr<opmath_t>(), st.rstd2.mutable_data_ptr<opmath_t>(),
+                                         st.diag.mutable_data_ptr<opmath_t>()};
   const int64_t blocks = ceil_div(d, kBlock);
   at::parallel_for(0, L * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t l = task / blocks, col = (task % blocks) * kBlock;
-      const Block blk{n, d, std::min(kBlock, d - col)};
-      const int64_t off = l * n * d + col, stat = l * d + col;
-      standardize_block<scalar_t, opmath_t, acc_t>(z1p + off, z2p + off, ap + off, bp + off, r1p + stat, r2p + stat,
-                                                   dp + stat, blk, eps);
+      const int64_t x = l * n * d + col, stat = l * d + col;
+      const StandardizedBlock<opmath_t> out{base.a + x,        base.b + x,        base.mean1 + stat,
+                                            base.rstd1 + stat, base.mean2 + stat, base.rstd2 + stat,
+                                            base.diag + stat};
+      standardize_block<scalar_t, opmath_t, acc_t>(z1p + x, z2p + x, out, Block{n, d, std::min(kBlock, d - col)},
+                                                   eps);
     }
   });
   return st;
@@ -148,29 +164,45 @@ at::Tensor layer_loss_cpu(const at::Tensor& x, const at::Tensor& y, double scale
   });
 }
 
-// Per-layer coefficients of dL/da = coef_p * P + coef_d[j] * partner.
+// Per-layer coefficients of dL/ds = p_coef * P + diag_coef(C_jj) * t (s: self, t: partner, standardised).
 template <typename acc_t>
 struct GradCoef {
-  acc_t p;      // g * 2 off / N^2
-  acc_t g_n;    // g / N
+  acc_t p_coef;  // g * 2 off / N^2
+  acc_t g_n;     // g / N
   acc_t on;
   acc_t off;
-  acc_t diag(acc_t c) const { return g_n * 2 * (on * (c - 1) - off * c); }
+  acc_t diag_coef(acc_t c) const { return g_n * 2 * (on * (c - 1) - off * c); }
 };
 
-// dz = rstd * (ga - mean(ga) - self * mean(ga * self)) for the w columns of the block.
+// A block of one input with its per-column statistics, offset to the block.
+template <typename scalar_t, typename opmath_t>
+struct InputBlock {
+  const scalar_t* z;
+  const opmath_t* mean;
+  const opmath_t* rstd;
+};
+
+// dz = rstd * (ga - mean(ga) - s * mean(ga * s)) for the w columns of the block, where
+// ga = p_coef * P + diag_coef * t and s, t are the standardised self and partner (recomputed from z).
 template <typename scalar_t, typename opmath_t, typename acc_t>
-void backward_block(const opmath_t* __restrict__ self, const opmath_t* __restrict__ partner,
-                    const opmath_t* __restrict__ p, const opmath_t* __restrict__ rstd,
-                    const opmath_t* __restrict__ diag, GradCoef<acc_t> coef, scalar_t* __restrict__ out, Block blk) {
+void backward_block(InputBlock<scalar_t, opmath_t> self, InputBlock<scalar_t, opmath_t> partner,
+                    const opmath_t* __restrict__ p, const opmath_t* __restrict__ diag, GradCoef<acc_t> coef,
+                    scalar_t* __restrict__ out, Block blk) {
   std::array<acc_t, kBlock> cd{}, sum_g{}, sum_gs{};
-  for (int64_t j = 0; j < blk.w; ++j) cd[j] = coef.diag(diag[j]);
+  for (int64_t j = 0; j < blk.w; ++j) cd[j] = coef.diag_coef(diag[j]);
+  const auto s = [&](int64_t k, int64_t j) {
+    return (static_cast<acc_t>(self.z[k]) - self.mean[j]) * static_cast<acc_t>(self.rstd[j]);
+  };
+  const auto ga = [&](int64_t k, int64_t j) {
+    const acc_t t = (static_cast<acc_t>(partner.z[k]) - partner.mean[j]) * static_cast<acc_t>(partner.rstd[j]);
+    return coef.p_coef * p[k] + cd[j] * t;
+  };
   for (int64_t i = 0; i < blk.n; ++i) {
     for (int64_t j = 0; j < blk.w; ++j) {
       const int64_t k = i * blk.ld + j;
-      const acc_t ga = coef.p * p[k] + cd[j] * partner[k];
-      sum_g[j] += ga;
-      sum_gs[j] += ga * self[k];
+      const acc_t g = ga(k, j);
+      sum_g[j] += g;
+      sum_gs[j] += g * s(k, j);
     }
   }
   for (int64_t j = 0; j < blk.w; ++j) {
@@ -180,8 +212,7 @@ void backward_block(const opmath_t* __restrict__ self, const opmath_t* __restric
   for (int64_t i = 0; i < blk.n; ++i) {
     for (int64_t j = 0; j < blk.w; ++j) {
       const int64_t k = i * blk.ld + j;
-      const acc_t ga = coef.p * p[k] + cd[j] * partner[k];
-      out[k] = static_cast<scalar_t>(rstd[j] * (ga - sum_g[j] - self[k] * sum_gs[j]));
+      out[k] = static_cast<scalar_t>(self.rstd[j] * (ga(k, j) - sum_g[j] - s(k, j) * sum_gs[j]));
     }
   }
 }
@@ -190,12 +221,15 @@ template <typename scalar_t>
 at::Tensor standardize_backward_typed(const SideInputs& in) {
   using opmath_t = at::opmath_type<scalar_t>;
   using acc_t = at::acc_type<scalar_t, false>;
-  const int64_t L = in.self.size(0), n = in.self.size(1), d = in.self.size(2);
-  auto dz = at::empty({L, n, d}, in.self.options().dtype(in.out_dtype));
-  const opmath_t* self = in.self.const_data_ptr<opmath_t>();
-  const opmath_t* partner = in.partner.const_data_ptr<opmath_t>();
+  const int64_t L = in.self.z.size(0), n = in.self.z.size(1), d = in.self.z.size(2);
+  auto dz = at::empty_like(in.self.z);
+  const InputBlock<scalar_t, opmath_t> self{in.self.z.const_data_ptr<scalar_t>(),
+                                            in.self.mean.const_data_ptr<opmath_t>(),
+                                            in.self.rstd.const_data_ptr<opmath_t>()};
+  const InputBlock<scalar_t, opmath_t> partner{in.partner.z.const_data_ptr<scalar_t>(),
+                                               in.partner.mean.const_data_ptr<opmath_t>(),
+                                               in.partner.rstd.const_data_ptr<opmath_t>()};
   const opmath_t* p = in.p.const_data_ptr<opmath_t>();
-  const opmath_t* rstd = in.rstd.const_data_ptr<opmath_t>();
   const opmath_t* diag = in.diag.const_data_ptr<opmath_t>();
   const opmath_t* g = in.grad_loss.const_data_ptr<opmath_t>();
   const opmath_t* on = in.on_weight.const_data_ptr<opmath_t>();
@@ -206,19 +240,19 @@ at::Tensor standardize_backward_typed(const SideInputs& in) {
   at::parallel_for(0, L * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t l = task / blocks, col = (task % blocks) * kBlock;
-      const Block blk{n, d, std::min(kBlock, d - col)};
       const int64_t x = l * n * d + col, stat = l * d + col;
       const acc_t gl = g[l];
       const GradCoef<acc_t> coef{gl * 2 * off[l] / (nn * nn), gl / nn, on[l], off[l]};
-      backward_block<scalar_t, opmath_t, acc_t>(self + x, partner + x, p + x, rstd + stat, diag + stat, coef,
-                                                out + x, blk);
+      backward_block<scalar_t, opmath_t, acc_t>({self.z + x, self.mean + stat, self.rstd + stat},
+                                                {partner.z + x, partner.mean + stat, partner.rstd + stat}, p + x,
+                                                diag + stat, coef, out + x, Block{n, d, std::min(kBlock, d - col)});
     }
   });
   return dz;
 }
 
 at::Tensor standardize_backward_cpu(const SideInputs& in) {
-  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.out_dtype, "bt_xcorr_backward",
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.self.z.scalar_type(), "bt_xcorr_backward",
                                          [&] { return standardize_backward_typed<scalar_t>(in); });
 }
 

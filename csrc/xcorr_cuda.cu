@@ -7,6 +7,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -62,10 +63,16 @@ __device__ T block_sum(T v, T* warp_buf) {
   return total;
 }
 
-// out = (z - mean) * rstd over the n rows (stride ld) of this thread's column; returns rstd.
+template <typename acc_t>
+struct Stats {
+  acc_t mean;
+  acc_t rstd;
+};
+
+// out = (z - mean) * rstd over the n rows (stride ld) of this thread's column; returns mean and rstd.
 template <typename scalar_t, typename opmath_t, typename acc_t>
-__device__ acc_t standardize_column(const scalar_t* __restrict__ z, opmath_t* __restrict__ out, int64_t n,
-                                    int64_t ld, bool valid, acc_t eps, acc_t (*buf)[kCols + 1]) {
+__device__ Stats<acc_t> standardize_column(const scalar_t* __restrict__ z, opmath_t* __restrict__ out, int64_t n,
+                                           int64_t ld, bool valid, acc_t eps, acc_t (*buf)[kCols + 1]) {
   acc_t s = 0;
   if (valid) {
     for (int64_t i = threadIdx.y; i < n; i += kRows) s += static_cast<acc_t>(z[i * ld]);
@@ -84,22 +91,31 @@ __device__ acc_t standardize_column(const scalar_t* __restrict__ z, opmath_t* __
       out[i * ld] = static_cast<opmath_t>((static_cast<acc_t>(z[i * ld]) - mean) * rstd);
     }
   }
-  return rstd;
+  return {mean, rstd};
 }
+
+// Per-feature outputs of standardize_kernel, [L, D] each.
+template <typename opmath_t>
+struct StatsOut {
+  opmath_t* mean1;
+  opmath_t* rstd1;
+  opmath_t* mean2;
+  opmath_t* rstd2;
+  opmath_t* diag;
+};
 
 // Grid (ceil(D / kCols), L): standardises z1 -> a, z2 -> b and computes diag(C) = sum_n a b / n.
 template <typename scalar_t, typename opmath_t, typename acc_t>
 __global__ void standardize_kernel(const scalar_t* __restrict__ z1, const scalar_t* __restrict__ z2,
-                                   opmath_t* __restrict__ a, opmath_t* __restrict__ b,
-                                   opmath_t* __restrict__ rstd1, opmath_t* __restrict__ rstd2,
-                                   opmath_t* __restrict__ diag, int64_t n, int64_t d, acc_t eps) {
+                                   opmath_t* __restrict__ a, opmath_t* __restrict__ b, StatsOut<opmath_t> stats,
+                                   int64_t n, int64_t d, acc_t eps) {
   __shared__ acc_t buf[kRows][kCols + 1];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kCols + threadIdx.x;
   const int64_t layer = blockIdx.y;
   const bool valid = col < d;
   const int64_t x = valid ? layer * n * d + col : 0, stat = valid ? layer * d + col : 0;
-  const acc_t r1 = standardize_column(z1 + x, a + x, n, d, valid, eps, buf);
-  const acc_t r2 = standardize_column(z2 + x, b + x, n, d, valid, eps, buf);
+  const Stats<acc_t> s1 = standardize_column(z1 + x, a + x, n, d, valid, eps, buf);
+  const Stats<acc_t> s2 = standardize_column(z2 + x, b + x, n, d, valid, eps, buf);
   acc_t dot = 0;
   if (valid) {  // each thread reads back exactly the elements it wrote
     for (int64_t i = threadIdx.y; i < n; i += kRows) {
@@ -108,9 +124,11 @@ __global__ void standardize_kernel(const scalar_t* __restrict__ z1, const scalar
   }
   dot = column_sum(dot, buf);
   if (valid && threadIdx.y == 0) {
-    rstd1[stat] = static_cast<opmath_t>(r1);
-    rstd2[stat] = static_cast<opmath_t>(r2);
-    diag[stat] = static_cast<opmath_t>(dot / n);
+    stats.mean1[stat] = static_cast<opmath_t>(s1.mean);
+    stats.rstd1[stat] = static_cast<opmath_t>(s1.rstd);
+    stats.mean2[stat] = static_cast<opmath_t>(s2.mean);
+    stats.rstd2[stat] = static_cast<opmath_t>(s2.rstd);
+    stats.diag[stat] = static_cast<opmath_t>(dot / n);
   }
 }
 
@@ -154,41 +172,59 @@ __global__ void finalize_loss_kernel(const acc_t* __restrict__ partial, int64_t 
   }
 }
 
-// Grid (ceil(D / kCols), L): with ga = cp * p + cd * partner (the gradient w.r.t. self),
-// dz = rstd * (ga - mean_n ga - self * mean_n(ga * self)).
+// One input (z and its per-feature statistics) as the backward kernel reads it.
+template <typename scalar_t, typename opmath_t>
+struct InputView {
+  const scalar_t* z;
+  const opmath_t* mean;
+  const opmath_t* rstd;
+};
+
+// Per-layer weights and upstream gradient, [L] each.
+template <typename opmath_t>
+struct LayerCoefs {
+  const opmath_t* grad;
+  const opmath_t* on;
+  const opmath_t* off;
+};
+
+// Grid (ceil(D / kCols), L): with s, t the standardised self and partner (recomputed from z) and
+// ga = cp * p + cd * t, writes dz = rstd * (ga - mean_n ga - s * mean_n(ga * s)).
 template <typename scalar_t, typename opmath_t, typename acc_t>
-__global__ void standardize_backward_kernel(const opmath_t* __restrict__ self, const opmath_t* __restrict__ partner,
-                                            const opmath_t* __restrict__ p, const opmath_t* __restrict__ rstd,
-                                            const opmath_t* __restrict__ diag, const opmath_t* __restrict__ grad,
-                                            const opmath_t* __restrict__ on_weight,
-                                            const opmath_t* __restrict__ off_weight, scalar_t* __restrict__ out,
-                                            int64_t n, int64_t d) {
+__global__ void standardize_backward_kernel(InputView<scalar_t, opmath_t> self, InputView<scalar_t, opmath_t> partner,
+                                            const opmath_t* __restrict__ p, const opmath_t* __restrict__ diag,
+                                            LayerCoefs<opmath_t> coefs, scalar_t* __restrict__ out, int64_t n,
+                                            int64_t d) {
   __shared__ acc_t buf[kRows][kCols + 1];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kCols + threadIdx.x;
   const int64_t layer = blockIdx.y;
   const bool valid = col < d;
   const int64_t x = valid ? layer * n * d + col : 0, stat = valid ? layer * d + col : 0;
-  const acc_t g = grad[layer], on = on_weight[layer], off = off_weight[layer], nn = static_cast<acc_t>(n);
+  const acc_t g = coefs.grad[layer], on = coefs.on[layer], off = coefs.off[layer], nn = static_cast<acc_t>(n);
   const acc_t c = diag[stat];
   const acc_t cp = g * 2 * off / (nn * nn);
   const acc_t cd = g * 2 * (on * (c - 1) - off * c) / nn;
+  const acc_t s_mean = self.mean[stat], s_rstd = self.rstd[stat];
+  const acc_t t_mean = partner.mean[stat], t_rstd = partner.rstd[stat];
+  const auto s = [&](int64_t k) { return (static_cast<acc_t>(self.z[k]) - s_mean) * s_rstd; };
+  const auto ga = [&](int64_t k) {
+    return cp * static_cast<acc_t>(p[k]) + cd * (static_cast<acc_t>(partner.z[k]) - t_mean) * t_rstd;
+  };
   acc_t sum_g = 0, sum_gs = 0;
   if (valid) {
     for (int64_t i = threadIdx.y; i < n; i += kRows) {
       const int64_t k = x + i * d;
-      const acc_t ga = cp * p[k] + cd * partner[k];
-      sum_g += ga;
-      sum_gs += ga * self[k];
+      const acc_t gk = ga(k);
+      sum_g += gk;
+      sum_gs += gk * s(k);
     }
   }
   const acc_t mean_g = column_sum(sum_g, buf) / nn;
   const acc_t mean_gs = column_sum(sum_gs, buf) / nn;
   if (valid) {
-    const acc_t r = rstd[stat];
     for (int64_t i = threadIdx.y; i < n; i += kRows) {
       const int64_t k = x + i * d;
-      const acc_t ga = cp * p[k] + cd * partner[k];
-      out[k] = static_cast<scalar_t>(r * (ga - mean_g - self[k] * mean_gs));
+      out[k] = static_cast<scalar_t>(s_rstd * (ga(k) - mean_g - s(k) * mean_gs));
     }
   }
 }
@@ -205,13 +241,15 @@ Standardized standardize_typed(const at::Tensor& z1, const at::Tensor& z2, doubl
   const int64_t L = z1.size(0), n = z1.size(1), d = z1.size(2);
   const auto opts = z1.options().dtype(c10::CppTypeToScalarType<opmath_t>::value);
   Standardized st{at::empty({L, n, d}, opts), at::empty({L, n, d}, opts), at::empty({L, d}, opts),
-                  at::empty({L, d}, opts), at::empty({L, d}, opts)};
+                  at::empty({L, d}, opts),    at::empty({L, d}, opts),    at::empty({L, d}, opts),
+                  at::empty({L, d}, opts)};
+  const StatsOut<opmath_t> stats{st.mean1.mutable_data_ptr<opmath_t>(), st.rstd1.mutable_data_ptr<opmath_t>(),
+                                 st.mean2.mutable_data_ptr<opmath_t>(), st.rstd2.mutable_data_ptr<opmath_t>(),
+                                 st.diag.mutable_data_ptr<opmath_t>()};
   standardize_kernel<scalar_t, opmath_t, acc_t>
       <<<column_grid(L, d), dim3(kCols, kRows), 0, c10::cuda::getCurrentCUDAStream()>>>(
           z1.const_data_ptr<scalar_t>(), z2.const_data_ptr<scalar_t>(), st.a.mutable_data_ptr<opmath_t>(),
-          st.b.mutable_data_ptr<opmath_t>(), st.rstd1.mutable_data_ptr<opmath_t>(),
-          st.rstd2.mutable_data_ptr<opmath_t>(), st.diag.mutable_data_ptr<opmath_t>(), n, d,
-          static_cast<acc_t>(eps));
+          st.b.mutable_data_ptr<opmath_t>(), stats, n, d, static_cast<acc_t>(eps));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return st;
 }
@@ -251,23 +289,30 @@ at::Tensor layer_loss_cuda(const at::Tensor& x, const at::Tensor& y, double scal
 }
 
 template <typename scalar_t>
+InputView<scalar_t, at::opmath_type<scalar_t>> input_view(const Side& side) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  return {side.z.const_data_ptr<scalar_t>(), side.mean.const_data_ptr<opmath_t>(),
+          side.rstd.const_data_ptr<opmath_t>()};
+}
+
+template <typename scalar_t>
 at::Tensor standardize_backward_typed(const SideInputs& in) {
   using opmath_t = at::opmath_type<scalar_t>;
   using acc_t = at::acc_type<scalar_t, true>;
-  const int64_t L = in.self.size(0), n = in.self.size(1), d = in.self.size(2);
-  auto dz = at::empty({L, n, d}, in.self.options().dtype(in.out_dtype));
+  const int64_t L = in.self.z.size(0), n = in.self.z.size(1), d = in.self.z.size(2);
+  at::Tensor dz = at::empty_like(in.self.z);
+  const LayerCoefs<opmath_t> coefs{in.grad_loss.const_data_ptr<opmath_t>(), in.on_weight.const_data_ptr<opmath_t>(),
+                                   in.off_weight.const_data_ptr<opmath_t>()};
   standardize_backward_kernel<scalar_t, opmath_t, acc_t>
       <<<column_grid(L, d), dim3(kCols, kRows), 0, c10::cuda::getCurrentCUDAStream()>>>(
-          in.self.const_data_ptr<opmath_t>(), in.partner.const_data_ptr<opmath_t>(), in.p.const_data_ptr<opmath_t>(),
-          in.rstd.const_data_ptr<opmath_t>(), in.diag.const_data_ptr<opmath_t>(),
-          in.grad_loss.const_data_ptr<opmath_t>(), in.on_weight.const_data_ptr<opmath_t>(),
-          in.off_weight.const_data_ptr<opmath_t>(), dz.mutable_data_ptr<scalar_t>(), n, d);
+          input_view<scalar_t>(in.self), input_view<scalar_t>(in.partner), in.p.const_data_ptr<opmath_t>(),
+          in.diag.const_data_ptr<opmath_t>(), coefs, dz.mutable_data_ptr<scalar_t>(), n, d);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dz;
 }
 
 at::Tensor standardize_backward_cuda(const SideInputs& in) {
-  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.out_dtype, "bt_xcorr_backward",
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.self.z.scalar_type(), "bt_xcorr_backward",
                                          [&] { return standardize_backward_typed<scalar_t>(in); });
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from ilm_dist.config import ConfigError, load_config
@@ -44,26 +45,42 @@ def pretrain_main(argv: list[str] | None = None) -> None:
     sys.exit(run_guarded(trainer))
 
 
+class Terminated(Exception):
+    """SIGTERM arrived: the launcher or the scheduler is stopping this rank."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated("terminated by SIGTERM (the launcher stops the other ranks when one exits)")
+
+
 def run_guarded(trainer) -> int:
-    """Train; turn a non-finite loss or a failed collective into one clear line naming rank and step."""
+    """Train; turn a non-finite loss or a lost rank into one clear line naming rank, step and culprit."""
     from ilm_dist.train import checkpoint
     from ilm_dist.train.health import NonFiniteLoss
 
     log = logging.getLogger("ilm_dist")
     rank, world = trainer.info.rank, trainer.info.world_size
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         trainer.fit()
     except NonFiniteLoss as err:
         latest = checkpoint.latest_tag(trainer.out)
         log.error("rank %d/%d: %s; stopped, last good checkpoint: %s", rank, world, err, latest or "none")
         return 3
-    except RuntimeError as err:
-        if world == 1:
+    except (RuntimeError, Terminated) as err:
+        if world == 1 and not isinstance(err, Terminated):
             raise
+        signal.signal(
+            signal.SIGTERM, signal.SIG_IGN
+        )  # the launcher's SIGTERM must not cut the diagnosis short
+        step = trainer.global_step
         log.error(
-            "rank %d/%d: a collective failed at step %d, another rank has probably died or hangs (%s). "
-            "Heartbeats, stalest first: %s",
-            rank, world, trainer.global_step, str(err).splitlines()[0], trainer.heartbeat.report(),
+            "rank %d/%d stopped at step %d: %s; %s",
+            rank,
+            world,
+            step,
+            str(err).splitlines()[0],
+            trainer.heartbeat.diagnose(step),
         )
         return 4
     return 0
@@ -75,7 +92,9 @@ def dry_run_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--num-samples", type=int, default=None, help="split size when the shards are not reachable")
+    parser.add_argument(
+        "--num-samples", type=int, default=None, help="split size when the shards are not reachable"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     from ilm_dist.plan import build_plan

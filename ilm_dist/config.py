@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BLOCKS = (1, 2, 3, 4)
 
@@ -30,7 +32,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     arch: str = "resnet50"  # any torchvision ResNet
     zero_init_residual: bool = True  # official code (Kaku et al.) and Goyal et al. 2017
-    channels_last: bool = False
+    channels_last: bool = False  # NHWC inputs (convolutions follow the input's layout); weights stay NCHW
 
 
 @dataclass
@@ -286,6 +288,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 def _coerce_scalar(tp: type, value: Any, key: str) -> Any:
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp in (str, bool) and isinstance(value, tp):

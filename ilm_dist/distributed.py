@@ -59,18 +59,37 @@ def all_gather_no_grad(tensor: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def all_gather_with_grad(tensor: Tensor) -> Tensor:
-    """Concatenate ``tensor`` from all ranks along dim 0, keeping autograd.
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: Tensor, dim: int, group) -> Tensor:
+        parts = [
+            torch.empty_like(tensor, memory_format=torch.contiguous_format)
+            for _ in range(dist.get_world_size(group))
+        ]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        ctx.dim, ctx.group = dim, group
+        ctx.start, ctx.length = dist.get_rank(group) * tensor.shape[dim], tensor.shape[dim]
+        return torch.cat(parts, dim=dim)
 
-    The backward sums the incoming gradients over ranks and returns this rank's slice, so a loss
-    that every rank computes identically on the gathered batch, with gradients averaged by the
-    data-parallel engine, gets exactly the single-process gradient.
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad.narrow(ctx.dim, ctx.start, ctx.length), None, None
+
+
+def all_gather_with_grad(tensor: Tensor, dim: int = 0, group=None) -> Tensor:
+    """Concatenate ``tensor`` from all ranks of ``group`` along ``dim`` (rank order), keeping autograd.
+
+    The backward sums the gradients every rank computed for the gathered tensor (all_reduce) and
+    returns this rank's slice. So a loss that every rank computes identically on the gathered batch,
+    with parameter gradients averaged by the data-parallel engine, gets exactly the single-process
+    gradient. (``torch.distributed.nn.functional.all_gather`` is deprecated, and under gloo its
+    backward mis-orders gradients that arrive non-contiguous.)
     """
-    if world_size() == 1:
+    if not is_initialized() or dist.get_world_size(group) == 1:
         return tensor
-    import torch.distributed.nn.functional as dist_fn
-
-    return torch.cat(dist_fn.all_gather(tensor.contiguous()))
+    return _GatherWithGrad.apply(tensor, dim, group)
 
 
 def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:

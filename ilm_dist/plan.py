@@ -53,11 +53,17 @@ def count(module: nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
-def build_plan(cfg: RunConfig, nodes: int, gpus_per_node: int, num_samples: int | None, num_shards: int | None) -> Plan:
+def build_plan(
+    cfg: RunConfig, nodes: int, gpus_per_node: int, num_samples: int | None, num_shards: int | None
+) -> Plan:
     plan, world = Plan(), nodes * gpus_per_node
     ds = resolve_deepspeed_config(cfg)
-    precision, stage, accum = precision_of(ds), ds.get("zero_optimization", {}).get("stage", 0), ds["gradient_accumulation_steps"]
-    batch, size = cfg.data.batch_size, cfg.data.image_size
+    precision, stage, accum = (
+        precision_of(ds),
+        ds.get("zero_optimization", {}).get("stage", 0),
+        ds["gradient_accumulation_steps"],
+    )
+    batch = cfg.data.batch_size
     global_batch = batch * world * accum
     plan.add("world", f"{nodes} nodes x {gpus_per_node} ranks = {world} ranks")
     plan.add("batch", f"{batch}/rank x {world} ranks x {accum} accumulation = global {global_batch}")
@@ -75,18 +81,26 @@ def build_plan(cfg: RunConfig, nodes: int, gpus_per_node: int, num_samples: int 
 
 def _plan_queue(plan: Plan, cfg: RunConfig, keys_per_step: int) -> None:
     k = cfg.moco.queue_size
-    plan.add("queue", f"{k} keys; {keys_per_step} enter per step -> a key lives {k / keys_per_step:.1f} steps")
+    plan.add(
+        "queue", f"{k} keys; {keys_per_step} enter per step -> a key lives {k / keys_per_step:.1f} steps"
+    )
     if k < keys_per_step:
-        plan.warnings.append(f"moco.queue_size={k} is smaller than one global batch of keys ({keys_per_step})")
+        plan.warnings.append(
+            f"moco.queue_size={k} is smaller than one global batch of keys ({keys_per_step})"
+        )
 
 
-def _plan_data(plan: Plan, cfg: RunConfig, batch: int, world: int, samples: int | None, shards: int | None) -> None:
+def _plan_data(
+    plan: Plan, cfg: RunConfig, batch: int, world: int, samples: int | None, shards: int | None
+) -> None:
     if samples is None:
         plan.add("data", "no manifest read (pass --num-samples or make data.shards reachable)")
         return
     steps = samples // (batch * world)
     dropped = samples - steps * batch * world
-    plan.add("data", f"{samples} samples -> {steps} steps/epoch, {dropped} dropped per epoch (same on every rank)")
+    plan.add(
+        "data", f"{samples} samples -> {steps} steps/epoch, {dropped} dropped per epoch (same on every rank)"
+    )
     if steps == 0:
         plan.warnings.append("fewer samples than one global batch: the job cannot take a step")
     if shards is not None:
@@ -108,7 +122,9 @@ def _plan_memory(plan: Plan, cfg: RunConfig, model: MoCoILM, precision: str, sta
     queue = cfg.moco.queue_size * cfg.moco.dim * 4
     acts = activation_bytes(model, cfg.data.batch_size, cfg.data.image_size, low)
     total = weights + master + optim_state + grads + key_encoder + queue + acts
-    plan.add("parameters", f"{params / 1e6:.1f} M trainable (+ {count(model.encoder) / 1e6:.1f} M key encoder)")
+    plan.add(
+        "parameters", f"{params / 1e6:.1f} M trainable (+ {count(model.encoder) / 1e6:.1f} M key encoder)"
+    )
     plan.add(
         "memory / rank",
         f"~{total / GIB:.1f} GiB = weights {weights / GIB:.2f} + master {master / GIB:.2f} + optimizer "
@@ -117,7 +133,9 @@ def _plan_memory(plan: Plan, cfg: RunConfig, model: MoCoILM, precision: str, sta
     )
 
 
-def _plan_comm(plan: Plan, cfg: RunConfig, model: MoCoILM, precision: str, stage: int, world: int, batch: int) -> None:
+def _plan_comm(
+    plan: Plan, cfg: RunConfig, model: MoCoILM, precision: str, stage: int, world: int, batch: int
+) -> None:
     """Bytes each rank sends per step with ring collectives: all-reduce 2(R-1)/R, all-gather (R-1)/R."""
     if world == 1:
         plan.add("communication", "none (one rank)")
@@ -128,7 +146,9 @@ def _plan_comm(plan: Plan, cfg: RunConfig, model: MoCoILM, precision: str, stage
     shuffle = 0.0
     if cfg.moco.shuffle_bn:  # the images out, the key features (embedding + reduced blocks) back
         with torch.no_grad():
-            one = model.key_features(model.encoder, torch.empty(1, 3, cfg.data.image_size, cfg.data.image_size, device="meta"))
+            one = model.key_features(
+                model.encoder, torch.empty(1, 3, cfg.data.image_size, cfg.data.image_size, device="meta")
+            )
         per_sample = 3 * cfg.data.image_size**2 * low + sum(t.numel() for t in one) * 4
         shuffle = ring * world * batch * per_sample
     bt = 0.0

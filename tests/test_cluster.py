@@ -53,9 +53,19 @@ def test_per_rank_barlow_twins_statistics_differ(equivalence_runs):
     assert first2[moco] == pytest.approx(first1[moco].item(), rel=1e-4)  # InfoNCE is still the same
 
 
-TINY = ["--config", "configs/demo.yaml", "data.backend=synthetic", "data.image_size=32", "data.batch_size=4",
-        "data.synthetic.num_samples=256", "moco.queue_size=48", "optim.schedule=constant", "optim.lr=0.2",
-        "train.log_every=1", "train.max_steps=5"]
+TINY = [
+    "--config",
+    "configs/demo.yaml",
+    "data.backend=synthetic",
+    "data.image_size=32",
+    "data.batch_size=4",
+    "data.synthetic.num_samples=256",
+    "moco.queue_size=48",
+    "optim.schedule=constant",
+    "optim.lr=0.2",
+    "train.log_every=1",
+    "train.max_steps=5",
+]
 
 
 def test_two_nodes_equal_one_node(tmp_path):
@@ -65,8 +75,20 @@ def test_two_nodes_equal_one_node(tmp_path):
     port = str(free_port())
     launches = [
         subprocess.Popen(
-            ["bash", "launch/cluster/node.sh", str(hostfile), str(rank), "127.0.0.1", *TINY, f"output_dir={nodes}"],
-            cwd=REPO, env=cpu_env(MASTER_PORT=port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                "bash",
+                "launch/cluster/node.sh",
+                str(hostfile),
+                str(rank),
+                "127.0.0.1",
+                *TINY,
+                f"output_dir={nodes}",
+            ],
+            cwd=REPO,
+            env=cpu_env(MASTER_PORT=port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for rank in (0, 1)
     ]
@@ -78,7 +100,8 @@ def test_two_nodes_equal_one_node(tmp_path):
     assert a["world_size"] == b["world_size"] == 4
     assert a["queue_sha256_per_rank"] == b["queue_sha256_per_rank"]
     assert [r["loss"] for r in read_metrics(nodes / "metrics.jsonl")] == pytest.approx(
-        [r["loss"] for r in read_metrics(single / "metrics.jsonl")], rel=1e-6)
+        [r["loss"] for r in read_metrics(single / "metrics.jsonl")], rel=1e-6
+    )
     wa, wb = torch.load(nodes / "backbone.pt"), torch.load(single / "backbone.pt")
     for key in wb:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-6, atol=1e-7)
@@ -87,9 +110,22 @@ def test_two_nodes_equal_one_node(tmp_path):
 def test_dry_run_plans_a_32_gpu_job():
     start = time.time()
     proc = subprocess.run(
-        [sys.executable, "launch/dry_run.py", "--config", "configs/nih/moco_bt.yaml", "--nodes", "4",
-         "--gpus-per-node", "8", "--num-samples", "86524"],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "launch/dry_run.py",
+            "--config",
+            "configs/nih/moco_bt.yaml",
+            "--nodes",
+            "4",
+            "--gpus-per-node",
+            "8",
+            "--num-samples",
+            "86524",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     elapsed = time.time() - start
     out = proc.stdout

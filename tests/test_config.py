@@ -15,6 +15,14 @@ def write(path, text):
     return path
 
 
+def test_exponent_floats_without_a_dot_are_floats():
+    """YAML 1.1 reads 1e-4 as a string; a float-typed key takes it as the number."""
+    cfg = load_config("configs/demo.yaml", ["optim.lr=1e-4", "optim.weight_decay=5E2"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (1e-4, 500.0)
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected float, got '1e-4x'"):
+        load_config("configs/demo.yaml", ["optim.lr=1e-4x"])
+
+
 def test_dotted_overrides_are_typed():
     cfg = load_config(
         "configs/demo.yaml", ["train.max_steps=20", "output_dir=runs/x", "loss.weights=[1, 2, 3, 4]"]

@@ -21,7 +21,7 @@ from ilm_dist.eval.context import init_test_features, open_context
 from ilm_dist.eval.monitor import KnnMonitor
 from ilm_dist.eval.probe import ProbeSettings, probe
 from ilm_dist.eval.store import load_npz
-from ilm_dist.eval.weights import fingerprint
+from ilm_dist.eval.weights import fingerprint, load_state, resolve_init
 from ilm_dist.model.encoder import Encoder
 from tests.test_eval_support import pack_dataset
 
@@ -113,6 +113,13 @@ def test_probe_leaves_the_backbone_untouched(evaluated, run):
     ctx = open_context(str(run), None, [], evaluated, None, CPU)
     assert record["backbone_sha256"] == fingerprint(ctx.classifier())
     assert set(record["blocks"]) == {"block1", "block2", "block3", "block4"}
+
+
+def test_deepspeed_checkpoint_holds_the_exported_backbone(run):
+    exported = load_state(resolve_init(str(run)))
+    from_checkpoint = load_state(resolve_init(str(run / "checkpoints")))
+    assert set(exported) == set(from_checkpoint)
+    assert all(torch.equal(exported[k], from_checkpoint[k]) for k in exported)
 
 
 def test_probe_fails_loudly_if_the_backbone_moves(run, tmp_path, monkeypatch):

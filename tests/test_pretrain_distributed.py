@@ -89,8 +89,16 @@ def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, tmp_path, fault
     """SIGKILL mid-epoch (step 8) or inside the checkpoint save at step 6; the resume is exact."""
     crashed = run_deepspeed(
         "launch/pretrain.py",
-        ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY, "train.max_steps=12", "train.ckpt_every=3"],
-        check=False, ILM_DIST_FAULT=fault,
+        [
+            "--config",
+            "configs/demo.yaml",
+            f"output_dir={tmp_path}",
+            *TINY,
+            "train.max_steps=12",
+            "train.ckpt_every=3",
+        ],
+        check=False,
+        ILM_DIST_FAULT=fault,
     )
     assert crashed.returncode != 0
     assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{resumed_from}"
@@ -104,12 +112,22 @@ def test_resume_on_another_world_size(uninterrupted, tmp_path):
     pretrain(tmp_path, "train.max_steps=6")
     proc = run_deepspeed(
         "launch/pretrain.py",
-        ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY, "data.batch_size=16", "train.max_steps=12",
-         "--resume"],
+        [
+            "--config",
+            "configs/demo.yaml",
+            f"output_dir={tmp_path}",
+            *TINY,
+            "data.batch_size=16",
+            "train.max_steps=12",
+            "--resume",
+        ],
         num_procs=1,
     )
     out = proc.stdout + proc.stderr
-    assert "resuming on 1 ranks x batch 16 (checkpoint: 2 x 8): data re-sharded, 96 samples of epoch 0 done" in out
+    assert (
+        "resuming on 1 ranks x batch 16 (checkpoint: 2 x 8): data re-sharded, 96 samples of epoch 0 done"
+        in out
+    )
     assert "resumed at step 6 (epoch 0, batch 6 of the epoch)" in out
     steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     assert steps == list(range(1, 13))
@@ -119,8 +137,15 @@ def test_resume_on_another_world_size(uninterrupted, tmp_path):
 def test_non_finite_loss_stops_with_step_and_term(tmp_path):
     proc = run_deepspeed(
         "launch/pretrain.py",
-        ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY, "optim.lr=1e30", "train.max_steps=12",
-         "train.ckpt_every=1"],
+        [
+            "--config",
+            "configs/demo.yaml",
+            f"output_dir={tmp_path}",
+            *TINY,
+            "optim.lr=1e30",
+            "train.max_steps=12",
+            "train.ckpt_every=1",
+        ],
         check=False,
     )
     out = proc.stdout + proc.stderr
@@ -135,21 +160,56 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path):
 def test_dead_rank_fails_the_job_naming_it(tmp_path):
     proc = run_deepspeed(
         "launch/pretrain.py",
-        ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY, "train.max_steps=12",
-         "engine.collective_timeout_s=30"],
-        check=False, timeout=240, ILM_DIST_FAULT="step@3:1",
+        [
+            "--config",
+            "configs/demo.yaml",
+            f"output_dir={tmp_path}",
+            *TINY,
+            "train.max_steps=12",
+            "engine.collective_timeout_s=30",
+        ],
+        check=False,
+        timeout=240,
+        ILM_DIST_FAULT="step@3:1",
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "rank 1" in out, out[-3000:]
+    match = re.search(r"rank 0/2 stopped at step \d+: .*; not heard from since the failure: (.*)", out)
+    assert match, out[-3000:]
+    assert match.group(1).startswith("rank 1 (last alive at step "), match.group(1)
+    assert "rank 0 (" not in match.group(1)
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_two_ranks_on_packed_shards(packed_tiny, tmp_path, backend):
     """The real data paths under the launcher: torch DataLoader workers, and DALI in CPU mode."""
-    pretrain(tmp_path, f"data.backend={backend}", f"data.shards={packed_tiny}", "data.num_workers=1",
-             "train.max_steps=4")
+    pretrain(
+        tmp_path,
+        f"data.backend={backend}",
+        f"data.shards={packed_tiny}",
+        "data.num_workers=1",
+        "train.max_steps=4",
+    )
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert len(set(json.loads((tmp_path / "final_state.json").read_text())["queue_sha256_per_rank"])) == 1
+
+
+def test_bf16_zero1_channels_last_with_the_bt_op(tmp_path):
+    """The GPU recipe's engine settings (bf16, ZeRO-1, NHWC inputs, the csrc op) on CPU ranks."""
+    pretrain(
+        tmp_path,
+        "engine.deepspeed_config=deepspeed/bf16_zero1.json",
+        "model.channels_last=true",
+        "loss.type=bt",
+        "loss.bt.impl=ext",
+        "loss.bt.proj_dims=[64, 64]",
+        "loss.weights=[5e-5, 5e-5, 5e-5, 5e-5]",
+        "train.max_steps=3",
+    )
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(
+        torch.isfinite(torch.tensor([r["loss"], r["bt_block1"], r["bt_block4"]])).all() for r in records
+    )

@@ -14,13 +14,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ilm_dist.distributed import all_gather_with_grad
 from ilm_dist.ops import bt_xcorr_loss, bt_xcorr_loss_global, extension_available
 from ilm_dist.ops.reference import batch_standardize
-from ilm_dist.ops.xcorr import _GatherBatch
 
 WORLD = 2
 L, N_LOCAL, D_IN, D = 3, 6, 10, 16
@@ -63,7 +64,7 @@ def official_style_loss(z1: Tensor, z2: Tensor, on: Tensor, off: Tensor) -> Tens
     rank, n = dist.get_rank(), z1.shape[1] * dist.get_world_size()
 
     def local_rows(z: Tensor) -> Tensor:
-        z_all = _GatherBatch.apply(z, None)  # differentiable, like SyncBatchNorm's statistics
+        z_all = all_gather_with_grad(z, dim=1)  # differentiable, like SyncBatchNorm's statistics
         return batch_standardize(z_all, EPS)[:, rank * z.shape[1] : (rank + 1) * z.shape[1]]
 
     c = plain_all_reduce(local_rows(z1).transpose(1, 2) @ local_rows(z2)) / n
@@ -117,6 +118,7 @@ def worker(out_dir: Path) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_global_loss_and_gradients_on_two_gloo_ranks(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

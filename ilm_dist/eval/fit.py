@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +41,17 @@ def task_loss(task: str, logits: Tensor, labels: Tensor) -> Tensor:
 def eval_points(steps: int, evals: int) -> set[int]:
     """``evals`` validation steps spread evenly over ``1..steps``, always including the last."""
     return {max(1, round(steps * i / evals)) for i in range(1, evals + 1)} | {steps}
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Temporarily set torch's CPU thread count (tiny linear layers: thread wake-ups cost more than the math)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _forever(loader: DataLoader) -> Iterator:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ilm_dist.eval.context import SPLITS, EvalContext
-from ilm_dist.eval.fit import ADAM_LR, fit, predict, val_score
+from ilm_dist.eval.fit import ADAM_LR, fit, predict, torch_threads, val_score
 from ilm_dist.eval.metrics import evaluate_predictions
 from ilm_dist.eval.store import fraction_tag, load_npz, read_json, save_npz, write_json
 from ilm_dist.eval.subsets import load_or_draw_subset
@@ -110,9 +110,10 @@ def probe(ctx: EvalContext, settings: ProbeSettings, force: bool = False) -> dic
     before = fingerprint(backbone)
     feats = cached_features(ctx, backbone, out, subset["indices"], force)
     blocks = {}
-    for i in range(1, len(BLOCK_NODES) + 1):
-        log.info("%s: probing block %d", ctx.name, i)
-        blocks[f"block{i}"] = probe_block(ctx, feats, f"block{i}", settings)
+    with torch_threads(1):
+        for i in range(1, len(BLOCK_NODES) + 1):
+            log.info("%s: probing block %d", ctx.name, i)
+            blocks[f"block{i}"] = probe_block(ctx, feats, f"block{i}", settings)
     assert_unchanged(backbone, before, f"probing {ctx.name}")
     record = {
         "method": ctx.name,

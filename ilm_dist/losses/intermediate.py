@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ilm_dist.config import LossConfig
-from ilm_dist.ops import bt_xcorr_loss, bt_xcorr_loss_global
+from ilm_dist.ops import bt_xcorr_loss
 
 
 class IntermediateLoss(nn.Module):

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ilm_dist.distributed import all_gather_with_grad
 from ilm_dist.ops._extension import LOAD_ERROR, extension_available
 from ilm_dist.ops.reference import bt_xcorr_loss_reference, compute_dtype
 
@@ -57,40 +58,14 @@ def bt_xcorr_loss_global(
 
     Gradient convention: every rank computes the identical global loss, and the backward of the
     differentiable all_gather sums (all_reduce) the gradients that all ranks computed for the global batch
-    and keeps this rank's slice, so the
-    gradient w.r.t. the local ``z`` is ``world_size`` times the single-process global-batch gradient of
-    that slice. The data-parallel engine (DDP, DeepSpeed) then averages parameter gradients over ranks,
-    which gives exactly the single-process global-batch gradient. (A plain, autograd-unaware all_reduce of
-    the statistics would pass gradients only to the local term and be off by a factor ``1/world_size``.)
+    and keeps this rank's slice, so the gradient w.r.t. the local ``z`` is ``world_size`` times the
+    single-process global-batch gradient of that slice. The data-parallel engine (DDP, DeepSpeed) then
+    averages parameter gradients over ranks, which gives exactly the single-process global-batch gradient.
+    (The official Barlow Twins code's plain, autograd-unaware ``all_reduce(C)`` gives each rank only the
+    gradient of its own slice, so after the engine's averaging its gradients are ``1/world_size`` too small.)
     """
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        z1, z2 = _GatherBatch.apply(z1, group), _GatherBatch.apply(z2, group)
+    z1, z2 = all_gather_with_grad(z1, dim=1, group=group), all_gather_with_grad(z2, dim=1, group=group)
     return bt_xcorr_loss(z1, z2, on_weight, off_weight, eps, impl)
-
-
-class _GatherBatch(torch.autograd.Function):
-    """Differentiable all_gather along the batch axis (1) of ``[L, N_local, D]``.
-
-    The backward sums the gradients that all ranks computed for the global batch (all_reduce) and returns
-    this rank's slice. (``torch.distributed.nn.functional.all_gather`` is deprecated, and its gloo backward
-    mis-orders gradients that arrive non-contiguous, as the reference's matmul backward produces.)
-    """
-
-    @staticmethod
-    def forward(ctx, z: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-        parts = [
-            torch.empty_like(z, memory_format=torch.contiguous_format)
-            for _ in range(dist.get_world_size(group))
-        ]
-        dist.all_gather(parts, z.contiguous(), group=group)
-        ctx.group, ctx.start, ctx.length = group, dist.get_rank(group) * z.shape[1], z.shape[1]
-        return torch.cat(parts, dim=1)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, group=ctx.group)
-        return grad.narrow(1, ctx.start, ctx.length), None
 
 
 def _use_extension(impl: Impl) -> bool:

@@ -78,7 +78,10 @@ def load_engine(engine, output_dir: str | Path, tag: str, same_world: bool) -> N
     root = checkpoint_dir(output_dir)
     zero = engine.zero_optimization_stage() > 0
     path, _ = engine.load_checkpoint(
-        str(root), tag=tag, load_optimizer_states=same_world or not zero, load_module_only=not same_world and zero
+        str(root),
+        tag=tag,
+        load_optimizer_states=same_world or not zero,
+        load_module_only=not same_world and zero,
     )
     if path is None:
         raise FileNotFoundError(f"--resume: DeepSpeed could not load {root / tag}")

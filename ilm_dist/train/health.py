@@ -5,7 +5,8 @@ log and checkpoint time, naming the first bad step and term, so no checkpoint is
 after a non-finite loss and the hot loop never waits on ``.item()``.
 
 :class:`Heartbeat` lets a surviving rank say *which* rank went silent when a collective fails:
-every rank touches ``output_dir/heartbeat/rank<r>`` (at most every few seconds) with its step.
+every rank touches ``output_dir/heartbeat/rank<r>`` (at most every few seconds) with its step, and
+on a failure every survivor checks in at once; whoever has not after a grace period is named.
 """
 
 from __future__ import annotations
@@ -56,15 +57,24 @@ class Heartbeat:
             (self.dir / f"rank{self.rank}").write_text(f"{step} {now:.3f}\n")
             self.last = now
 
-    def report(self) -> str:
-        """Each rank's last step and age, stalest first: the likely culprit leads."""
-        rows = []
+    def _last(self, rank: int) -> tuple[str, float] | None:
+        path = self.dir / f"rank{rank}"
+        if not path.is_file():
+            return None
+        step, stamp = path.read_text().split()
+        return step, float(stamp)
+
+    def diagnose(self, step: int, grace_s: float = 3.0) -> str:
+        """After a failure: check in, give the other survivors ``grace_s`` to do the same, and name
+        the ranks not heard from since, with their last step (the dead or hung ones)."""
+        failure = time.time()
+        self.beat(step, force=True)
+        time.sleep(grace_s)
+        silent = []
         for r in range(self.world_size):
-            path = self.dir / f"rank{r}"
-            if not path.is_file():
-                rows.append((float("inf"), f"rank {r}: no heartbeat"))
-                continue
-            step, stamp = path.read_text().split()
-            age = time.time() - float(stamp)
-            rows.append((age, f"rank {r}: last at step {step}, {age:.0f} s ago"))
-        return "; ".join(text for _, text in sorted(rows, reverse=True))
+            last = self._last(r)
+            if last is None:
+                silent.append(f"rank {r} (never checked in)")
+            elif last[1] < failure:
+                silent.append(f"rank {r} (last alive at step {last[0]}, {failure - last[1]:.0f} s before)")
+        return "not heard from since the failure: " + (", ".join(silent) if silent else "none")

@@ -31,6 +31,7 @@ from ilm_dist.train import engine as ds_engine
 from ilm_dist.train.health import Heartbeat, NanWatch
 from ilm_dist.train.metrics import MetricsLogger
 from ilm_dist.train.optim import build_optimizer, build_scheduler, scaled_lr
+from ilm_dist.train.timing import StepTimer
 
 log = logging.getLogger("ilm_dist")
 
@@ -65,6 +66,7 @@ class Trainer:
         self.nan_watch = NanWatch(self.engine.module.term_names())
         self.heartbeat = Heartbeat(self.out, self.info.rank, self.info.world_size)
         self.monitor = self._build_monitor()
+        self.timer = StepTimer()  # per-phase step timing: off (free) unless a benchmark enables it
         if self.info.world_size == 1 and cfg.moco.shuffle_bn:
             log.warning(
                 "one rank: shuffle-BN has no other rank to shuffle with (see ilm_dist/moco/shuffle_bn.py)"
@@ -85,10 +87,9 @@ class Trainer:
         model = MoCoILM(self.cfg)
         if self.cfg.moco.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = model.to(self.device)
-        if self.cfg.model.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        return model
+        # model.channels_last only changes the inputs' layout: convolutions follow the input's memory
+        # format, and DeepSpeed's flat parameter buffers need the weights contiguous.
+        return model.to(self.device)
 
     def _build_monitor(self):
         """The online kNN monitor (rank 0 only; the other ranks wait at the next collective)."""
@@ -124,7 +125,9 @@ class Trainer:
 
     def _restore(self) -> None:
         tag, state = checkpoint.load_moco_state(self.out)
-        same_world = state["world_size"] == self.info.world_size and state["batch_size"] == self.cfg.data.batch_size
+        same_world = (
+            state["world_size"] == self.info.world_size and state["batch_size"] == self.cfg.data.batch_size
+        )
         checkpoint.load_engine(self.engine, self.out, tag, same_world)
         self.key_encoder.load_state_dict(state["key_encoder"])
         self.queue.load_state_dict(state["queue"])
@@ -132,7 +135,12 @@ class Trainer:
         self.step_in_epoch = state["step_in_epoch"]
         if not same_world:
             self._reshard(state)
-        log.info("resumed at step %d (epoch %d, batch %d of the epoch)", self.global_step, self.epoch, self.step_in_epoch)
+        log.info(
+            "resumed at step %d (epoch %d, batch %d of the epoch)",
+            self.global_step,
+            self.epoch,
+            self.step_in_epoch,
+        )
 
     def _reshard(self, state: dict) -> None:
         """Continue on another world size or batch: same epoch permutation, position kept in samples."""
@@ -145,10 +153,17 @@ class Trainer:
         log.warning(
             "resuming on %d ranks x batch %d (checkpoint: %d x %d): data re-sharded, %d samples of epoch %d "
             "done -> batch %d (%d samples seen again); queue and key encoder kept%s",
-            self.info.world_size, self.cfg.data.batch_size, state["world_size"], state["batch_size"], done,
-            self.epoch, self.step_in_epoch, done - self.step_in_epoch * global_batch,
+            self.info.world_size,
+            self.cfg.data.batch_size,
+            state["world_size"],
+            state["batch_size"],
+            done,
+            self.epoch,
+            self.step_in_epoch,
+            done - self.step_in_epoch * global_batch,
             "; ZeRO optimizer state restarted (partitions depend on the world size)"
-            if self.engine.zero_optimization_stage() > 0 else "",
+            if self.engine.zero_optimization_stage() > 0
+            else "",
         )
 
     def save_checkpoint(self) -> Path:
@@ -171,18 +186,25 @@ class Trainer:
             return self.engine.module.key_features(self.key_encoder, images)
 
     def train_step(self, batch: TwoViewBatch) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
-        batch = batch.to(self.device, self.dtype, cfg.model.channels_last)
-        if self.micro_steps % self.grad_accum == 0:
-            self.key_encoder.update(self.engine.module.encoder, cfg.moco.momentum)
-        if cfg.moco.shuffle_bn:
-            keys = shuffled_forward(self._key_features, batch.view2, cfg.seed, self.micro_steps)
-        else:
-            keys = self._key_features(batch.view2)
-        terms = self.engine(batch.view1, keys, self.queue.keys)
-        self.engine.backward(terms["loss"])
-        self.engine.step()
-        self.queue.enqueue(D.all_gather_no_grad(keys[0]))
+        cfg, phase = self.cfg, self.timer.phase
+        with phase("to_device"):
+            batch = batch.to(self.device, self.dtype, cfg.model.channels_last)
+        with phase("ema"):
+            if self.micro_steps % self.grad_accum == 0:
+                self.key_encoder.update(self.engine.module.encoder, cfg.moco.momentum)
+        with phase("key_forward"):
+            if cfg.moco.shuffle_bn:
+                keys = shuffled_forward(self._key_features, batch.view2, cfg.seed, self.micro_steps)
+            else:
+                keys = self._key_features(batch.view2)
+        with phase("forward"):
+            terms = self.engine(batch.view1, keys, self.queue.keys)
+        with phase("backward"):
+            self.engine.backward(terms["loss"])
+        with phase("optimizer"):
+            self.engine.step()
+        with phase("queue"):
+            self.queue.enqueue(D.all_gather_no_grad(keys[0]))
         self.micro_steps += 1
         self.nan_watch.record(self.global_step, terms)
         return terms

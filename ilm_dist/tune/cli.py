@@ -42,8 +42,8 @@ def tune_main(argv: list[str] | None = None) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     init_ray(args.address, args.num_cpus, args.num_gpus)
-    grid = run_sweep(sweep, resume=args.resume, retry_errored=args.retry_errored)
-    sys.exit(write_outputs(grid, sweep))
+    run_sweep(sweep, resume=args.resume, retry_errored=args.retry_errored)
+    sys.exit(write_outputs(sweep))
 
 
 def _check_output(sweep: Sweep, resume: bool) -> None:
@@ -51,9 +51,10 @@ def _check_output(sweep: Sweep, resume: bool) -> None:
         raise ConfigError(f"output_dir: {sweep.output} holds a sweep; pass --resume to continue it")
 
 
-def write_outputs(grid, sweep: Sweep) -> int:
-    """results.csv, results.png and best.yaml in the sweep's output_dir; 1 when no trial has a result."""
-    records = results.collect(grid, sweep)
+def write_outputs(sweep: Sweep) -> int:
+    """results.csv, results.png and best.yaml in the sweep's output_dir; 1 when the sweep is cut short
+    or no trial has a result."""
+    records = results.collect(sweep.output / EXPERIMENT, sweep)
     df = results.table(records, sweep)
     df.to_csv(sweep.output / "results.csv", index=False)
     results.plot(df, sweep, sweep.output / "results.png")
@@ -61,6 +62,10 @@ def write_outputs(grid, sweep: Sweep) -> int:
     print(df[shown].to_string(index=False))
     for row in df[df["status"] == "error"].itertuples():
         print(f"trial {row.trial_id} failed: {row.error}")
+    unfinished = int((df["status"] == "unfinished").sum())
+    if unfinished:
+        print(f"error: {unfinished} trials did not finish; continue the sweep with --resume", file=sys.stderr)
+        return 1
     best = results.best(records, sweep)
     if best is None:
         print(

@@ -3,7 +3,6 @@ and the best trial's configuration as a normal run config YAML."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,46 +17,52 @@ from ilm_dist.tune.spec import Sweep
 @dataclass
 class TrialRecord:
     trial_id: str
-    status: str  # completed | stopped (early, by the scheduler) | error
+    status: str  # completed | stopped (early, by the scheduler) | error | unfinished (sweep interrupted)
     sampled: dict[str, Any]  # the sample of the search space
     cfg: RunConfig | None  # resolved run config (None when the sample itself is invalid)
-    history: pd.DataFrame  # one row per report
+    history: pd.DataFrame | None  # one row per report; None before the first
     error: str
 
 
-def collect(grid: Any, sweep: Sweep) -> list[TrialRecord]:
-    """One record per trial of Ray's ``ResultGrid``."""
-    return [_record(result, sweep) for result in grid]
+def collect(experiment: Path, sweep: Sweep) -> list[TrialRecord]:
+    """One record per trial of the Ray experiment in ``experiment``, as saved on disk."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(experiment))
+    frames = analysis.trial_dataframes
+    return [_record(trial, frames.get(trial.trial_id), sweep) for trial in analysis.trials]
 
 
-def _record(result: Any, sweep: Sweep) -> TrialRecord:
-    trial_id = Path(result.path).name
-    run_dir = sweep.trials_dir / trial_id
-    # Ray keeps the config with the last report; a trial that never reported has it in params.json
-    config = result.config or json.loads((Path(result.path) / "params.json").read_text())
-    sampled = {key: plain(value) for key, value in config.items()}
+def _record(trial: Any, history: pd.DataFrame | None, sweep: Sweep) -> TrialRecord:
+    run_dir = sweep.trials_dir / trial.trial_id
+    sampled = {key: plain(value) for key, value in trial.config.items()}
     try:
-        cfg = sweep.run_config(sampled, run_dir, trial_id)
+        cfg = sweep.run_config(sampled, run_dir, trial.trial_id)
     except ConfigError:
         cfg = None
-    history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
-    if result.error is not None:
-        status = "error"
-    else:
-        status = "completed" if (run_dir / "final_state.json").exists() else "stopped"
-    return TrialRecord(trial_id, status, sampled, cfg, history, error_text(result.error))
+    error = error_text(Path(trial.path) / "error.txt") if trial.status == "ERROR" else ""
+    return TrialRecord(trial.trial_id, _status(trial.status, run_dir), sampled, cfg, history, error)
 
 
-def error_text(error: BaseException | None) -> str:
-    """One line: the trial's own exception (Ray wraps it), without the traceback."""
-    if error is None:
-        return ""
-    cause = getattr(error, "cause", None) or error
-    return f"{type(cause).__name__}: {' | '.join(str(cause).split(chr(10)))}"
+def _status(ray_status: str, run_dir: Path) -> str:
+    if ray_status == "ERROR":
+        return "error"
+    if ray_status != "TERMINATED":
+        return "unfinished"
+    return "completed" if (run_dir / "final_state.json").exists() else "stopped"
+
+
+def error_text(error_file: Path) -> str:
+    """The last line of Ray's error.txt: the trial's own exception, e.g. ``TrialFailed: ...``."""
+    if not error_file.exists():
+        return "(no error.txt)"
+    lines = [line for line in error_file.read_text().splitlines() if line.strip()]
+    name, _, message = lines[-1].partition(": ")
+    return f"{name.rsplit('.', 1)[-1]}: {message}"
 
 
 def metric_values(record: TrialRecord, metric: str) -> pd.Series:
-    if metric not in record.history:
+    if record.history is None or metric not in record.history:
         return pd.Series(dtype=float)
     return record.history[metric].dropna()
 
@@ -82,7 +87,7 @@ def table(records: list[TrialRecord], sweep: Sweep) -> pd.DataFrame:
     rows = []
     for r in records:
         values = metric_values(r, metric)
-        steps = r.history["step"].dropna() if "step" in r.history else pd.Series(dtype=float)
+        steps = metric_values(r, "step")
         rows.append(
             {
                 "trial_id": r.trial_id,
@@ -141,6 +146,7 @@ def plot(df: pd.DataFrame, sweep: Sweep, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     metric = sweep.settings.metric
     ok = df[(df["status"] != "error") & df[f"best_{metric}"].notna()]
@@ -155,7 +161,6 @@ def plot(df: pd.DataFrame, sweep: Sweep, path: Path) -> None:
             sub[f"best_{metric}"],
             edgecolors=colour,
             facecolors=["none" if s == "stopped" else colour for s in sub["status"]],
-            label=loss_type,
             s=40,
         )
     ax.set_xticks(range(len(layers)), layers)
@@ -166,7 +171,9 @@ def plot(df: pd.DataFrame, sweep: Sweep, path: Path) -> None:
         f"sweep {sweep.settings.name}: {len(ok)} trials with results, {failed} failed (hollow: stopped early)",
         fontsize=9,
     )
-    ax.legend(title="loss.type", fontsize=8)
+    shown = [t for t in LOSS_STYLE if (ok["loss.type"] == t).any()]
+    handles = [Line2D([], [], marker="o", ls="", color=LOSS_STYLE[t][0], label=t) for t in shown]
+    ax.legend(handles=handles, title="loss.type", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -30,8 +30,8 @@ def init_ray(address: str | None, num_cpus: int | None, num_gpus: int | None) ->
         )
 
 
-def run_sweep(sweep: Sweep, resume: bool = False, retry_errored: bool = False):
-    """Run (or with ``resume``, continue) the sweep; returns Ray's ``ResultGrid``."""
+def run_sweep(sweep: Sweep, resume: bool = False, retry_errored: bool = False) -> None:
+    """Run (or with ``resume``, continue) the sweep; the experiment is saved in ``<output_dir>/tune``."""
     from ray import tune
 
     path = sweep.output / EXPERIMENT
@@ -48,7 +48,7 @@ def run_sweep(sweep: Sweep, resume: bool = False, retry_errored: bool = False):
             tune_config=_tune_config(sweep),
             run_config=_run_config(sweep),
         )
-    return tuner.fit()
+    tuner.fit()
 
 
 def _tune_config(sweep: Sweep):

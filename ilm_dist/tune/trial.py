@@ -49,12 +49,13 @@ def run_trial(config: dict[str, Any], sweep: Sweep) -> None:
         (run_dir / "log.txt").open("wb") as log,
         launch(run_dir / "run.yaml", sweep.settings.resources, log) as proc,
     ):
-        while proc.poll() is None:
-            time.sleep(POLL_S)
+        while True:
+            exited = proc.poll() is not None
             for record in follower.poll():
                 tune.report(record)
-        for record in follower.poll():
-            tune.report(record)
+            if exited:
+                break
+            time.sleep(POLL_S)
     if proc.returncode != 0:
         tail = " | ".join(last_lines(run_dir / "log.txt", TAIL_LINES))
         raise TrialFailed(f"pretraining exited with code {proc.returncode}: {tail}")

@@ -27,12 +27,24 @@ STEPS = 3
 
 
 def run(name: str, out: Path, shards: str, batch: int) -> None:
-    cfg = load_config("configs/demo.yaml", [
-        *VARIANTS[name], f"data.shards={shards}", f"data.batch_size={batch}", "data.image_size=32",
-        "data.num_workers=0", "moco.queue_size=40", "loss.bt.proj_dims=[32, 32]", "loss.mse.pool_sizes=[4, 2, 2, 1]",
-        "optim.schedule=constant", "optim.warmup_steps=0", "optim.lr=0.2", f"output_dir={out / name}",
-        "train.deterministic=true",
-    ])
+    cfg = load_config(
+        "configs/demo.yaml",
+        [
+            *VARIANTS[name],
+            f"data.shards={shards}",
+            f"data.batch_size={batch}",
+            "data.image_size=32",
+            "data.num_workers=0",
+            "moco.queue_size=40",
+            "loss.bt.proj_dims=[32, 32]",
+            "loss.mse.pool_sizes=[4, 2, 2, 1]",
+            "optim.schedule=constant",
+            "optim.warmup_steps=0",
+            "optim.lr=0.2",
+            f"output_dir={out / name}",
+            "train.deterministic=true",
+        ],
+    )
     trainer = Trainer(cfg)
     trainer.engine.module.eval()
     trainer.key_encoder.eval()
@@ -41,9 +53,16 @@ def run(name: str, out: Path, shards: str, batch: int) -> None:
         terms = trainer.train_step(batch_data)
         losses.append(D.all_reduce_mean_(torch.stack([t.detach().float() for t in terms.values()])).tolist())
     if D.rank() == 0:
-        torch.save({"queue": trainer.queue.keys.cpu(), "ptr": trainer.queue.ptr,
-                    "params": {k: v.detach().float().cpu() for k, v in trainer.engine.module.state_dict().items()}},
-                   out / f"{name}.pt")
+        torch.save(
+            {
+                "queue": trainer.queue.keys.cpu(),
+                "ptr": trainer.queue.ptr,
+                "params": {
+                    k: v.detach().float().cpu() for k, v in trainer.engine.module.state_dict().items()
+                },
+            },
+            out / f"{name}.pt",
+        )
         (out / f"{name}.json").write_text(json.dumps({"terms": list(terms), "losses": losses}))
     D.barrier()
 
