@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ilm_dist.config import LossConfig
-from ilm_dist.ops import bt_xcorr_loss
+from ilm_dist.ops import bt_xcorr_loss, bt_xcorr_loss_global
 
 
 class IntermediateLoss(nn.Module):
@@ -79,12 +79,7 @@ class BtIntermediateLoss(IntermediateLoss):
     def __init__(self, cfg: LossConfig, channels: list[int]):
         super().__init__(cfg)
         self.projectors = nn.ModuleList(bt_projector(channels[b - 1], cfg.bt.proj_dims) for b in self.blocks)
-        self.scale, self.off_diag_weight, self.eps, self.impl = (
-            cfg.bt.scale,
-            cfg.bt.off_diag_weight,
-            cfg.bt.eps,
-            cfg.bt.impl,
-        )
+        self.bt = cfg.bt
 
     def reduce(self, blocks: list[Tensor]) -> list[Tensor]:
         return [blocks[b - 1].mean(dim=(2, 3)) for b in self.blocks]
@@ -94,10 +89,10 @@ class BtIntermediateLoss(IntermediateLoss):
         z2 = torch.stack(
             [proj(k.to(q_reduced[0].dtype)) for proj, k in zip(self.projectors, k_reduced, strict=True)]
         )
-        on_weight = self.weights * self.scale
-        return bt_xcorr_loss(
-            z1, z2, on_weight, on_weight * self.off_diag_weight, eps=self.eps, impl=self.impl
-        )
+        on_weight = self.weights * self.bt.scale
+        off_weight = on_weight * self.bt.off_diag_weight
+        loss = bt_xcorr_loss_global if self.bt.global_batch else bt_xcorr_loss
+        return loss(z1, z2, on_weight, off_weight, eps=self.bt.eps, impl=self.bt.impl)
 
 
 def build_intermediate_loss(cfg: LossConfig, channels: list[int]) -> IntermediateLoss | None:

@@ -65,14 +65,17 @@ class Heartbeat:
         return step, float(stamp)
 
     def diagnose(self, step: int, grace_s: float = 3.0) -> str:
-        """After a failure: check in, give the other survivors ``grace_s`` to do the same, and name
-        the ranks not heard from since, with their last step (the dead or hung ones)."""
+        """After a failure: keep checking in for ``grace_s`` while the other survivors do the same, then
+        name the ranks not heard from since the failure, with their last step (the dead or hung ones)."""
         failure = time.time()
-        self.beat(step, force=True)
-        time.sleep(grace_s)
+        while time.time() < failure + grace_s:
+            self.beat(step, force=True)
+            time.sleep(0.25)
         silent = []
         for r in range(self.world_size):
             last = self._last(r)
+            if r == self.rank:
+                continue
             if last is None:
                 silent.append(f"rank {r} (never checked in)")
             elif last[1] < failure:
