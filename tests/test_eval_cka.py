@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.stats import ortho_group
 
-from ilm_dist.eval.cka import linear_cka, rbf_cka, subset_cka
+from ilm_dist.eval.cka import linear_cka, rbf_cka, subset_rbf_cka
 
 
 def centering_matrix_cka(kx: np.ndarray, ky: np.ndarray) -> float:
@@ -84,7 +84,7 @@ def test_unrelated_features_score_low():
 
 def test_subset_cka_is_seeded_and_uses_all_samples_when_few(feats):
     x, y = feats
-    mean, std = subset_cka(x, y, "rbf", num_subsets=5, subset_size=50, seed=2)
-    assert (mean, std) == subset_cka(x, y, "rbf", num_subsets=5, subset_size=50, seed=2)
+    mean, std = subset_rbf_cka(x, y, num_subsets=5, subset_size=50, seed=2)
+    assert (mean, std) == subset_rbf_cka(x, y, num_subsets=5, subset_size=50, seed=2)
     assert std > 0
-    assert subset_cka(x, y, "linear", subset_size=1000) == (pytest.approx(linear_cka(x, y)), 0.0)
+    assert subset_rbf_cka(x, y, subset_size=1000) == (pytest.approx(rbf_cka(x, y)), 0.0)

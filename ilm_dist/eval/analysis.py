@@ -11,7 +11,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ilm_dist.eval.cka import NUM_SUBSETS, RBF_SIGMA, SUBSET_SIZE, linear_cka, subset_cka, subset_plan
+from ilm_dist.eval.cka import NUM_SUBSETS, RBF_SIGMA, SUBSET_SIZE, linear_cka, subset_plan, subset_rbf_cka
 from ilm_dist.eval.context import SOURCE
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.ks import ks_per_class
@@ -117,8 +117,8 @@ def cka_for(
     blocks = {}
     for block in sorted(k for k in after if k.startswith("block")):
         x, y = before[block], after[block]
-        mean, std = subset_cka(
-            x, y, "rbf", params.num_subsets, params.subset_size, params.seed, params.sigma, params.relative
+        mean, std = subset_rbf_cka(
+            x, y, params.num_subsets, params.subset_size, params.seed, params.sigma, params.relative
         )
         draws, size = subset_plan(len(x), params.num_subsets, params.subset_size)
         blocks[block] = {

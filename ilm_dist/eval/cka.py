@@ -4,7 +4,7 @@
   ``HSIC(XX^T, YY^T) ∝ ||Y^T X||_F^2``, so CKA = ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)``. The
   d x d products are accumulated over row chunks in float64: memory O(d1 d2 + chunk d), time O(n d^2),
   never an n x n matrix — usable on a whole test split.
-- :func:`rbf_cka` needs the n x n kernels, so it runs on random subsets (:func:`subset_cka`), as the
+- :func:`rbf_cka` needs the n x n kernels, so it runs on random subsets (:func:`subset_rbf_cka`), as the
   official code does (Kaku et al. 2021: mean over 50 random subsets of 1000 samples, RBF sigma 0.8).
   The official code applies sigma = 0.8 to the raw feature distances, which makes the kernel depend on
   the features' scale; by default sigma is 0.8 x the median pairwise distance instead (Kornblith et
@@ -69,23 +69,20 @@ def subset_plan(n: int, num_subsets: int, subset_size: int) -> tuple[int, int]:
     return (1, n) if n <= subset_size else (num_subsets, subset_size)
 
 
-def subset_cka(
+def subset_rbf_cka(
     x: np.ndarray,
     y: np.ndarray,
-    kernel: str = "rbf",
     num_subsets: int = NUM_SUBSETS,
     subset_size: int = SUBSET_SIZE,
     seed: int = 0,
     sigma: float = RBF_SIGMA,
     relative: bool = True,
 ) -> tuple[float, float]:
-    """Mean and std of CKA over random subsets without replacement (one subset when n <= subset_size)."""
+    """Mean and std of RBF CKA over random subsets without replacement (official ``bootstrap_similarity``)."""
     rng = np.random.default_rng(seed)
     draws, size = subset_plan(len(x), num_subsets, subset_size)
     values = []
     for _ in range(draws):
         idx = rng.permutation(len(x))[:size]
-        values.append(
-            linear_cka(x[idx], y[idx]) if kernel == "linear" else rbf_cka(x[idx], y[idx], sigma, relative)
-        )
+        values.append(rbf_cka(x[idx], y[idx], sigma, relative))
     return float(np.mean(values)), float(np.std(values))

@@ -52,8 +52,8 @@ def eval_loader(
 
 
 def squeeze_labels(labels: np.ndarray) -> np.ndarray:
-    """[N, 1] class indices -> [N]; multi-hot [N, C] unchanged."""
-    return labels[:, 0] if labels.shape[1] == 1 else labels
+    """[N, 1] class indices -> [N]; [N] and multi-hot [N, C] unchanged."""
+    return labels[:, 0] if labels.ndim == 2 and labels.shape[1] == 1 else labels
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ilm_dist.eval.features import squeeze_labels
 from ilm_dist.eval.metrics import PRIMARY, compute_metrics, probabilities
 
 ADAM_LR = 1e-3  # official fine-tuning and probing code
@@ -67,8 +68,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple
     for inputs, target in loader:
         logits.append(model(inputs.to(device)).float().cpu().numpy())
         labels.append(target.numpy())
-    stacked = np.concatenate(labels)
-    return np.concatenate(logits), stacked[:, 0] if stacked.ndim == 2 and stacked.shape[1] == 1 else stacked
+    return np.concatenate(logits), squeeze_labels(np.concatenate(labels))
 
 
 def val_score(

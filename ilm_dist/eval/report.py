@@ -126,8 +126,11 @@ def plot_finetune(methods: list[MethodResults], task: str, path: Path) -> None:
             ys, lo, hi = zip(*(interval(m.finetune[(mode, f)], metric) for f in xs), strict=True)
             ax.plot(xs, ys, marker="o", label=m.name)
             ax.fill_between(xs, lo, hi, alpha=0.15)
+        fractions = sorted({f for m in methods for md, f in m.finetune if md == mode})
+        ax.set_xscale("log")
+        ax.set_xticks(fractions, [pct(f) for f in fractions])
+        ax.minorticks_off()
         ax.set(
-            xscale="log",
             xlabel="labelled fraction of train",
             ylabel=f"test {metric}",
             title=f"{mode} fine-tuning",
@@ -193,7 +196,7 @@ def plot_ks(ks: dict, path: Path) -> None:
         [g + width * (len(names) - 1) / 2 for g in range(len(groups))],
         [f"{mode} {pct(f)}" for mode, f in groups],
     )
-    ax.set(ylabel="KS statistic vs 100% labels (mean over classes)", title="output distribution shift")
+    ax.set(ylabel="KS statistic vs 100% labels", title="output shift (mean over classes)")
     ax.legend(fontsize=8)
     _save(fig, path)
 
@@ -203,7 +206,12 @@ def plot_ks(ks: dict, path: Path) -> None:
 
 def finetune_section(methods: list[MethodResults], task: str) -> str:
     metric = PRIMARY[task]
-    parts = [f"## Fine-tuning (test {metric}, 95% bootstrap CI)\n"]
+    settings = next(iter(methods[0].finetune.values()))["settings"]
+    parts = [
+        f"## Fine-tuning (test {metric}, 95% bootstrap CI)\n\n"
+        f"Intervals: 2.5/97.5 percentiles over {settings['n_boot']} resamples of the test split "
+        f"(seed {settings['seed']}). Labelled images per fraction are the same for every method.\n"
+    ]
     for mode in sorted({mode for m in methods for mode, _ in m.finetune}):
         fractions = sorted({f for m in methods for md, f in m.finetune if md == mode})
         rows = [[m.name, *(with_ci(m.finetune[(mode, f)], metric) for f in fractions)] for m in methods]
@@ -235,22 +243,22 @@ def probe_section(methods: list[MethodResults], task: str) -> str:
     return "\n".join(parts)
 
 
+def cka_cell(block: dict) -> str:
+    spread = f"±{block['rbf_std']:.3f}" if block["rbf_subsets"] > 1 else ""
+    return f"{block['linear']:.3f} / {block['rbf_mean']:.3f}{spread}"
+
+
 def cka_section(cka: dict, params: CkaParams) -> str:
     sigma = f"{params.sigma} x median distance" if params.relative else f"{params.sigma} (absolute)"
     first = next(iter(next(iter(cka.values())).values()))
-    rows = [
-        [
-            name,
-            pct(f),
-            *(f"{b['linear']:.3f} / {b['rbf_mean']:.3f}±{b['rbf_std']:.3f}" for b in blocks.values()),
-        ]
-        for (name, f), blocks in sorted(cka.items())
-    ]
+    if first["rbf_subsets"] > 1:
+        rbf = f"mean±std over {first['rbf_subsets']} random subsets of {first['rbf_subset_size']} images"
+    else:
+        rbf = f"the {first['rbf_subset_size']} test images at once, fewer than the subset size {params.subset_size}"
+    rows = [[name, pct(f), *map(cka_cell, blocks.values())] for (name, f), blocks in sorted(cka.items())]
     return (
         "## Feature reuse: CKA before vs after full fine-tuning (test split)\n\n"
-        f"Cells: linear CKA (all test images) / RBF CKA (sigma {sigma}), mean±std over "
-        f"{first['rbf_subsets']} random subset(s) of {first['rbf_subset_size']} images "
-        f"(requested: {params.num_subsets} of {params.subset_size}).\n\n"
+        f"Cells: linear CKA (all test images) / RBF CKA (sigma {sigma}; {rbf}).\n\n"
         + md_table(["method", "labels", "Block 1", "Block 2", "Block 3", "Block 4"], rows)
         + "\n\n![CKA per block](cka.png)\n"
     )
