@@ -14,6 +14,7 @@ from torch import nn
 from ilm_dist.config import RunConfig
 from ilm_dist.model.moco import MoCoILM
 from ilm_dist.train.engine import DTYPES, precision_of, resolve_deepspeed_config
+from ilm_dist.train.optim import scaled_lr
 
 GIB = 1024**3
 
@@ -68,7 +69,7 @@ def build_plan(
     plan.add("world", f"{nodes} nodes x {gpus_per_node} ranks = {world} ranks")
     plan.add("batch", f"{batch}/rank x {world} ranks x {accum} accumulation = global {global_batch}")
     plan.add("precision / ZeRO", f"{precision}, stage {stage}")
-    lr = cfg.optim.lr * global_batch / 256 if cfg.optim.scale_lr else cfg.optim.lr
+    lr = scaled_lr(cfg.optim, global_batch)
     plan.add("learning rate", f"{lr:.4g} ({cfg.optim.name}, {cfg.optim.schedule})")
     _plan_queue(plan, cfg, batch * world)
     _plan_data(plan, cfg, batch, world, num_samples, num_shards)
