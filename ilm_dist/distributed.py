@@ -7,11 +7,15 @@ the losses stay free of distribution code.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -117,3 +121,25 @@ def all_gather_object(obj: object) -> list[object]:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only and return its result on every rank (so it is also a barrier).
+
+    An exception in ``fn`` is raised on every rank (same type and message), so a failure on rank 0
+    (bad input, a file it cannot write) stops all ranks instead of leaving them waiting in the next
+    collective. Result and exception must be picklable.
+    """
+    if world_size() == 1:
+        return fn()
+    box: list[object] = [None]
+    if rank() == 0:
+        try:
+            box[0] = (True, fn())
+        except Exception as err:  # raised again below, on every rank
+            box[0] = (False, err)
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
