@@ -73,3 +73,7 @@ def test_cpu_benchmark_writes_the_documented_json(packed_tiny, tmp_path):
     for curve in result["loss_curve"].values():  # fp32 on both sides on a CPU: the same computation
         assert curve["steps"] == 2 and curve["match"]
         assert curve["relative"] < 1e-4, curve["terms"]
+        # the noise reference: the baseline from another seed drifts much further than ilm_dist does
+        assert set(curve["noise"]) == set(curve["terms"]) and curve["within_noise"]
+        assert curve["noise"]["loss"]["relative"] > 100 * curve["relative"]
+        assert set(curve["loss"]) == {"baseline", "ilm_dist", "baseline_other_seed"}
