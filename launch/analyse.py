@@ -2,6 +2,8 @@
 
 python launch/analyse.py evals/idc --out evals/idc/report
 python launch/analyse.py evals/idc/idc_moco evals/idc/idc_moco_mse --out report/
+
+It only reads saved files and runs in one process; under the deepspeed launcher rank 0 does the work.
 """
 
 from ilm_dist.eval.cli import analyse_main

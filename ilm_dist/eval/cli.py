@@ -1,27 +1,31 @@
 """Entry points of ``launch/finetune.py``, ``launch/probe.py`` and ``launch/analyse.py``.
 
-All three run in one process on one device (CUDA when available, else CPU); they are not meant for the
-``deepspeed`` launcher (a world size above 1 is refused). Results already saved are reused unless
-``--force``. Bad input exits with ``error: ...`` and status 2.
+Fine-tuning and probing run in one process (plain ``python``: CUDA when available, else CPU, no process
+group) or data-parallel under the ``deepspeed`` launcher, like pretraining (one rank per GPU, or
+``DS_ACCELERATOR=cpu deepspeed --num_gpus N`` for gloo CPU ranks): images are sharded over the ranks
+and the results gathered, fine-tuning averages gradients over ranks, rank 0 writes and prints.
+``analyse`` only reads saved files: under the launcher rank 0 does the work and the others exit.
+Results already saved are reused unless ``--force``. Bad input exits with ``error: ...`` and status 2
+(on every rank).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+import torch.distributed as dist
 
 from ilm_dist.config import ConfigError
 from ilm_dist.data.manifest import ManifestError
+from ilm_dist.distributed import dist_info, is_initialized
 from ilm_dist.eval.analysis import CkaParams, check_comparable, expand_dirs, load_method, summarise
 from ilm_dist.eval.context import EvalContext, init_test_features, open_context
 from ilm_dist.eval.errors import EvalError
-from ilm_dist.eval.finetune import FRACTIONS, FinetuneSettings, finetune
+from ilm_dist.eval.finetune import FRACTIONS, FinetuneSettings, check_batch_size, finetune
 from ilm_dist.eval.probe import ProbeSettings, probe
 from ilm_dist.eval.report import write_report
 
@@ -32,16 +36,22 @@ def _run(
     main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser, argv: list[str] | None
 ) -> None:
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = logging.INFO if dist_info().is_main else logging.WARNING  # one log, not one per rank
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise EvalError(
-                "evaluation runs in one process; start it with python, not the deepspeed launcher"
-            )
         main(args)
     except (EvalError, ConfigError, ManifestError) as err:
+        # raised on every rank: input errors are found by all ranks alike, rank 0's by on_main
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if is_initialized():
+            dist.destroy_process_group()
+
+
+def _launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    return parser
 
 
 def _context_parser(description: str) -> argparse.ArgumentParser:
@@ -65,17 +75,34 @@ def _context_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0: none)"
     )
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (per rank)")
+    parser.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=128,
+        help="inference batch per rank (feature extraction, validation, test)",
+    )
     parser.add_argument("--force", action="store_true", help="recompute results that are already saved")
     parser.add_argument(
         "overrides", nargs="*", help="key=value overrides of the run config, e.g. data.shards=DIR"
     )
-    return parser
+    return _launcher_args(parser)
 
 
 def _open(args: argparse.Namespace) -> EvalContext:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return open_context(args.weights, args.config, args.overrides, args.out, args.name, device, args.workers)
+    """The context; under the deepspeed launcher this joins its process group (see ``open_context``)."""
+    if args.eval_batch_size < 1:
+        raise EvalError(f"--eval-batch-size {args.eval_batch_size}: must be >= 1")
+    return open_context(
+        args.weights,
+        args.config,
+        args.overrides,
+        args.out,
+        args.name,
+        None,
+        args.workers,
+        args.eval_batch_size,
+    )
 
 
 def _positive_fraction(text: str) -> float:
@@ -97,7 +124,12 @@ def finetune_parser() -> argparse.ArgumentParser:
     defaults = FinetuneSettings()
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--min-steps", type=int, default=defaults.min_steps, help="at least this many steps")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help="global batch, split evenly over the ranks (a multiple of their number)",
+    )
     parser.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate (official: 1e-3)")
     parser.add_argument(
         "--evals", type=int, default=defaults.evals, help="validation checks (model selection)"
@@ -108,6 +140,7 @@ def finetune_parser() -> argparse.ArgumentParser:
 
 def _finetune(args: argparse.Namespace) -> None:
     ctx = _open(args)
+    check_batch_size(args.batch_size)  # before the first extraction
     settings = FinetuneSettings(
         args.mode,
         args.epochs,
@@ -123,10 +156,11 @@ def _finetune(args: argparse.Namespace) -> None:
         init_test_features(ctx, args.force)
     for fraction in args.fractions:
         record = finetune(ctx, fraction, settings, args.force)
-        print(
-            f"{ctx.name} {args.mode} {fraction:g}: test {record['primary']} "
-            f"{record['metrics'][record['primary']]:.4f} {record['ci95'].get(record['primary'], '')}"
-        )
+        if dist_info().is_main:
+            print(
+                f"{ctx.name} {args.mode} {fraction:g}: test {record['primary']} "
+                f"{record['metrics'][record['primary']]:.4f} {record['ci95'].get(record['primary'], '')}"
+            )
 
 
 def finetune_main(argv: list[str] | None = None) -> None:
@@ -161,6 +195,8 @@ def _probe(args: argparse.Namespace) -> None:
         args.bootstrap,
     )
     record = probe(ctx, settings, args.force)
+    if not dist_info().is_main:
+        return
     for block, result in record["blocks"].items():
         print(
             f"{ctx.name} probe {block}: test {result['primary']} {result['metrics'][result['primary']]:.4f}"
@@ -191,10 +227,12 @@ def analyse_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="recompute saved CKA values")
-    return parser
+    return _launcher_args(parser)
 
 
 def _analyse(args: argparse.Namespace) -> None:
+    if not dist_info().is_main:
+        return  # only reads saved files: rank 0 alone, with no process group
     methods = [load_method(path) for path in expand_dirs(args.dirs)]
     check_comparable(methods)
     params = CkaParams(

@@ -1,7 +1,14 @@
-"""What every evaluation command shares: config, data, initial weights and the method's output directory."""
+"""What every evaluation command shares: config, data, initial weights and the method's output directory.
+
+Under the ``deepspeed`` launcher (``WORLD_SIZE`` > 1) :func:`open_context` joins the launcher's process
+group as pretraining does; images are then run sharded over the ranks and gathered
+(:meth:`EvalContext.features`, :meth:`EvalContext.predictions`), every rank reads what rank 0 decides
+and saves (:func:`ilm_dist.distributed.on_main`), and only rank 0 writes files.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -9,12 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from ilm_dist.config import RunConfig, load_config
 from ilm_dist.data.manifest import Manifest, load_manifest
 from ilm_dist.data.shards import ShardReader
+from ilm_dist.distributed import dist_info, on_main
 from ilm_dist.eval.errors import EvalError
-from ilm_dist.eval.features import BlockFeatures, block_extractor, eval_loader, run_blocks
+from ilm_dist.eval.features import BlockFeatures, block_extractor, eval_loader, run_blocks, sharded_rows
+from ilm_dist.eval.fit import predict
 from ilm_dist.eval.store import dataset_id, digest, load_npz, read_json, save_npz, write_json
 from ilm_dist.eval.weights import InitSpec, build_classifier, check_fits, load_state, resolve_init
 from ilm_dist.model.encoder import build_resnet
@@ -35,7 +45,7 @@ class EvalContext:
     name: str
     device: torch.device
     num_workers: int = 0
-    batch_size: int = 128  # for inference
+    batch_size: int = 128  # for inference, per rank
 
     @property
     def method_dir(self) -> Path:
@@ -68,18 +78,38 @@ class EvalContext:
             self.device
         )
 
+    def _sharded(
+        self, split: str, indices: Sequence[int] | None, run: Callable[[DataLoader], dict[str, np.ndarray]]
+    ) -> dict[str, np.ndarray]:
+        """``run`` over eval-mode views of ``split`` (or its ``indices``), sharded over ranks and gathered."""
+        reader = self.reader(split)
+        size = self.cfg.data.image_size
+
+        def on_part(part: Sequence[int]) -> dict[str, np.ndarray]:
+            return run(eval_loader(reader, self.cfg.aug, size, self.batch_size, self.num_workers, part))
+
+        order = range(len(reader)) if indices is None else list(indices)
+        return sharded_rows(on_part, order, self.batch_size)
+
     def features(
         self, resnet: torch.nn.Module, split: str, indices=None, with_logits: bool = False
     ) -> BlockFeatures:
-        loader = eval_loader(
-            self.reader(split),
-            self.cfg.aug,
-            self.cfg.data.image_size,
-            self.batch_size,
-            self.num_workers,
-            indices,
+        """Pooled block features (and logits) of ``split`` in eval mode, the same on every rank."""
+        extractor = block_extractor(resnet, with_logits)
+        arrays = self._sharded(
+            split, indices, lambda loader: run_blocks(extractor, loader, self.device).arrays()
         )
-        return run_blocks(block_extractor(resnet, with_logits), loader, self.device)
+        return BlockFeatures.from_arrays(arrays)
+
+    def predictions(self, model: torch.nn.Module, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(logits, labels)`` of ``model`` in eval mode over ``split``, the same on every rank."""
+
+        def run(loader: DataLoader) -> dict[str, np.ndarray]:
+            logits, labels = predict(model, loader, self.device)
+            return {"logits": logits, "labels": labels}
+
+        arrays = self._sharded(split, None, run)
+        return arrays["logits"], arrays["labels"]
 
     def source_record(self, config_path: Path) -> dict:
         return {
@@ -102,10 +132,15 @@ def open_context(
     overrides: list[str],
     eval_dir: str | Path,
     name: str | None,
-    device: torch.device,
+    device: torch.device | None = None,
     num_workers: int = 0,
+    batch_size: int = 128,
 ) -> EvalContext:
-    """Resolve weights and config, load the data manifest, check the weights fit, claim ``EVAL_DIR/<name>``."""
+    """Resolve weights and config, load the data manifest, check the weights fit, claim ``EVAL_DIR/<name>``.
+
+    ``device=None``: this process's device from :func:`join_launcher` (which joins the launcher's
+    process group when there is one). ``batch_size``: per rank, for inference.
+    """
     init = resolve_init(weights)
     config_path = Path(config) if config else init.run_config
     if config_path is None:
@@ -114,6 +149,8 @@ def open_context(
             "model.arch, data.shards, data.image_size and aug), e.g. --config configs/idc/moco.yaml"
         )
     cfg = load_config(config_path, overrides)
+    if device is None:
+        device = join_launcher(cfg)
     if cfg.data.shards is None:
         raise EvalError(f"{config_path}: data.shards is not set (evaluation needs a packed dataset)")
     manifest = load_manifest(cfg.data.shards)
@@ -123,10 +160,30 @@ def open_context(
     if state is not None:
         check_fits(build_resnet(cfg.model.arch), state, cfg.model.arch, str(init.path))
     ctx = EvalContext(
-        cfg, manifest, init, state, Path(eval_dir), name or default_name(init, cfg), device, num_workers
+        cfg,
+        manifest,
+        init,
+        state,
+        Path(eval_dir),
+        name or default_name(init, cfg),
+        device,
+        num_workers,
+        batch_size,
     )
-    claim_method_dir(ctx, config_path)
+    on_main(lambda: claim_method_dir(ctx, config_path))
     return ctx
+
+
+def join_launcher(cfg: RunConfig) -> torch.device:
+    """This process's device. Under the ``deepspeed`` launcher (``WORLD_SIZE`` > 1) it joins the process
+    group as pretraining does (:func:`ilm_dist.train.engine.init_distributed`: NCCL on GPUs, gloo on
+    CPUs, ``engine.collective_timeout_s``) and takes its local GPU; in one process (plain ``python``)
+    there is no process group: CUDA when available, else the CPU."""
+    if dist_info().world_size > 1:
+        from ilm_dist.train.engine import init_distributed  # imports deepspeed
+
+        return init_distributed(cfg)[1]
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def default_name(init: InitSpec, cfg: RunConfig) -> str:
@@ -150,12 +207,23 @@ def claim_method_dir(ctx: EvalContext, config_path: Path) -> None:
     write_json(path, record)
 
 
+def saved_or_computed(
+    path: Path, force: bool, compute: Callable[[], dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """The arrays saved at ``path`` (read by rank 0, shared with every rank), or ``compute()`` on every
+    rank (it may run collectives) saved by rank 0. Rank 0 decides, so all ranks take the same branch."""
+    saved = on_main(lambda: load_npz(path) if path.is_file() and not force else None)
+    if saved is not None:
+        return saved
+    arrays = compute()
+    on_main(lambda: save_npz(path, **arrays))
+    return arrays
+
+
 def init_test_features(ctx: EvalContext, force: bool = False) -> dict[str, np.ndarray]:
     """Block features of the test split before fine-tuning (cached in ``init_features_test.npz``)."""
-    path = ctx.method_dir / "init_features_test.npz"
-    if path.is_file() and not force:
-        return load_npz(path)
-    feats = ctx.features(ctx.classifier(), "test")
-    arrays = {f"block{i}": b for i, b in enumerate(feats.blocks, start=1)} | {"labels": feats.labels}
-    save_npz(path, **arrays)
-    return arrays
+    return saved_or_computed(
+        ctx.method_dir / "init_features_test.npz",
+        force,
+        lambda: ctx.features(ctx.classifier(), "test").arrays(),
+    )

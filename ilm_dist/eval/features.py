@@ -3,6 +3,11 @@
 Images come through the same :class:`ShardReader` and transforms as pretraining; features are the
 global-average-pooled outputs of layer1..layer4 ("Block 1..4" in Kaku et al. 2021, as in the
 official code's ``avgpool`` of each block).
+
+Under the ``deepspeed`` launcher a split is cut into the batches one process would run, each rank runs
+a contiguous range of whole batches (:func:`rank_shard`) and the rows of all ranks are gathered in rank
+order (:func:`sharded_rows`): every sample is computed once, in the same batch as in one process, and
+every rank ends with the full result in the original sample order.
 """
 
 from __future__ import annotations
@@ -19,15 +24,28 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from ilm_dist.config import AugConfig
 from ilm_dist.data.augment import eval_transform
 from ilm_dist.data.manifest import Manifest
+from ilm_dist.data.sampling import sample_seed
 from ilm_dist.data.shards import ShardReader
+from ilm_dist.distributed import all_gather_object, rank, world_size
 from ilm_dist.model.encoder import BLOCK_NODES
 
 
 class SplitDataset(Dataset):
-    """``(image, label)`` of one split, in split order or at ``indices``."""
+    """``(image, label)`` of one split, in split order or at ``indices``.
 
-    def __init__(self, reader: ShardReader, transform: Callable, indices: Sequence[int] | None = None):
-        self.reader, self.transform = reader, transform
+    With a ``seed``, the random transforms of sample ``index`` draw from torch's CPU generator seeded
+    by ``(seed, epoch, index)`` (as pretraining does), so augmentations do not depend on the number of
+    ranks or workers.
+    """
+
+    def __init__(
+        self,
+        reader: ShardReader,
+        transform: Callable,
+        indices: Sequence[int] | None = None,
+        seed: int | None = None,
+    ):
+        self.reader, self.transform, self.seed, self.epoch = reader, transform, seed, 0
         self.indices = list(range(len(reader))) if indices is None else [int(i) for i in indices]
 
     def __len__(self) -> int:
@@ -35,7 +53,36 @@ class SplitDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         index = self.indices[i]
+        if self.seed is not None:
+            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
         return self.transform(self.reader.image(index)), torch.from_numpy(self.reader.label(index))
+
+
+def rank_shard(num_samples: int, batch_size: int, rank: int, world_size: int) -> slice:
+    """Rank ``rank``'s part of ``num_samples`` ordered samples: a contiguous range of whole batches.
+
+    The batches are those one process would make (``batch_size`` each, the last one shorter); they are
+    split as evenly as possible over the ranks in rank order, so the shards are disjoint, cover every
+    sample once, and a rank may get none when there are fewer batches than ranks.
+    """
+    batches = -(-num_samples // batch_size)
+    first, last = batches * rank // world_size, batches * (rank + 1) // world_size
+    return slice(min(first * batch_size, num_samples), min(last * batch_size, num_samples))
+
+
+def sharded_rows(
+    run: Callable[[Sequence[int]], dict[str, np.ndarray]], order: Sequence[int], batch_size: int
+) -> dict[str, np.ndarray]:
+    """``run`` on this rank's :func:`rank_shard` of ``order``, rows of all ranks concatenated in ``order``.
+
+    ``run(indices)`` returns arrays with one row per index. Every rank gets the full result; in one
+    process this is just ``run(order)``.
+    """
+    part = order[rank_shard(len(order), batch_size, rank(), world_size())]
+    parts = [p for p in all_gather_object(run(part) if len(part) else None) if p is not None]
+    if len(parts) == 1:
+        return parts[0]
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
 def eval_loader(
@@ -61,6 +108,16 @@ class BlockFeatures:
     blocks: list[np.ndarray]  # per block 1..4: [N, C_i], global-average-pooled
     labels: np.ndarray  # [N] class index or [N, C] multi-hot
     logits: np.ndarray | None = None  # [N, num_outputs] when the extractor returns them
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``{"block1".."block4", "labels"[, "logits"]}``: the names used in the saved ``.npz`` files."""
+        named = {f"block{i}": b for i, b in enumerate(self.blocks, start=1)} | {"labels": self.labels}
+        return named if self.logits is None else named | {"logits": self.logits}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> BlockFeatures:
+        blocks = [arrays[f"block{i}"] for i in range(1, len(BLOCK_NODES) + 1)]
+        return cls(blocks, arrays["labels"], arrays.get("logits"))
 
 
 def block_extractor(resnet: nn.Module, with_logits: bool = False) -> nn.Module:

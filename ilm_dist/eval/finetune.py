@@ -6,6 +6,14 @@ best-validation model evaluated on the test split. ``linear`` freezes the backbo
 BatchNorm statistics stay fixed; checked after training). Outputs in
 ``EVAL_DIR/<method>/finetune/<mode>_f<fraction>/``: ``metrics.json``, ``predictions.npz`` (test logits,
 probabilities, labels) and ``features_test.npz`` (pooled block features after fine-tuning, for CKA).
+
+Batches come from :func:`ilm_dist.data.sampling.rank_batches` with augmentations seeded per sample, so
+R ranks with ``batch_size / R`` each see the global batches, and the augmentations, of one process
+with ``batch_size``; with gradients averaged over ranks (:func:`fit`) the ``linear`` mode then trains
+the same head as one process (up to float rounding). In ``full`` mode BatchNorm normalises with the
+statistics of each rank's part of the batch (as in pretraining), so results depend slightly on R;
+running statistics are averaged over ranks before each validation. Validation and test run sharded
+over the ranks; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -15,14 +23,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from ilm_dist.data.augment import eval_transform, moco_view_transform
+from ilm_dist.data.sampling import rank_batches, steps_per_epoch
+from ilm_dist.distributed import on_main, rank, world_size
 from ilm_dist.eval.context import EvalContext
-from ilm_dist.eval.features import SplitDataset, eval_loader
-from ilm_dist.eval.fit import ADAM_LR, fit, val_score
+from ilm_dist.eval.errors import EvalError
+from ilm_dist.eval.features import BlockFeatures, SplitDataset
+from ilm_dist.eval.fit import ADAM_LR, FitResult, fit, primary_score
 from ilm_dist.eval.metrics import evaluate_predictions, probabilities
 from ilm_dist.eval.store import fraction_tag, read_json, save_npz, write_json
 from ilm_dist.eval.subsets import load_or_draw_subset, subset_path
@@ -38,7 +48,7 @@ class FinetuneSettings:
     mode: Literal["full", "linear"] = "full"
     epochs: int = 10
     min_steps: int = 0  # small fractions still get at least this many optimizer steps
-    batch_size: int = 64
+    batch_size: int = 64  # global: split over the ranks
     lr: float = ADAM_LR
     evals: int = 10  # validation checks over the run (model selection)
     train_aug: Literal["moco", "none"] = "moco"
@@ -50,23 +60,44 @@ def result_dir(ctx: EvalContext, mode: str, fraction: float) -> Path:
     return ctx.method_dir / "finetune" / f"{mode}_{fraction_tag(fraction)}"
 
 
-def train_loader(ctx: EvalContext, indices: list[int], settings: FinetuneSettings) -> DataLoader:
+class TrainBatches:
+    """This rank's training batches, epoch after epoch (each ``iter`` is the next epoch).
+
+    Epoch ``e`` is :func:`rank_batches` over the labelled subset: one seeded permutation cut into
+    global batches, rank ``r`` taking the ``r``-th block of ``batch_size`` of each (the remainder is
+    dropped); augmentations are seeded by (seed, epoch, sample).
+    """
+
+    def __init__(self, dataset: SplitDataset, batch_size: int, seed: int, num_workers: int):
+        self.dataset, self.batch_size, self.seed, self.num_workers = dataset, batch_size, seed, num_workers
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return steps_per_epoch(len(self.dataset), self.batch_size, world_size())
+
+    def __iter__(self):
+        self.dataset.epoch = self.epoch
+        batches = rank_batches(
+            len(self.dataset), self.batch_size, rank(), world_size(), self.seed, self.epoch
+        )
+        self.epoch += 1
+        return iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers))
+
+
+def train_loader(ctx: EvalContext, indices: list[int], settings: FinetuneSettings) -> TrainBatches:
+    """Batches of ``min(batch_size, len(indices))`` images over all ranks (rounded down to a multiple
+    of the world size when the subset is the smaller)."""
     size = ctx.cfg.data.image_size
     transform = (
         moco_view_transform(ctx.cfg.aug, size)
         if settings.train_aug == "moco"
         else eval_transform(ctx.cfg.aug, size)
     )
-    dataset = SplitDataset(ctx.reader("train"), transform, indices)
-    generator = torch.Generator().manual_seed(settings.seed)
-    return DataLoader(
-        dataset,
-        batch_size=min(settings.batch_size, len(dataset)),
-        shuffle=True,
-        drop_last=True,
-        num_workers=ctx.num_workers,
-        generator=generator,
-    )
+    dataset = SplitDataset(ctx.reader("train"), transform, indices, seed=settings.seed)
+    per_rank = min(settings.batch_size, len(dataset)) // world_size()
+    if per_rank == 0:
+        raise EvalError(f"{len(dataset)} labelled images cannot fill a batch on each of {world_size()} ranks")
+    return TrainBatches(dataset, per_rank, settings.seed, ctx.num_workers)
 
 
 def frozen_head(model: nn.Module) -> nn.Module:
@@ -77,28 +108,40 @@ def frozen_head(model: nn.Module) -> nn.Module:
     return model.fc
 
 
+def check_batch_size(batch_size: int) -> None:
+    """The global batch must split evenly over the ranks."""
+    if batch_size < 1 or batch_size % world_size():
+        raise EvalError(
+            f"--batch-size {batch_size} (global) does not split over {world_size()} ranks; "
+            f"use a positive multiple of {world_size()}"
+        )
+
+
 def finetune(ctx: EvalContext, fraction: float, settings: FinetuneSettings, force: bool = False) -> dict:
     """Fine-tune at one label fraction (or return the saved result)."""
     out = result_dir(ctx, settings.mode, fraction)
-    if (out / "metrics.json").is_file() and not force:
+    path = out / "metrics.json"
+    saved = on_main(lambda: read_json(path) if path.is_file() and not force else None)
+    if saved is not None:  # rank 0 decides, so every rank takes the same branch
         log.info("%s: already done (use --force to recompute)", out)
-        return read_json(out / "metrics.json")
-    subset = load_or_draw_subset(ctx.eval_dir, ctx.manifest, "train", fraction, settings.seed)
+        return saved
+    check_batch_size(settings.batch_size)
+    subset = on_main(
+        lambda: load_or_draw_subset(ctx.eval_dir, ctx.manifest, "train", fraction, settings.seed)
+    )
     model = ctx.classifier()
-    torch.manual_seed(settings.seed)  # augmentation draws in the main process
     trainable = model if settings.mode == "full" else frozen_head(model)
     before = fingerprint(model) if settings.mode == "linear" else ""
     loader = train_loader(ctx, subset["indices"], settings)
     steps = max(settings.epochs * len(loader), settings.min_steps)
-    val = eval_loader(
-        ctx.reader("val"), ctx.cfg.aug, ctx.cfg.data.image_size, ctx.batch_size, ctx.num_workers
-    )
     log.info(
-        "%s: %s fine-tuning on %d labelled images, %d steps",
+        "%s: %s fine-tuning on %d labelled images, %d steps of %d ranks x %d",
         ctx.name,
         settings.mode,
         len(loader.dataset),
         steps,
+        world_size(),
+        loader.batch_size,
     )
     result = fit(
         model,
@@ -107,13 +150,27 @@ def finetune(ctx: EvalContext, fraction: float, settings: FinetuneSettings, forc
         ctx.task,
         steps,
         settings.evals,
-        lambda: val_score(model, val, ctx.device, ctx.task, ctx.class_names),
+        lambda: primary_score(ctx.task, *ctx.predictions(model, "val"), ctx.class_names),
         ctx.device,
         settings.lr,
+        data_parallel=True,
     )
     if settings.mode == "linear":
         assert_unchanged(model, before, f"linear fine-tuning of {ctx.name}")
     test = ctx.features(model, "test", with_logits=True)
+    return on_main(lambda: _save(ctx, out, fraction, settings, subset, test, result))
+
+
+def _save(
+    ctx: EvalContext,
+    out: Path,
+    fraction: float,
+    settings: FinetuneSettings,
+    subset: dict,
+    test: BlockFeatures,
+    result: FitResult,
+) -> dict:
+    """Rank 0: test predictions, features and ``metrics.json`` (with bootstrap CIs); returns the record."""
     save_npz(out / "features_test.npz", **{f"block{i}": b for i, b in enumerate(test.blocks, start=1)})
     save_npz(
         out / "predictions.npz",

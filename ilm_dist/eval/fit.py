@@ -2,11 +2,19 @@
 
 Adam with lr 1e-3 and model selection by the validation metric, as in the official fine-tuning
 and probing code (Kaku et al. 2021: ``torch.optim.Adam(lr=1e-3)``, best-validation checkpoint).
+
+Data parallel (fine-tuning under the ``deepspeed`` launcher): the model is wrapped in PyTorch's
+``DistributedDataParallel``, each rank's loader yields its share of the global batch, and DDP averages
+the gradients, so the update is the single-process update on the global batch. DDP rather than a
+DeepSpeed engine: this is a plain fp32 Adam loop on a ResNet classifier that needs no ZeRO, mixed
+precision or engine checkpoints, and model selection copies a plain ``state_dict``. The process group
+itself is DeepSpeed's, started as in pretraining.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,8 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from ilm_dist.distributed import all_reduce_mean_, world_size
 from ilm_dist.eval.features import squeeze_labels
 from ilm_dist.eval.metrics import PRIMARY, compute_metrics, probabilities
 
@@ -71,12 +81,36 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple
     return np.concatenate(logits), squeeze_labels(np.concatenate(labels))
 
 
+def primary_score(task: str, logits: np.ndarray, labels: np.ndarray, class_names: tuple) -> float:
+    """The task's primary metric (see :data:`PRIMARY`) of ``logits`` against ``labels``."""
+    return compute_metrics(task, labels, probabilities(task, logits), class_names)[PRIMARY[task]]
+
+
 def val_score(
     model: nn.Module, loader: DataLoader, device: torch.device, task: str, class_names: tuple
 ) -> float:
-    """The task's primary metric (see :data:`PRIMARY`) on a validation loader."""
-    logits, labels = predict(model, loader, device)
-    return compute_metrics(task, labels, probabilities(task, logits), class_names)[PRIMARY[task]]
+    """The task's primary metric on a validation loader."""
+    return primary_score(task, *predict(model, loader, device), class_names)
+
+
+def _average_buffers(module: nn.Module) -> None:
+    """Average the floating buffers (BatchNorm running statistics) over ranks.
+
+    Each rank's BatchNorm sees its own part of the global batch; with equal parts the mean of the
+    ranks' running means is the single-process running mean, the mean of running variances leaves out
+    the spread of the rank means. Every rank then evaluates (and keeps) the same network.
+    """
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            all_reduce_mean_(buffer.data)
+
+
+def _ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """DDP without buffer syncing in forward (buffers are averaged before validation instead)."""
+    params = inspect.signature(DistributedDataParallel).parameters  # newer torch renamed the flag
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, **{no_sync: False})
 
 
 def fit(
@@ -89,11 +123,18 @@ def fit(
     evaluate: Callable[[], float],
     device: torch.device,
     lr: float = ADAM_LR,
+    data_parallel: bool = False,
 ) -> FitResult:
     """Train ``trainable`` (``model`` or a part of it) for ``steps``; keep the best-validation weights.
 
     Only ``trainable`` is put in train mode, so a frozen backbone stays in eval mode (fixed BN statistics).
+    ``data_parallel`` (with a process group of several ranks): ``loader`` yields this rank's share of
+    each global batch, gradients are averaged over ranks (DDP), ``trainable``'s buffers are averaged
+    before each validation, the recorded train loss is the mean over ranks, and ``evaluate`` must
+    return the same score on every rank (so all ranks keep the same weights).
     """
+    distributed = data_parallel and world_size() > 1
+    net = _ddp(model, device) if distributed else model
     optimizer = torch.optim.Adam([p for p in trainable.parameters() if p.requires_grad], lr=lr)
     checks = eval_points(steps, evals)
     result = FitResult(steps, steps, float("nan"))
@@ -101,7 +142,7 @@ def fit(
     for step in range(1, steps + 1):
         trainable.train()
         inputs, labels = next(batches)
-        loss = task_loss(task, model(inputs.to(device)), labels.to(device))
+        loss = task_loss(task, net(inputs.to(device)), labels.to(device))
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"step {step}: non-finite training loss {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
@@ -109,8 +150,12 @@ def fit(
         optimizer.step()
         losses.append(loss.item())
         if step in checks:
+            train_loss = torch.tensor(np.mean(losses), dtype=torch.float64, device=device)
+            if distributed:
+                _average_buffers(trainable)
+                all_reduce_mean_(train_loss)
             score = evaluate()
-            result.history.append({"step": step, "train_loss": float(np.mean(losses)), "val": score})
+            result.history.append({"step": step, "train_loss": train_loss.item(), "val": score})
             losses = []
             if math.isfinite(score) and (best_state is None or score > result.best_val):
                 result.best_step, result.best_val = step, score

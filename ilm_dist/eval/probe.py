@@ -5,6 +5,11 @@ cached (``features_<split>.npz``); each block's linear layer is then trained on 
 with Adam (lr 1e-3, official probing code), selected on validation, scored on test. The backbone's
 full ``state_dict`` (weights and BatchNorm statistics) is hashed before and after; any change fails.
 Outputs in ``EVAL_DIR/<method>/probe/f<fraction>/``.
+
+Under the ``deepspeed`` launcher the features are extracted sharded over the ranks and gathered, so
+every rank holds all of them; every rank then fits the same linear heads (rather than waiting in a
+collective while rank 0 alone fits, which on a large set could outlast ``engine.collective_timeout_s``),
+and rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ilm_dist.eval.context import SPLITS, EvalContext
+from ilm_dist.distributed import on_main
+from ilm_dist.eval.context import SPLITS, EvalContext, saved_or_computed
 from ilm_dist.eval.fit import ADAM_LR, fit, predict, torch_threads, val_score
 from ilm_dist.eval.metrics import evaluate_predictions
-from ilm_dist.eval.store import fraction_tag, load_npz, read_json, save_npz, write_json
+from ilm_dist.eval.store import fraction_tag, read_json, write_json
 from ilm_dist.eval.subsets import load_or_draw_subset
 from ilm_dist.eval.weights import assert_unchanged, fingerprint
 from ilm_dist.model.encoder import BLOCK_NODES
@@ -48,16 +54,15 @@ def probe_dir(ctx: EvalContext, fraction: float) -> Path:
 def cached_features(
     ctx: EvalContext, backbone: nn.Module, out: Path, indices: list[int], force: bool
 ) -> dict:
-    """``{split: {"block1".."block4", "labels"}}``, extracted once per split."""
-    feats = {}
-    for split in SPLITS:
-        path = out / f"features_{split}.npz"
-        if not path.is_file() or force:
-            extracted = ctx.features(backbone, split, indices if split == "train" else None)
-            blocks = {f"block{i}": b for i, b in enumerate(extracted.blocks, start=1)}
-            save_npz(path, **blocks, labels=extracted.labels)
-        feats[split] = load_npz(path)
-    return feats
+    """``{split: {"block1".."block4", "labels"}}``, extracted once per split (on every rank)."""
+    return {
+        split: saved_or_computed(
+            out / f"features_{split}.npz",
+            force,
+            lambda split=split: ctx.features(backbone, split, indices if split == "train" else None).arrays(),
+        )
+        for split in SPLITS
+    }
 
 
 def _tensors(x: np.ndarray, labels: np.ndarray, mean: np.ndarray, std: np.ndarray) -> TensorDataset:
@@ -102,10 +107,14 @@ def probe_block(ctx: EvalContext, feats: dict, block: str, settings: ProbeSettin
 def probe(ctx: EvalContext, settings: ProbeSettings, force: bool = False) -> dict:
     """Probe every block of the initial weights (or return the saved result)."""
     out = probe_dir(ctx, settings.fraction)
-    if (out / "metrics.json").is_file() and not force:
+    path = out / "metrics.json"
+    saved = on_main(lambda: read_json(path) if path.is_file() and not force else None)
+    if saved is not None:  # rank 0 decides, so every rank takes the same branch
         log.info("%s: already done (use --force to recompute)", out)
-        return read_json(out / "metrics.json")
-    subset = load_or_draw_subset(ctx.eval_dir, ctx.manifest, "train", settings.fraction, settings.seed)
+        return saved
+    subset = on_main(
+        lambda: load_or_draw_subset(ctx.eval_dir, ctx.manifest, "train", settings.fraction, settings.seed)
+    )
     backbone = ctx.classifier()
     before = fingerprint(backbone)
     feats = cached_features(ctx, backbone, out, subset["indices"], force)
@@ -128,5 +137,5 @@ def probe(ctx: EvalContext, settings: ProbeSettings, force: bool = False) -> dic
         "settings": asdict(settings),
         "blocks": blocks,
     }
-    write_json(out / "metrics.json", record)
+    on_main(lambda: write_json(path, record))
     return record
