@@ -137,7 +137,7 @@ def _plan_memory(plan: Plan, cfg: RunConfig, model: MoCoILM, precision: str, sta
 def _plan_comm(
     plan: Plan, cfg: RunConfig, model: MoCoILM, precision: str, stage: int, world: int, batch: int
 ) -> None:
-    """Bytes each rank sends per step with ring collectives: all-reduce 2(R-1)/R, all-gather (R-1)/R."""
+    """Bytes each rank sends per step: ring all-reduce 2(R-1)/R, all-gather (R-1)/R, all_to_all (R-1)/R."""
     if world == 1:
         plan.add("communication", "none (one rank)")
         return
@@ -145,13 +145,13 @@ def _plan_comm(
     grads = 2 * ring * count(model) * low  # all-reduce, or reduce-scatter + all-gather under ZeRO 1/2
     keys = ring * world * batch * cfg.moco.dim * 4
     shuffle = 0.0
-    if cfg.moco.shuffle_bn:  # the images out, the key features (embedding + reduced blocks) back
+    if cfg.moco.shuffle_bn:  # all_to_all: images out, key features (embedding + reduced blocks) back
         with torch.no_grad():
             one = model.key_features(
                 model.encoder, torch.empty(1, 3, cfg.data.image_size, cfg.data.image_size, device="meta")
             )
         per_sample = 3 * cfg.data.image_size**2 * low + sum(t.numel() for t in one) * 4
-        shuffle = ring * world * batch * per_sample
+        shuffle = ring * batch * per_sample  # on average (R-1)/R of a rank's B samples leave it
     bt = 0.0
     if cfg.loss.type == "bt" and cfg.loss.bt.global_batch:
         bt = 2 * ring * world * batch * len(cfg.loss.blocks) * cfg.loss.bt.proj_dims[-1] * low
