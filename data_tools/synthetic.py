@@ -5,23 +5,21 @@ Usage::
     python -m data_tools.synthetic OUT_DIR [--num-classes 8] [--per-class 500] [--size 64] [--grayscale]
         [--seed 0] [--split-fractions 0.8,0.1,0.1] [--shard-size 1000] [--jpeg-quality 95] [--workers N]
 
-Class ``k`` is a family of oriented textures: Gabor patches with a class-specific orientation *and* spatial
-frequency, laid out on a grid so that every orientation and every frequency is shared by several classes
-(only the combination identifies the class).  Everything else is per-sample nuisance: 1-3 patches at
-random positions/sizes/phases/contrasts, a weak grating of random orientation and frequency, isotropic
-blobs, a smooth random background, random foreground/background colours (or gray levels) and pixel noise.
-Class means of raw pixels are therefore nearly flat (a nearest-mean classifier on pixels is weak), while
-an orientation x frequency histogram of the power spectrum separates the classes.
+Class ``k`` is a silhouette (disk, ring, square, frame, triangle, plus, cross, two dots; up to 8 classes).
+Everything else is per-sample nuisance: the shape's position and size, a random dark background colour, a
+random brighter foreground colour (gray levels with ``--grayscale``) and pixel noise. The colours dominate
+the raw pixels and the pooled features of a randomly initialised ResNet, so a nearest-mean classifier on
+pixels or a kNN probe of a random encoder sit near chance; the silhouette survives MoCo's crops, and its
+colour jitter and grayscale augmentations (Chen et al. 2020) take the colours away, so a few minutes of
+contrastive pretraining make the class readable (the demo in ``configs/demo.yaml``).
 
 Images are rendered from ``(seed, index)`` alone, so the output is deterministic and rendering runs in the
-shard-writing workers.  The manifest's ``source`` is ``{"kind": "synthetic", ...}`` with the parameters
-and the orientation/frequency of every class.
+shard-writing workers. The manifest's ``source`` is ``{"kind": "synthetic", ...}`` with the parameters.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,11 @@ from data_tools.shards import EncodeOptions, LabelSpace
 from data_tools.splits import DEFAULT_FRACTIONS, parse_fractions, shuffled, stratified_split
 from data_tools.writer import Staging, build_manifest, write_splits
 
-MIN_FREQ, MAX_FREQ = 0.07, 0.2  # cycles per pixel of the class gratings (periods of ~14 to 5 pixels)
+SHAPES = ("disk", "ring", "square", "frame", "triangle", "plus", "cross", "two_dots")
+RADIUS = (0.28, 0.36)  # shape half-extent, fraction of the image side
+OFFSET = 0.12  # largest shift of the shape centre from the image centre, fraction of the side
+MIN_CONTRAST = 0.3  # foreground minus background mean intensity, on [0, 1]
+NOISE = 0.04  # pixel noise standard deviation, on [0, 1]
 
 
 @dataclass(frozen=True)
@@ -46,21 +48,8 @@ class SynthSpec:
     grayscale: bool = False
     seed: int = 0
 
-    @property
-    def grid(self) -> tuple[int, int]:
-        """(orientations, frequencies) of the class grid."""
-        freqs = max(1, round(math.sqrt(self.num_classes / 2)))
-        return math.ceil(self.num_classes / freqs), freqs
-
-    def class_params(self, label: int) -> tuple[float, float]:
-        """(orientation in radians, cycles per pixel) of class ``label``."""
-        orientations, freqs = self.grid
-        step = (MAX_FREQ / MIN_FREQ) ** (1 / (freqs - 1)) if freqs > 1 else 1.0
-        return math.pi * (label % orientations) / orientations, MIN_FREQ * step ** (label // orientations)
-
     def class_name(self, label: int) -> str:
-        theta, freq = self.class_params(label)
-        return f"theta{round(math.degrees(theta)):03d}_period{1 / freq:.1f}".replace(".", "p")
+        return SHAPES[label]
 
 
 @dataclass(frozen=True)
@@ -80,51 +69,42 @@ def render(spec: SynthSpec, index: int, label: int) -> np.ndarray:
     """uint8 [size,size] (grayscale) or [size,size,3] image ``index`` of class ``label``."""
     rng = np.random.default_rng([spec.seed, index])
     size = spec.size
-    theta, freq = spec.class_params(label)
-    pattern = sum(
-        _gabor(rng, size, theta + rng.normal(0, math.radians(5)), freq * rng.uniform(0.9, 1.1))
-        for _ in range(rng.integers(1, 4))
+    radius = rng.uniform(*RADIUS) * size
+    cx, cy = size / 2 + rng.uniform(-OFFSET, OFFSET, 2) * size
+    mask = silhouette(SHAPES[label], size, cx, cy, radius)
+    background, foreground = _colours(rng, 1 if spec.grayscale else 3)
+    image = np.where(mask[..., None], foreground, background) + rng.normal(
+        0, NOISE, (size, size, 1 if spec.grayscale else 3)
     )
-    distractor = _gabor(rng, size, rng.uniform(0, math.pi), rng.uniform(MIN_FREQ, MAX_FREQ))
-    clutter = sum(
-        (2 * rng.integers(0, 2) - 1) * _blob(rng, size, rng.uniform(0.05, 0.15))
-        for _ in range(rng.integers(2, 5))
-    )
-    background = sum(rng.uniform(-1, 1) * _blob(rng, size, rng.uniform(0.3, 0.6)) for _ in range(3))
-    signal = 0.35 * pattern + 0.12 * distractor + 0.2 * clutter + 0.15 * background
-    signal += rng.normal(0, rng.uniform(0.03, 0.12), signal.shape)
-    level = np.clip(0.5 + signal, 0, 1)[..., None]
-    low, high = _colours(rng, 1 if spec.grayscale else 3)
-    image = (low + (high - low) * level) * 255
-    return np.rint(image[..., 0] if spec.grayscale else image).astype(np.uint8)
+    image = np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8)
+    return image[..., 0] if spec.grayscale else image
 
 
-def _blob(rng: np.random.Generator, size: int, relative_sigma: float) -> np.ndarray:
-    """Gaussian blob at a random centre (separable: outer product of two 1-D Gaussians)."""
-    coords = np.arange(size)
-    cx, cy = rng.uniform(0.1 * size, 0.9 * size, 2)
-    sigma = relative_sigma * size
-    return np.outer(
-        np.exp(-((coords - cy) ** 2) / (2 * sigma**2)), np.exp(-((coords - cx) ** 2) / (2 * sigma**2))
-    )
-
-
-def _gabor(rng: np.random.Generator, size: int, theta: float, freq: float) -> np.ndarray:
-    """Random-phase grating of orientation ``theta`` and ``freq`` cycles/pixel under a random blob envelope."""
-    envelope = _blob(rng, size, rng.uniform(0.12, 0.25))
-    coords = np.arange(size)
-    along_x = 2 * math.pi * freq * math.cos(theta) * coords + rng.uniform(0, 2 * math.pi)
-    along_y = 2 * math.pi * freq * math.sin(theta) * coords
-    wave = np.outer(np.cos(along_y), np.cos(along_x)) - np.outer(np.sin(along_y), np.sin(along_x))
-    return rng.uniform(0.6, 1.0) * envelope * wave
+def silhouette(shape: str, size: int, cx: float, cy: float, radius: float) -> np.ndarray:
+    """Boolean [size,size] mask of ``shape`` centred at (cx, cy) with half-extent ``radius`` (pixels)."""
+    y, x = np.mgrid[0:size, 0:size] + 0.5
+    dx, dy = (x - cx) / radius, (y - cy) / radius
+    ax, ay, r2 = np.abs(dx), np.abs(dy), dx**2 + dy**2
+    box = (ax <= 0.8) & (ay <= 0.8)
+    masks = {
+        "disk": lambda: r2 <= 1,
+        "ring": lambda: (r2 <= 1) & (r2 >= 0.45),
+        "square": lambda: box,
+        "frame": lambda: (ax <= 0.85) & (ay <= 0.85) & ~((ax <= 0.5) & (ay <= 0.5)),
+        "triangle": lambda: (dy >= -0.9) & (dy <= 0.8) & (ax <= 0.56 * (dy + 0.9)),
+        "plus": lambda: ((ax <= 0.28) & (ay <= 0.95)) | ((ay <= 0.28) & (ax <= 0.95)),
+        "cross": lambda: box & ((np.abs(dx - dy) <= 0.35) | (np.abs(dx + dy) <= 0.35)),
+        "two_dots": lambda: ((dx - 0.5) ** 2 + dy**2 <= 0.2) | ((dx + 0.5) ** 2 + dy**2 <= 0.2),
+    }
+    return masks[shape]()
 
 
 def _colours(rng: np.random.Generator, channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random dark/bright colour pair with enough contrast between them."""
+    """Random (background, foreground) colours, the foreground brighter by at least ``MIN_CONTRAST``."""
     while True:
-        low, high = rng.uniform(0, 1, (2, channels))
-        if np.abs(high - low).max() >= 0.4:
-            return low, high
+        background, foreground = rng.uniform(0, 1, (2, channels))
+        if foreground.mean() - background.mean() >= MIN_CONTRAST:
+            return background, foreground
 
 
 def synthetic_records(spec: SynthSpec, per_class: int) -> list[Record]:
@@ -136,8 +116,10 @@ def synthetic_records(spec: SynthSpec, per_class: int) -> list[Record]:
 
 def generate(args: argparse.Namespace) -> dict:
     """Render and pack the dataset; returns the manifest."""
-    if args.num_classes < 2:
-        raise PackError("--num-classes must be at least 2")
+    if not 2 <= args.num_classes <= len(SHAPES):
+        raise PackError(
+            f"--num-classes must be between 2 and {len(SHAPES)} (one shape per class: {', '.join(SHAPES)})"
+        )
     staging = Staging(args.out_dir, args.overwrite)
     spec = SynthSpec(args.num_classes, args.size, args.grayscale, args.seed)
     fractions = parse_fractions(args.split_fractions)
@@ -149,10 +131,10 @@ def generate(args: argparse.Namespace) -> dict:
         "kind": "synthetic",
         "path": None,
         "spec": spec,
-        "classes": [
-            {"name": labels.class_names[k], "orientation_deg": math.degrees(theta), "cycles_per_pixel": freq}
-            for k, (theta, freq) in enumerate(map(spec.class_params, range(spec.num_classes)))
-        ],
+        "radius": RADIUS,
+        "offset": OFFSET,
+        "min_contrast": MIN_CONTRAST,
+        "noise": NOISE,
     }
     with staging:
         entries = write_splits(
@@ -184,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--num-classes", type=positive_int, default=8)
+    parser.add_argument("--num-classes", type=positive_int, default=8, help=f"2 to {len(SHAPES)}")
     parser.add_argument("--per-class", type=positive_int, default=500, help="images per class (all splits)")
     parser.add_argument("--size", type=positive_int, default=64, help="image side in pixels")
     parser.add_argument("--grayscale", action="store_true", help="1-channel images (default RGB)")

@@ -1,4 +1,4 @@
-"""data_tools.synthetic: determinism, packed output, and that classes are structural (not trivial) signal."""
+"""data_tools.synthetic: determinism, packed output, and that the class is the silhouette, not the colours."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_tools.synthetic import SynthSpec, main, render
+from data_tools.synthetic import SHAPES, SynthSpec, main, render
 from ilm_dist.data.manifest import load_manifest
 
 NUM_CLASSES = 8
@@ -22,20 +22,17 @@ def nearest_mean_accuracy(features: np.ndarray, labels: np.ndarray) -> float:
     return float((distances.argmin(1) == labels[half:]).mean())
 
 
-def spectrum_histogram(images: np.ndarray, orientations: int = 8, radii: int = 8) -> np.ndarray:
-    """Power spectrum summed in orientation x radial-frequency bins, normalised per image."""
-    gray = images.mean(-1) if images.ndim == 4 else images
-    gray = gray - gray.mean((1, 2), keepdims=True)
-    power = np.abs(np.fft.fftshift(np.fft.fft2(gray), axes=(1, 2))) ** 2
-    size = gray.shape[1]
-    fy, fx = np.mgrid[0:size, 0:size] - size // 2
-    radius = np.hypot(fx, fy) / size
-    angle = np.mod(np.arctan2(fy, fx), np.pi)
-    angle_bin = (angle / np.pi * orientations + 0.5).astype(int) % orientations
-    radius_bin = np.minimum((radius / 0.3 * radii).astype(int), radii)
-    bins = np.where(radius > 0.03, angle_bin * (radii + 1) + radius_bin, -1)
-    features = np.stack([power[:, bins == b].sum(1) for b in range(orientations * (radii + 1))], 1)
-    return features / features.sum(1, keepdims=True)
+def centred_silhouettes(images: np.ndarray) -> np.ndarray:
+    """Each image thresholded halfway between its darkest and brightest gray level, shifted to its centroid."""
+    gray = images.mean(-1)
+    low, high = gray.min((1, 2), keepdims=True), gray.max((1, 2), keepdims=True)
+    masks = (gray > (low + high) / 2).astype(np.float32)
+    centre = np.array(masks.shape[1:]) // 2
+    centred = []
+    for mask in masks:
+        shift = np.rint(centre - np.argwhere(mask).mean(0)).astype(int)
+        centred.append(np.roll(mask, tuple(shift), axis=(0, 1)))
+    return np.stack(centred).reshape(len(masks), -1)
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +48,20 @@ def test_classes_are_not_separable_by_raw_pixel_means(sample: tuple[np.ndarray, 
     assert nearest_mean_accuracy(images.reshape(len(images), -1), labels) < 0.35  # chance is 0.125
 
 
-def test_classes_are_separable_by_orientation_frequency(sample: tuple[np.ndarray, np.ndarray]) -> None:
+def test_classes_are_separable_by_silhouette(sample: tuple[np.ndarray, np.ndarray]) -> None:
     images, labels = sample
-    assert nearest_mean_accuracy(spectrum_histogram(images), labels) > 0.85
+    assert nearest_mean_accuracy(centred_silhouettes(images), labels) > 0.85
 
 
-def test_class_grid_needs_both_orientation_and_frequency() -> None:
+def test_class_names_are_the_shapes() -> None:
     spec = SynthSpec(NUM_CLASSES)
-    params = [spec.class_params(k) for k in range(NUM_CLASSES)]
-    assert len(set(params)) == NUM_CLASSES
-    assert len({theta for theta, _ in params}) < NUM_CLASSES and len({f for _, f in params}) < NUM_CLASSES
-    assert len({spec.class_name(k) for k in range(NUM_CLASSES)}) == NUM_CLASSES
+    assert [spec.class_name(k) for k in range(NUM_CLASSES)] == list(SHAPES)
+
+
+def test_more_classes_than_shapes_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main([str(tmp_path / "out"), "--num-classes", str(len(SHAPES) + 1), "--quiet"]) != 0
+    assert "--num-classes must be between 2 and 8" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_render_is_deterministic_by_seed() -> None:
