@@ -9,6 +9,7 @@ import sys
 
 from ilm_dist.config import ConfigError, load_config
 from ilm_dist.data.manifest import ManifestError, load_manifest
+from ilm_dist.distributed import shutdown
 
 
 def setup_logging() -> None:
@@ -42,7 +43,10 @@ def pretrain_main(argv: list[str] | None = None) -> None:
     from ilm_dist.train.trainer import Trainer
 
     trainer = Trainer(cfg, resume=args.resume)
-    sys.exit(run_guarded(trainer))
+    code = run_guarded(trainer)
+    if code == 0:  # after a failure the group may wait on a dead rank; the launcher ends the process
+        shutdown()
+    sys.exit(code)
 
 
 class Terminated(Exception):

@@ -123,6 +123,12 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Destroy the process group, if any; exiting with a live gloo group can abort in its C++ threads."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
 def on_main(fn: Callable[[], T]) -> T:
     """Run ``fn`` on rank 0 only and return its result on every rank (so it is also a barrier).
 

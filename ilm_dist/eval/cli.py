@@ -17,11 +17,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import torch.distributed as dist
-
 from ilm_dist.config import ConfigError
 from ilm_dist.data.manifest import ManifestError
-from ilm_dist.distributed import dist_info, is_initialized
+from ilm_dist.distributed import dist_info, shutdown
 from ilm_dist.eval.analysis import CkaParams, check_comparable, expand_dirs, load_method, summarise
 from ilm_dist.eval.context import EvalContext, init_test_features, open_context
 from ilm_dist.eval.errors import EvalError
@@ -45,8 +43,7 @@ def _run(
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     finally:
-        if is_initialized():
-            dist.destroy_process_group()
+        shutdown()
 
 
 def _launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
