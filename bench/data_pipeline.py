@@ -19,9 +19,7 @@ Without ``--shards`` it first packs a synthetic set (``python -m data_tools.synt
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -30,11 +28,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import ROOT, device_slug, source_commit, write_result
 
 from ilm_dist.config import DataConfig, RunConfig
 from ilm_dist.data.torch_backend import TorchLoader
 
-ROOT = Path(__file__).resolve().parent.parent
 NUM_CLASSES = 8
 
 
@@ -172,19 +170,6 @@ def ratios(variants: dict[str, dict], moco: float | None) -> dict[str, float]:
     return out
 
 
-def device_slug(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(device).lower()).strip("_")
-
-
-def git_commit() -> str | None:
-    result = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
-    )
-    return result.stdout.strip() or None
-
-
 def main() -> None:
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -200,7 +185,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"cpu ({os.cpu_count()} cores)",
-        "commit": git_commit(),
+        "commit": source_commit(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "load_average_before": [round(load, 2) for load in load_before],
         "settings": {
@@ -220,9 +205,7 @@ def main() -> None:
     for pair, value in result["ratios"].items():
         print(f"{pair}: {value}x")
     out = args.out or ROOT / "bench" / "results" / f"data_pipeline_{device_slug(device)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, out)
 
 
 if __name__ == "__main__":

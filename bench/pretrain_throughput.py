@@ -49,7 +49,6 @@ import argparse
 import copy
 import dataclasses
 import gc
-import json
 import os
 import statistics
 import subprocess
@@ -63,7 +62,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from data_pipeline import device_slug, git_commit, pack_synthetic
+from common import ROOT, device_slug, source_commit, write_result
+from data_pipeline import pack_synthetic
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
@@ -81,7 +81,6 @@ from ilm_dist.train.optim import scaled_lr
 from ilm_dist.train.timing import StepTimer
 from ilm_dist.train.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("baseline", "ilm_dist", "synthetic")
 PHASES = ("data", "to_device", "ema", "key_forward", "forward", "loss", "backward", "optimizer", "queue")
 LOSSES = {  # Kaku et al. 2021, official code (configs/*/moco_bt.yaml, configs/*/moco_mse.yaml)
@@ -724,7 +723,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
-        "commit": git_commit(),
+        "commit": source_commit(),
         "uncommitted_changes": sources_dirty(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "torch": torch.__version__,
@@ -736,9 +735,7 @@ def main() -> None:
     result["goals"] = goals(args, device, result)
     print_summary(result)
     out = args.out or ROOT / "bench" / "results" / f"pretrain_throughput_{device_slug(device)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, out)
 
 
 if __name__ == "__main__":

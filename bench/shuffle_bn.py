@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from common import ROOT, source_commit, write_result
 
 from ilm_dist.moco.shuffle_bn import all_gather_shuffled_forward, route, shuffled_forward, step_permutation
 
-ROOT = Path(__file__).resolve().parent.parent
 IMPLS = {"all_gather": all_gather_shuffled_forward, "all_to_all": shuffled_forward}
 
 
@@ -64,19 +64,6 @@ def read_bytes() -> int | None:
         elif mine:
             total += sum(int(f.split(":")[1]) for f in line.split() if f.startswith("bytes_received:"))
     return total
-
-
-def commit() -> str:
-    """HEAD's hash when the benchmarked sources are committed there, else "uncommitted"."""
-    git = ["git", "-C", str(ROOT)]
-    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(
-        [*git, "status", "--porcelain", "--", "ilm_dist/moco/shuffle_bn.py", "bench/shuffle_bn.py"],
-        capture_output=True,
-        text=True,
-    )
-    clean = head.returncode == 0 and dirty.returncode == 0 and not dirty.stdout.strip()
-    return head.stdout.strip() if clean else "uncommitted"
 
 
 def main() -> None:
@@ -156,7 +143,7 @@ def main() -> None:
             "device": f"{torch.cuda.get_device_name()} x {world} (nccl)"
             if cuda
             else f"cpu ({world} gloo ranks on {os.cpu_count()} cores, {torch.get_num_threads()} threads each)",
-            "commit": commit(),
+            "commit": source_commit("ilm_dist/moco/shuffle_bn.py", "bench/shuffle_bn.py"),
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "torch": torch.__version__,
             "settings": {**{k: v for k, v in vars(args).items() if k != "local_rank"}, "ranks": world},
@@ -166,10 +153,8 @@ def main() -> None:
             "implementations": results,
         }
         out = ROOT / "bench" / "results" / f"shuffle_bn_{name}_r{world}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
-        print(f"wrote {out.relative_to(ROOT)}")
+        write_result(result, out)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -22,9 +22,7 @@ scratch space of BLAS libraries (null if the profiler gives no events). Writes
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -32,11 +30,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import ROOT, source_commit, write_result
 from torch import Tensor
 
 from ilm_dist.ops import bt_xcorr_loss, extension_available
 
-ROOT = Path(__file__).resolve().parent.parent
 LAYERS = 4
 EPS = 1e-5
 SIZES = {"full": ([64, 256, 1024], [512, 2048, 8192]), "small": ([64, 256, 1024], [512, 2048])}
@@ -151,19 +149,6 @@ def run_case(n: int, d: int, dtype: torch.dtype, args: argparse.Namespace) -> di
     return case
 
 
-def commit() -> str:
-    """HEAD's hash when the benchmarked sources are committed there, else "uncommitted"."""
-    git = ["git", "-C", str(ROOT)]
-    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(
-        [*git, "status", "--porcelain", "--", "csrc", "ilm_dist/ops", "bench/xcorr.py", "setup.py"],
-        capture_output=True,
-        text=True,
-    )
-    clean = head.returncode == 0 and dirty.returncode == 0 and not dirty.stdout.strip()
-    return head.stdout.strip() if clean else "uncommitted"
-
-
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -195,7 +180,7 @@ def main() -> None:
     )
     result = {
         "device": device_name,
-        "commit": commit(),
+        "commit": source_commit("csrc", "ilm_dist/ops", "bench/xcorr.py", "setup.py"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "torch": torch.__version__,
         "peak_memory": "torch.cuda.max_memory_allocated"
@@ -204,9 +189,7 @@ def main() -> None:
         "cases": cases,
     }
     out = ROOT / "bench" / "results" / f"xcorr_{device_type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_result(result, out)
 
 
 if __name__ == "__main__":

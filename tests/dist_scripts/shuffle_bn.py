@@ -18,23 +18,10 @@ import torch.distributed as dist
 
 from ilm_dist import distributed as D
 from ilm_dist.config import load_config
-from ilm_dist.moco.shuffle_bn import route, shuffled_forward, step_permutation
+from ilm_dist.moco.shuffle_bn import all_gather_shuffled_forward, route, shuffled_forward, step_permutation
 from ilm_dist.model.moco import MoCoILM
 
 BATCH, SIZE, SEED = 6, 32, 11
-
-
-@torch.no_grad()
-def all_gather_shuffled_forward(fn, images, seed, step):
-    """The implementation before all_to_all (at 2+ ranks), verbatim: every rank gathers the global batch."""
-    rank = D.rank()
-    batch = images.shape[0]
-    gathered = D.all_gather_no_grad(images)
-    perm = step_permutation(gathered.shape[0], seed, step, images.device)
-    mine = perm[rank * batch : (rank + 1) * batch]
-    outputs = fn(gathered[mine])
-    inverse = torch.argsort(perm)[rank * batch : (rank + 1) * batch]
-    return [D.all_gather_no_grad(out.contiguous())[inverse] for out in outputs]
 
 
 def single_process_reference(fn, global_batch, seed, step, world, rank):
