@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ilm_dist.config import ConfigError, RunConfig
-from ilm_dist.distributed import DistInfo, dist_info
+from ilm_dist.distributed import DistInfo, barrier, dist_info
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -34,6 +34,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def shm_allreduce_segment(rank: int) -> Path:
+    """The /dev/shm segment DeepSpeed's CPU backend creates for ``rank`` (name as in its ``shm.cpp``)."""
+    addr, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_shm_allreduce_segment(rank: int) -> None:
+    """Unlink this rank's DeepSpeed shared-memory all-reduce segment once every rank has mapped it.
+
+    On the CPU accelerator DeepSpeed maps a ~66 MiB segment per rank (for ``inference_all_reduce``,
+    which training never uses) and never unlinks it, so every run, finished or killed, left its
+    segments in /dev/shm: RAM gone until reboot (sglang#38638 hit the same). After the barrier every
+    rank has mapped its peers' segments, so unlinking only drops the name; the memory is freed when
+    the last rank exits, however it exits.
+    """
+    barrier()
+    shm_allreduce_segment(rank).unlink(missing_ok=True)
+
+
 def init_distributed(cfg: RunConfig) -> tuple[DistInfo, torch.device]:
     """Join the launcher's process group (or make a world of one for plain ``python``)."""
     accelerator = select_accelerator()
@@ -48,6 +67,8 @@ def init_distributed(cfg: RunConfig) -> tuple[DistInfo, torch.device]:
     timeout = datetime.timedelta(seconds=cfg.engine.collective_timeout_s)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     info = dist_info()
+    if accelerator == "cpu":
+        _unlink_shm_allreduce_segment(info.rank)
     if accelerator == "cuda":
         torch.cuda.set_device(info.local_rank)
         return info, torch.device("cuda", info.local_rank)
