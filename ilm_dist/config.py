@@ -19,12 +19,14 @@ from typing import Any, Literal
 
 import yaml
 
+from ilm_dist.errors import InputError
+
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BLOCKS = (1, 2, 3, 4)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A run configuration is invalid; the message names the key."""
 
 

@@ -48,11 +48,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ilm_dist.errors import InputError
+
 FORMAT = "ilm_dist.shards/v1"
 TASKS = ("binary", "multiclass", "multilabel")
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """A packed dataset directory is missing, incomplete or inconsistent."""
 
 
