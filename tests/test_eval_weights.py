@@ -4,6 +4,7 @@ import pytest
 import torch
 import torchvision
 
+from ilm_dist.errors import InputError
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.weights import (
     DS_MODEL_STATES,
@@ -83,7 +84,7 @@ def test_bad_paths(tmp_path):
     with pytest.raises(EvalError, match=r"no backbone\.pt"):
         resolve_init(str(tmp_path))
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    with pytest.raises(EvalError, match=r"junk\.pt: cannot read"):
+    with pytest.raises(InputError, match=r"junk\.pt: cannot read"):
         load_state(resolve_init(str(tmp_path / "junk.pt")))
 
 

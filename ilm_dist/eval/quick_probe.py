@@ -14,6 +14,7 @@ from ilm_dist.data.manifest import ManifestError, load_manifest
 from ilm_dist.eval.features import extract_block_features
 from ilm_dist.eval.knn import knn_accuracy
 from ilm_dist.model.encoder import build_resnet, load_backbone_into_resnet
+from ilm_dist.serialization import load_tensors
 
 
 def block_knn_accuracies(resnet, manifest, cfg, bank_split: str, split: str) -> list[float]:
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{cfg.data.shards}: quick_probe's kNN needs single-label data, task is multilabel"
             )
         trained = load_backbone_into_resnet(
-            cfg.model.arch, torch.load(run / "backbone.pt", weights_only=True)
+            cfg.model.arch, load_tensors(run / "backbone.pt", "exported backbone")
         )
     except (ConfigError, ManifestError, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")

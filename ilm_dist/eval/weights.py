@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.model.encoder import build_resnet
+from ilm_dist.serialization import load_tensors
 
 RUN_CONFIG = "config.yaml"
 BACKBONE = "backbone.pt"
@@ -97,7 +98,7 @@ def load_state(init: InitSpec) -> dict[str, Tensor] | None:
     if init.kind == "random":
         return None
     if init.kind == "deepspeed":
-        states = torch.load(init.path, map_location="cpu", weights_only=False)  # DeepSpeed pickles its config
+        states = load_tensors(init.path, "DeepSpeed checkpoint file", deepspeed=True)
         module = states.get("module", {}) if isinstance(states, dict) else {}
         state = {
             k[len(DS_BACKBONE_PREFIX) :]: v for k, v in module.items() if k.startswith(DS_BACKBONE_PREFIX)
@@ -107,12 +108,7 @@ def load_state(init: InitSpec) -> dict[str, Tensor] | None:
                 f"{init.path}: no '{DS_BACKBONE_PREFIX}*' weights (not an ilm_dist pretraining checkpoint)"
             )
     else:
-        try:
-            state = torch.load(init.path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle/zip errors come in many types
-            raise EvalError(
-                f"{init.path}: cannot read as a torch state_dict ({type(err).__name__}: {err})"
-            ) from None
+        state = load_tensors(init.path, "torch state_dict")
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise EvalError(f"{init.path}: not a state_dict (a flat mapping of parameter names to tensors)")
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items() if not k.startswith("fc.")}

@@ -17,6 +17,7 @@ import torch
 
 from ilm_dist.config import ConfigError, RunConfig
 from ilm_dist.distributed import DistInfo, barrier, dist_info
+from ilm_dist.serialization import load_tensors, save_tensors
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -108,10 +109,28 @@ def precision_of(ds_config: dict[str, Any]) -> str:
 
 
 def wrap(model: torch.nn.Module, optimizer, scheduler, ds_config: dict[str, Any]):
-    """Hand the trainable module to DeepSpeed; returns the engine."""
+    """Hand the trainable module to DeepSpeed; returns the engine, reading and writing its checkpoint
+    files through :func:`safe_checkpoint_engine`."""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    engine.checkpoint_engine = safe_checkpoint_engine(engine._config)
     return engine
+
+
+def safe_checkpoint_engine(config):
+    """DeepSpeed's torch checkpoint engine with safe I/O: loads with ``weights_only=True`` (DeepSpeed's own
+    ``torch.load(weights_only=False)`` runs whatever a resumed file pickled) and saves through a Python file,
+    so a full disk raises ``OSError`` naming the file (:mod:`ilm_dist.serialization`)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def save(self, state_dict, path: str) -> None:
+            save_tensors(state_dict, path)
+
+        def load(self, path: str, map_location=None):
+            return load_tensors(path, "DeepSpeed checkpoint file", deepspeed=True)
+
+    return SafeTorchCheckpointEngine(config)
