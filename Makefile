@@ -31,7 +31,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m data_tools.synthetic $(DEMO)/data --overwrite
-	DS_ACCELERATOR=cpu $(VENV)/bin/deepspeed --num_gpus 2 launch/pretrain.py --config configs/demo.yaml
+	DS_ACCELERATOR=cpu $(VENV)/bin/deepspeed --num_gpus 2 launch/pretrain.py --config configs/demo.yaml --overwrite
 	$(PY) launch/quick_probe.py --run $(DEMO)/pretrain
 
 test: $(STAMP)

@@ -7,19 +7,26 @@ import logging
 import signal
 import sys
 
-from ilm_dist.config import ConfigError, load_config
-from ilm_dist.data.manifest import ManifestError, load_manifest
+from ilm_dist.config import load_config
+from ilm_dist.data.manifest import load_manifest
 from ilm_dist.distributed import shutdown
+from ilm_dist.errors import EXIT_INPUT_ERROR, ArgumentParser, InputError, exit_on_input_error, fail
+from ilm_dist.serialization import CheckpointWriteError
 
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def pretrain_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="MoCo v2 + intermediate-layer pretraining")
+def pretrain_parser() -> ArgumentParser:
+    parser = ArgumentParser(description="MoCo v2 + intermediate-layer pretraining")
     parser.add_argument("--config", required=True, help="run config YAML (see configs/)")
     parser.add_argument("--resume", action="store_true", help="continue from output_dir's latest checkpoint")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an output_dir that holds an earlier run, deleting that run's files",
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=20")
     return parser
@@ -34,15 +41,20 @@ def preflight(config_path: str, overrides: list[str]):
 
 
 def pretrain_main(argv: list[str] | None = None) -> None:
-    args = pretrain_parser().parse_args(argv)
+    parser = pretrain_parser()
+    args = parser.parse_intermixed_args(argv)  # key=value overrides anywhere on the line
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in output_dir, --overwrite deletes it: give one")
     setup_logging()
-    try:
+    with exit_on_input_error():
         cfg = preflight(args.config, args.overrides)
-    except (ConfigError, ManifestError) as err:
-        sys.exit(f"error: {err}")
     from ilm_dist.train.trainer import Trainer
 
-    trainer = Trainer(cfg, resume=args.resume)
+    try:
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    except InputError as err:  # raised alike on every rank (rank 0's decisions are shared by on_main)
+        shutdown()
+        fail(str(err))
     code = run_guarded(trainer)
     if code == 0:  # after a failure the group may wait on a dead rank; the launcher ends the process
         shutdown()
@@ -67,6 +79,9 @@ def run_guarded(trainer) -> int:
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         trainer.fit()
+    except CheckpointWriteError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_INPUT_ERROR
     except NonFiniteLoss as err:
         latest = checkpoint.latest_tag(trainer.out)
         log.error("rank %d/%d: %s; stopped, last good checkpoint: %s", rank, world, err, latest or "none")
@@ -92,7 +107,7 @@ def run_guarded(trainer) -> int:
 
 def dry_run_main(argv: list[str] | None = None) -> None:
     """Validate a configuration for a cluster shape and print the plan, without a cluster."""
-    parser = argparse.ArgumentParser(description="plan a distributed pretraining job without running it")
+    parser = ArgumentParser(description="plan a distributed pretraining job without running it")
     parser.add_argument("--config", required=True)
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
@@ -100,17 +115,15 @@ def dry_run_main(argv: list[str] | None = None) -> None:
         "--num-samples", type=int, default=None, help="split size when the shards are not reachable"
     )
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from ilm_dist.plan import build_plan
 
-    try:
+    with exit_on_input_error():
         cfg = load_config(args.config, args.overrides)
         samples, shards = args.num_samples, None
         if cfg.data.backend != "synthetic" and samples is None:
             split = load_manifest(cfg.data.shards).split(cfg.data.split)
             samples, shards = split.num_samples, len(split.shards)
-    except (ConfigError, ManifestError) as err:
-        sys.exit(f"error: {err}")
     if args.nodes < 1 or args.gpus_per_node < 1:
-        sys.exit("error: --nodes and --gpus-per-node must be >= 1")
+        fail("--nodes and --gpus-per-node must be >= 1")
     print(build_plan(cfg, args.nodes, args.gpus_per_node, samples, shards).render())

@@ -1,9 +1,13 @@
-"""Checkpoints: DeepSpeed's engine state plus the MoCo state it does not know about.
+"""Checkpoints: DeepSpeed's engine state with the MoCo state as its client state, an atomic ``latest``, rotation.
 
-Layout: ``output_dir/checkpoints/step_<N>/`` (DeepSpeed's files) with ``moco_state.pt`` (key
-encoder, queue, pointer, data position). ``latest`` is replaced atomically (write + rename) only
-after every rank has finished writing, so a crash during a save leaves it naming the previous
-complete checkpoint. Older tags beyond ``keep`` are deleted after the new one is complete.
+Layout: ``output_dir/checkpoints/step_<N>/`` holds DeepSpeed's files; the key encoder, the queue and the
+data position travel in DeepSpeed's ``client_state`` (inside ``mp_rank_00_model_states.pt``), so one
+``save_checkpoint`` / ``load_checkpoint`` pair keeps the whole training state. ``latest`` names the last
+complete checkpoint; it is replaced atomically (write + rename) only after every rank has finished writing,
+so a crash or a full disk during a save leaves it naming the previous complete checkpoint. (DeepSpeed's
+own ``save_latest`` truncates and rewrites the file in place: a full disk at that moment would empty it.)
+A save that fails removes what it half-wrote. Older tags beyond ``keep`` are deleted after the new one is
+complete. Every file is read with ``weights_only=True`` (:func:`ilm_dist.train.engine.safe_checkpoint_engine`).
 """
 
 from __future__ import annotations
@@ -14,42 +18,71 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ilm_dist import distributed as D
+from ilm_dist.errors import InputError
+from ilm_dist.serialization import CheckpointWriteError, load_tensors
 from ilm_dist.train import faults
 
 TAG = re.compile(r"^step_(\d+)$")
-MOCO_STATE = "moco_state.pt"
+LATEST = "latest"
+ZERO_PARTITIONS = "zero_pp_rank_*_mp_rank_*_optim_states.pt"  # one file per data-parallel rank
+LEGACY_MOCO_STATE = "moco_state.pt"  # the sidecar file of checkpoints written before client_state
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def save(engine, output_dir: str | Path, step: int, moco_state: dict[str, Any], keep: int) -> Path:
+def latest_tag(output_dir: str | Path) -> str | None:
+    latest = checkpoint_dir(output_dir) / LATEST
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def save(engine, output_dir: str | Path, step: int, client_state: dict[str, Any], keep: int) -> Path:
+    """Save the engine and ``client_state`` as ``step_<step>``, then move ``latest`` and rotate.
+
+    A step that is already the latest checkpoint is not written again (its state is this state). A write
+    error raises :class:`CheckpointWriteError` naming the file, after removing the partial checkpoint.
+    """
     root = checkpoint_dir(output_dir)
     tag = f"step_{step}"
-    if D.rank() == 0:
-        (root / tag).mkdir(parents=True, exist_ok=True)
-        tmp = root / tag / f"{MOCO_STATE}.tmp"
-        torch.save(moco_state, tmp)
-        os.replace(tmp, root / tag / MOCO_STATE)
-    D.barrier()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    D.barrier()
+    if latest_tag(output_dir) == tag:
+        return root / tag
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    except OSError as err:
+        shutil.rmtree(root / tag, ignore_errors=True)
+        raise CheckpointWriteError(
+            err.errno, f"{err.strerror or err}; removed the partial {root / tag}; {_kept(root)}"
+        ) from None
+    D.barrier()  # every rank's files are complete
     faults.maybe_kill("save", step)
     if D.rank() == 0:
-        _write_atomic(root / "latest", tag)
+        _write_atomic(root / LATEST, tag)
         _rotate(root, keep)
     D.barrier()
     return root / tag
 
 
+def _kept(root: Path) -> str:
+    latest = latest_tag(root.parent)
+    return (
+        f"the previous checkpoint {root / latest} and 'latest' are intact"
+        if latest
+        else "no earlier checkpoint"
+    )
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(
+            err.errno, f"{path}: {err.strerror or err}; 'latest' was not changed"
+        ) from None
 
 
 def _rotate(root: Path, keep: int) -> None:
@@ -58,30 +91,44 @@ def _rotate(root: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def latest_tag(output_dir: str | Path) -> str | None:
-    latest = checkpoint_dir(output_dir) / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
-
-
-def load_moco_state(output_dir: str | Path) -> tuple[str, dict[str, Any]]:
-    """The latest complete checkpoint's tag and MoCo state."""
+def latest_checkpoint(output_dir: str | Path) -> Path:
+    """The directory ``latest`` names; :class:`InputError` (for ``--resume``) when there is none."""
+    root = checkpoint_dir(output_dir)
     tag = latest_tag(output_dir)
     if tag is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_dir(output_dir)} (no 'latest' file)")
-    path = checkpoint_dir(output_dir) / tag / MOCO_STATE
-    return tag, torch.load(path, map_location="cpu", weights_only=False)
+        raise InputError(f"--resume: no checkpoint in {root} (no '{LATEST}' file); start without --resume")
+    if not (root / tag).is_dir():
+        raise InputError(f"--resume: {root / LATEST} names {tag!r}, but {root / tag} is missing")
+    return root / tag
 
 
-def load_engine(engine, output_dir: str | Path, tag: str, same_world: bool) -> None:
-    """Restore DeepSpeed's state. On another world size ZeRO's optimizer partitions do not fit,
-    so only the module and the LR schedule are restored (the optimizer's momentum restarts)."""
-    root = checkpoint_dir(output_dir)
+def zero_world_size(path: Path) -> int:
+    """The data-parallel world size a checkpoint's ZeRO optimizer partitions were written for (0: no ZeRO)."""
+    return len(list(path.glob(ZERO_PARTITIONS)))
+
+
+def restore(engine, output_dir: str | Path, world_size: int) -> dict[str, Any]:
+    """Load the latest checkpoint into ``engine``; returns its client state.
+
+    On another world size ZeRO's optimizer partitions do not fit, so only the module and the LR schedule
+    are restored (the optimizer's momentum restarts). Unreadable files and state that does not fit the
+    model raise :class:`InputError` naming the checkpoint.
+    """
+    path = latest_checkpoint(output_dir)
     zero = engine.zero_optimization_stage() > 0
-    path, _ = engine.load_checkpoint(
-        str(root),
-        tag=tag,
-        load_optimizer_states=same_world or not zero,
-        load_module_only=not same_world and zero,
-    )
-    if path is None:
-        raise FileNotFoundError(f"--resume: DeepSpeed could not load {root / tag}")
+    same_world = zero_world_size(path) in (0, world_size)
+    try:
+        loaded, client_state = engine.load_checkpoint(
+            str(path.parent),
+            tag=path.name,
+            load_optimizer_states=same_world or not zero,
+            load_module_only=not same_world and zero,
+        )
+    except RuntimeError as err:  # load_state_dict: the checkpoint's tensors do not fit this model
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise InputError(f"--resume: {path} does not fit this run's model: {first}") from None
+    if loaded is None:
+        raise InputError(f"--resume: DeepSpeed found no checkpoint to load in {path}")
+    if "moco" not in client_state:
+        client_state = {"moco": load_tensors(path / LEGACY_MOCO_STATE, "MoCo state of an older checkpoint")}
+    return client_state

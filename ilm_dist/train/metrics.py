@@ -8,7 +8,9 @@ from typing import Any
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path, enabled: bool):
+    """Appends from ``first_step`` on; TensorBoard drops its events from ``first_step`` on (a resumed run)."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool, first_step: int = 1):
         self.enabled = enabled
         if not enabled:
             return
@@ -16,7 +18,7 @@ class MetricsLogger:
 
         self.path = Path(output_dir) / "metrics.jsonl"
         self.file = self.path.open("a")
-        self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+        self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=first_step)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

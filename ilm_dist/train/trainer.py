@@ -17,16 +17,19 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm import tqdm
 
 from ilm_dist import distributed as D
 from ilm_dist.config import RunConfig, save_config
 from ilm_dist.data import TwoViewBatch, build_pretrain_loader
+from ilm_dist.errors import InputError
 from ilm_dist.moco.key_encoder import KeyEncoder
 from ilm_dist.moco.queue import KeyQueue
 from ilm_dist.moco.shuffle_bn import shuffled_forward
 from ilm_dist.model.moco import MoCoILM
-from ilm_dist.train import checkpoint, faults
+from ilm_dist.serialization import save_tensors
+from ilm_dist.train import checkpoint, faults, run_dir
 from ilm_dist.train import engine as ds_engine
 from ilm_dist.train.health import Heartbeat, NanWatch
 from ilm_dist.train.metrics import MetricsLogger
@@ -37,16 +40,18 @@ log = logging.getLogger("ilm_dist")
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: bool = False):
+    """One pretraining run. ``resume``: continue from ``output_dir``'s latest checkpoint; ``overwrite``: start
+    over in an ``output_dir`` that holds an earlier run, deleting its files (otherwise that is refused)."""
+
+    def __init__(self, cfg: RunConfig, resume: bool = False, overwrite: bool = False):
         self.cfg = cfg
         self.info, self.device = ds_engine.init_distributed(cfg)
+        self.out = Path(cfg.output_dir)
+        if not resume:  # before anything is written: an earlier run is never overwritten silently
+            D.on_main(lambda: run_dir.prepare_fresh(self.out, overwrite))
         torch.manual_seed(cfg.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.out = Path(cfg.output_dir)
-        if self.info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
         self.loader = build_pretrain_loader(cfg, self.info.rank, self.info.world_size, self.device)
         ds_config = ds_engine.resolve_deepspeed_config(cfg)
         self.grad_accum = ds_config["gradient_accumulation_steps"]
@@ -61,8 +66,9 @@ class Trainer:
         self.queue = KeyQueue(cfg.moco.queue_size, cfg.moco.dim, self.device, cfg.seed)
         self.epoch, self.step_in_epoch, self.micro_steps = 0, 0, 0
         if resume:
-            self._restore()
-        self.metrics = MetricsLogger(self.out, self.info.is_main)
+            self._restore()  # reads only: a failed resume leaves the run as it was
+        D.on_main(self._claim_output_dir)
+        self.metrics = MetricsLogger(self.out, self.info.is_main, first_step=self.global_step + 1)
         self.nan_watch = NanWatch(self.engine.module.term_names())
         self.heartbeat = Heartbeat(self.out, self.info.rank, self.info.world_size)
         self.monitor = self._build_monitor()
@@ -72,14 +78,24 @@ class Trainer:
                 "one rank: shuffle-BN has no other rank to shuffle with (see ilm_dist/moco/shuffle_bn.py)"
             )
 
+    def _claim_output_dir(self) -> None:
+        """Rank 0, once the run is sure to start: the resolved config, and metrics up to the resumed step."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.out / run_dir.CONFIG)
+        dropped = run_dir.keep_metrics_until(self.out, self.global_step)
+        if dropped:
+            log.info("dropped %d metric records logged after step %d", dropped, self.global_step)
+
     # ------------------------------------------------------------------ setup
 
     def _total_steps(self) -> int:
         per_epoch = self.loader.steps_per_epoch // self.grad_accum
-        if per_epoch == 0 and self.cfg.train.max_steps is None:
-            raise ValueError(
-                f"data: one epoch has {self.loader.steps_per_epoch} batches of {self.cfg.data.batch_size} per rank "
-                f"x {self.info.world_size} ranks, fewer than one optimizer step; use a smaller data.batch_size"
+        if per_epoch == 0:
+            data = self.cfg.data
+            raise InputError(
+                f"data.batch_size: split {data.split!r} of {data.shards} is too small for one optimizer step of "
+                f"{data.batch_size} per rank x {self.info.world_size} ranks x {self.grad_accum} accumulation "
+                f"steps ({self.loader.description}); use a smaller data.batch_size or fewer ranks"
             )
         return self.cfg.train.max_steps or per_epoch * self.cfg.train.epochs
 
@@ -111,29 +127,30 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
-    def moco_state(self) -> dict:
+    def client_state(self) -> dict:
+        """What DeepSpeed does not know about, saved with its checkpoint: MoCo state and data position."""
         return {
-            "key_encoder": self.key_encoder.state_dict(),
-            "queue": self.queue.state_dict(),
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
-            "micro_steps": self.micro_steps,
-            "global_step": self.global_step,
-            "world_size": self.info.world_size,
-            "batch_size": self.cfg.data.batch_size,
+            "moco": {
+                "key_encoder": self.key_encoder.state_dict(),
+                "queue": self.queue.state_dict(),
+                "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch,
+                "micro_steps": self.micro_steps,
+                "global_step": self.global_step,
+                "world_size": self.info.world_size,
+                "batch_size": self.cfg.data.batch_size,
+                "arch": self.cfg.model.arch,
+            }
         }
 
     def _restore(self) -> None:
-        tag, state = checkpoint.load_moco_state(self.out)
-        same_world = (
-            state["world_size"] == self.info.world_size and state["batch_size"] == self.cfg.data.batch_size
-        )
-        checkpoint.load_engine(self.engine, self.out, tag, same_world)
+        self._check_same_arch()
+        state = checkpoint.restore(self.engine, self.out, self.info.world_size)["moco"]
         self.key_encoder.load_state_dict(state["key_encoder"])
         self.queue.load_state_dict(state["queue"])
         self.epoch, self.micro_steps = state["epoch"], state["micro_steps"]
         self.step_in_epoch = state["step_in_epoch"]
-        if not same_world:
+        if (state["world_size"], state["batch_size"]) != (self.info.world_size, self.cfg.data.batch_size):
             self._reshard(state)
         log.info(
             "resumed at step %d (epoch %d, batch %d of the epoch)",
@@ -142,40 +159,28 @@ class Trainer:
             self.step_in_epoch,
         )
 
-    def _reshard(self, state: dict) -> None:
-        """Continue on another world size or batch: same epoch permutation, position kept in samples."""
-        done = state["step_in_epoch"] * state["batch_size"] * state["world_size"]
-        global_batch = self.cfg.data.batch_size * self.info.world_size
-        self.step_in_epoch = done // global_batch
-        self.engine.global_steps = state["global_step"]
-        self.engine.lr_scheduler.last_epoch = state["global_step"] - 1
-        self.engine.lr_scheduler.step()
-        log.warning(
-            "resuming on %d ranks x batch %d (checkpoint: %d x %d): data re-sharded, %d samples of epoch %d "
-            "done -> batch %d (%d samples seen again); queue and key encoder kept%s",
-            self.info.world_size,
-            self.cfg.data.batch_size,
-            state["world_size"],
-            state["batch_size"],
-            done,
-            self.epoch,
-            self.step_in_epoch,
-            done - self.step_in_epoch * global_batch,
-            "; ZeRO optimizer state restarted (partitions depend on the world size)"
-            if self.engine.zero_optimization_stage() > 0
-            else "",
-        )
+    def _check_same_arch(self) -> None:
+        """A checkpoint of another architecture is named with both before DeepSpeed tries to load it."""
+        saved = self.out / run_dir.CONFIG
+        if not saved.is_file():
+            return
+        arch = (yaml.safe_load(saved.read_text()) or {}).get("model", {}).get("arch")
+        if arch and arch != self.cfg.model.arch:
+            raise InputError(
+                f"--resume: the run in {self.out} was trained with model.arch={arch} ({saved}); this config "
+                f"has model.arch={self.cfg.model.arch}"
+            )
 
     def save_checkpoint(self) -> Path:
         self.nan_watch.check()  # never checkpoint a run whose loss went non-finite
         return checkpoint.save(
-            self.engine, self.out, self.global_step, self.moco_state(), self.cfg.train.keep_checkpoints
+            self.engine, self.out, self.global_step, self.client_state(), self.cfg.train.keep_checkpoints
         )
 
     def export_backbone(self) -> Path:
         path = self.out / "backbone.pt"
         if self.info.is_main:
-            torch.save(self.engine.module.encoder.backbone_state_dict(), path)
+            save_tensors(self.engine.module.encoder.backbone_state_dict(), path)
         D.barrier()
         return path
 
@@ -210,9 +215,22 @@ class Trainer:
         return terms
 
     def fit(self) -> None:
-        cfg, bar = self.cfg, None
-        if self.info.is_main:
-            bar = tqdm(total=self.total_steps, initial=self.global_step, desc="pretrain", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.global_step,
+            desc="pretrain",
+            dynamic_ncols=True,
+            disable=not self.info.is_main,
+        )
+        with bar:  # closed on the way out, so an error message starts on its own line
+            self._train(bar)
+        self.save_checkpoint()
+        self.export_backbone()
+        self._write_final_state()
+        self.metrics.close()
+
+    def _train(self, bar: tqdm) -> None:
+        cfg = self.cfg
         samples_per_step = cfg.data.batch_size * self.info.world_size
         tick, ticks = time.perf_counter(), 0
         while self.global_step < self.total_steps:
@@ -222,8 +240,7 @@ class Trainer:
                 ticks += 1
                 if self.micro_steps % self.grad_accum:
                     continue  # inside a gradient-accumulation cycle
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
                 step = self.global_step
                 self.heartbeat.beat(step)
                 faults.maybe_kill("step", step)
@@ -239,12 +256,6 @@ class Trainer:
                     break
             else:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        if bar is not None:
-            bar.close()
-        self.save_checkpoint()
-        self.export_backbone()
-        self._write_final_state()
-        self.metrics.close()
 
     def _write_final_state(self) -> None:
         """Check that every rank ended with the same queue, and record it in ``final_state.json``."""
@@ -269,5 +280,4 @@ class Trainer:
         record |= {name: float(v) for name, v in zip(names, values.tolist(), strict=True)}
         record["samples_per_s"] = rate
         self.metrics.log(record)
-        if bar is not None:
-            bar.set_postfix(loss=f"{record['loss']:.4f}", moco=f"{record['moco']:.4f}", ips=f"{rate:.0f}")
+        bar.set_postfix(loss=f"{record['loss']:.4f}", moco=f"{record['moco']:.4f}", ips=f"{rate:.0f}")
