@@ -17,7 +17,7 @@ from ilm_dist.config import AugConfig, MonitorConfig
 from ilm_dist.data.manifest import load_manifest
 from ilm_dist.eval import probe as probe_module
 from ilm_dist.eval.cli import analyse_main, finetune_main, probe_main
-from ilm_dist.eval.context import init_test_features, open_context
+from ilm_dist.eval.context import EvalTarget, init_test_features, open_context
 from ilm_dist.eval.monitor import KnnMonitor
 from ilm_dist.eval.probe import ProbeSettings, probe
 from ilm_dist.eval.store import load_npz
@@ -110,7 +110,7 @@ def test_saved_results_are_not_recomputed(evaluated, run):
 
 def test_probe_leaves_the_backbone_untouched(evaluated, run):
     record = json.loads((evaluated / "moco" / "probe" / "f1" / "metrics.json").read_text())
-    ctx = open_context(str(run), None, [], evaluated, None, CPU)
+    ctx = open_context(EvalTarget(str(run), str(evaluated)), CPU)
     assert record["backbone_sha256"] == fingerprint(ctx.classifier())
     assert set(record["blocks"]) == {"block1", "block2", "block3", "block4"}
 
@@ -130,7 +130,7 @@ def test_probe_fails_loudly_if_the_backbone_moves(run, tmp_path, monkeypatch):
         return original(ctx, backbone, *args)
 
     monkeypatch.setattr(probe_module, "cached_features", drifting)
-    ctx = open_context(str(run), None, [], tmp_path, None, CPU)
+    ctx = open_context(EvalTarget(str(run), str(tmp_path)), CPU)
     with pytest.raises(RuntimeError, match="frozen backbone changed"):
         probe(ctx, ProbeSettings(epochs=1, n_boot=0))
 
@@ -140,7 +140,7 @@ def test_linear_finetuning_keeps_the_backbone_features(run, tmp_path):
         ["--weights", str(run), "--out", str(tmp_path), "--fractions", "1", "--mode", "linear", *QUICK_FT]
     )
     after = load_npz(tmp_path / "moco" / "finetune" / "linear_f1" / "features_test.npz")
-    before = init_test_features(open_context(str(run), None, [], tmp_path, None, CPU))
+    before = init_test_features(open_context(EvalTarget(str(run), str(tmp_path)), CPU))
     for block in ("block1", "block4"):
         np.testing.assert_array_equal(after[block], before[block])
 

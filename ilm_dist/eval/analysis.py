@@ -16,6 +16,7 @@ from ilm_dist.eval.context import SOURCE
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.ks import ks_per_class
 from ilm_dist.eval.store import load_npz, read_json, write_json
+from ilm_dist.options import check_bounds, option
 
 log = logging.getLogger("ilm_dist")
 
@@ -24,11 +25,31 @@ CKA_FORMAT = 1  # bump when cka.json's contents change, so older files are recom
 
 @dataclass(frozen=True)
 class CkaParams:
-    num_subsets: int = NUM_SUBSETS
-    subset_size: int = SUBSET_SIZE
-    sigma: float = RBF_SIGMA
-    relative: bool = True  # sigma x median distance; False: absolute sigma (official code)
-    seed: int = 0
+    num_subsets: int = field(
+        default=NUM_SUBSETS,
+        metadata=option("RBF CKA: random test subsets (official: 50)", flag="--cka-subsets", min=1),
+    )
+    subset_size: int = field(
+        default=SUBSET_SIZE,
+        metadata=option("RBF CKA: images per subset (official: 1000)", flag="--cka-subset-size", min=2),
+    )
+    sigma: float = field(default=RBF_SIGMA, metadata=option("RBF kernel width", flag="--rbf-sigma", above=0))
+    absolute_sigma: bool = field(
+        default=False,
+        metadata=option(
+            "sigma on raw distances, as the official code (default: sigma x median distance)",
+            flag="--rbf-absolute",
+        ),
+    )
+    seed: int = field(default=0, metadata=option("seed of the CKA subsets"))
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+    @property
+    def relative(self) -> bool:
+        """Sigma scaled by the median pairwise distance (Kornblith et al. 2019), not absolute."""
+        return not self.absolute_sigma
 
 
 @dataclass

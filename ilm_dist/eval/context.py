@@ -8,8 +8,9 @@ and saves (:func:`ilm_dist.distributed.on_main`), and only rank 0 writes files.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -28,6 +29,9 @@ from ilm_dist.eval.fit import predict
 from ilm_dist.eval.store import dataset_id, digest, load_npz, read_json, save_npz, write_json
 from ilm_dist.eval.weights import InitSpec, build_classifier, check_fits, load_state, resolve_init
 from ilm_dist.model.encoder import build_resnet
+from ilm_dist.options import check_bounds, option
+
+log = logging.getLogger("ilm_dist")
 
 SPLITS = ("train", "val", "test")
 SOURCE = "source.json"
@@ -111,6 +115,14 @@ class EvalContext:
         arrays = self._sharded(split, None, run)
         return arrays["logits"], arrays["labels"]
 
+    def classes_without_samples(self) -> dict[str, list[str]]:
+        """Per evaluation split (val, test), the classes with no sample there (multi-label: no positive):
+        their metrics there are undefined, and validation-based model selection cannot see them."""
+        return {
+            split: [name for name, count in self.manifest.split(split).class_counts.items() if count == 0]
+            for split in ("val", "test")
+        }
+
     def source_record(self, config_path: Path) -> dict:
         return {
             "name": self.name,
@@ -126,21 +138,45 @@ class EvalContext:
         }
 
 
-def open_context(
-    weights: str,
-    config: str | None,
-    overrides: list[str],
-    eval_dir: str | Path,
-    name: str | None,
-    device: torch.device | None = None,
-    num_workers: int = 0,
-    batch_size: int = 128,
-) -> EvalContext:
+@dataclass
+class EvalTarget:
+    """What an evaluation command evaluates, on which data, and where its results go."""
+
+    weights: str = field(
+        default="",
+        metadata=option(
+            "'random', a pretraining run dir, backbone.pt / torchvision state_dict, or a DeepSpeed "
+            "checkpoint (run/checkpoints[/step_N])",
+            required=True,
+        ),
+    )
+    out: str = field(
+        default="",
+        metadata=option("evaluation directory shared by the methods on one dataset", required=True),
+    )
+    config: str | None = field(
+        default=None, metadata=option("run config (default: the config.yaml of the run that wrote --weights)")
+    )
+    name: str | None = field(
+        default=None, metadata=option("method name (default: the run's name; 'random_init' for random)")
+    )
+    workers: int = field(default=0, metadata=option("DataLoader workers (per rank)", min=0))
+    eval_batch_size: int = field(
+        default=128, metadata=option("inference batch per rank (features, validation, test)", min=1)
+    )
+    overrides: list[str] = field(default_factory=list)  # key=value overrides of the run config
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+
+def open_context(target: EvalTarget, device: torch.device | None = None) -> EvalContext:
     """Resolve weights and config, load the data manifest, check the weights fit, claim ``EVAL_DIR/<name>``.
 
     ``device=None``: this process's device from :func:`join_launcher` (which joins the launcher's
-    process group when there is one). ``batch_size``: per rank, for inference.
+    process group when there is one).
     """
+    weights, config, overrides = target.weights, target.config, target.overrides
     init = resolve_init(weights)
     config_path = Path(config) if config else init.run_config
     if config_path is None:
@@ -164,13 +200,23 @@ def open_context(
         manifest,
         init,
         state,
-        Path(eval_dir),
-        name or default_name(init, cfg),
+        Path(target.out),
+        target.name or default_name(init, cfg),
         device,
-        num_workers,
-        batch_size,
+        target.workers,
+        target.eval_batch_size,
     )
     on_main(lambda: claim_method_dir(ctx, config_path))
+    for split, names in ctx.classes_without_samples().items():
+        if names and dist_info().is_main:
+            log.warning(
+                "%s: class(es) %s have no samples in the %s split: their %s metrics are undefined (NaN)%s",
+                manifest.root,
+                ", ".join(repr(n) for n in names),
+                split,
+                split,
+                " and model selection ignores them" if split == "val" else "",
+            )
     return ctx
 
 

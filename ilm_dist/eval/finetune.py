@@ -19,7 +19,7 @@ over the ranks; only rank 0 writes.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -32,11 +32,12 @@ from ilm_dist.distributed import on_main, rank, world_size
 from ilm_dist.eval.context import EvalContext
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.features import BlockFeatures, SplitDataset
-from ilm_dist.eval.fit import ADAM_LR, FitResult, fit, primary_score
+from ilm_dist.eval.fit import ADAM_LR, FitResult, fit, fit_option, primary_score
 from ilm_dist.eval.metrics import evaluate_predictions, probabilities
 from ilm_dist.eval.store import fraction_tag, read_json, save_npz, write_json
 from ilm_dist.eval.subsets import load_or_draw_subset, subset_path
 from ilm_dist.eval.weights import assert_unchanged, fingerprint
+from ilm_dist.options import check_bounds, option
 
 log = logging.getLogger("ilm_dist")
 
@@ -45,15 +46,22 @@ FRACTIONS = (0.01, 0.06, 1.0)  # Kaku et al. 2021, Sec. 4
 
 @dataclass
 class FinetuneSettings:
-    mode: Literal["full", "linear"] = "full"
-    epochs: int = 10
-    min_steps: int = 0  # small fractions still get at least this many optimizer steps
-    batch_size: int = 64  # global: split over the ranks
-    lr: float = ADAM_LR
-    evals: int = 10  # validation checks over the run (model selection)
-    train_aug: Literal["moco", "none"] = "moco"
-    seed: int = 0  # label subset, shuffling, augmentation
-    n_boot: int = 1000
+    mode: Literal["full", "linear"] = field(
+        default="full", metadata=option("train all layers, or the new linear layer only (frozen backbone)")
+    )
+    epochs: int = fit_option("epochs", 10)
+    min_steps: int = fit_option("min_steps", 0)
+    batch_size: int = fit_option("batch_size", 64)
+    lr: float = fit_option("lr", ADAM_LR)
+    evals: int = fit_option("evals", 10)
+    train_aug: Literal["moco", "none"] = field(
+        default="moco", metadata=option("training augmentations: the run's MoCo views, or none")
+    )
+    seed: int = fit_option("seed", 0)
+    n_boot: int = fit_option("n_boot", 1000)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 def result_dir(ctx: EvalContext, mode: str, fraction: float) -> Path:
@@ -192,6 +200,7 @@ def _save(
             "num_samples": subset["num_samples"],
         },
         "test": {"num_samples": len(test.labels), "digest": ctx.test_digest},
+        "classes_without_samples": ctx.classes_without_samples(),
         "settings": asdict(settings),
         "fit": asdict(result),
         **evaluate_predictions(

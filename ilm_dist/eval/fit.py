@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,8 +31,26 @@ from torch.utils.data import DataLoader
 from ilm_dist.distributed import all_reduce_mean_, world_size
 from ilm_dist.eval.features import squeeze_labels
 from ilm_dist.eval.metrics import PRIMARY, compute_metrics, probabilities
+from ilm_dist.options import option
 
 ADAM_LR = 1e-3  # official fine-tuning and probing code
+
+FIT_HELP = {
+    "epochs": ("passes over the labelled images", {"min": 1}),
+    "min_steps": ("at least this many optimizer steps (small label fractions)", {"min": 0}),
+    "batch_size": ("training batch (global: split evenly over the ranks)", {"min": 1}),
+    "lr": ("Adam learning rate (official: 1e-3)", {"above": 0}),
+    "evals": ("validation checks over the run (model selection on the val split)", {"min": 1}),
+    "seed": ("label subsets, shuffling, augmentation, bootstrap", {}),
+    "n_boot": ("bootstrap resamples of the test split for the 95%% CIs (0: none)", {"min": 0}),
+}
+
+
+def fit_option(name: str, default: float | int) -> Any:
+    """A field of the supervised-training settings shared by fine-tuning and probing (help, bounds)."""
+    help, bounds = FIT_HELP[name]
+    flag = "--bootstrap" if name == "n_boot" else None
+    return field(default=default, metadata=option(help, flag=flag, **bounds))
 
 
 @dataclass

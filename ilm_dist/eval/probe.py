@@ -15,7 +15,7 @@ and rank 0 alone writes.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,26 +25,35 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ilm_dist.distributed import on_main
 from ilm_dist.eval.context import SPLITS, EvalContext, saved_or_computed
-from ilm_dist.eval.fit import ADAM_LR, fit, predict, torch_threads, val_score
+from ilm_dist.eval.fit import ADAM_LR, fit, fit_option, predict, torch_threads, val_score
 from ilm_dist.eval.metrics import evaluate_predictions
 from ilm_dist.eval.store import fraction_tag, read_json, write_json
 from ilm_dist.eval.subsets import load_or_draw_subset
 from ilm_dist.eval.weights import assert_unchanged, fingerprint
 from ilm_dist.model.encoder import BLOCK_NODES
+from ilm_dist.options import check_bounds, option
 
 log = logging.getLogger("ilm_dist")
 
 
 @dataclass
 class ProbeSettings:
-    fraction: float = 1.0  # of the train split's labels (a saved subset, as for fine-tuning)
-    epochs: int = 100
-    min_steps: int = 0
-    batch_size: int = 256
-    lr: float = ADAM_LR
-    evals: int = 20
-    seed: int = 0
-    n_boot: int = 1000
+    fraction: float = field(
+        default=1.0,
+        metadata=option(
+            "labelled fraction of the train split (a saved subset, as for fine-tuning)", above=0, max=1
+        ),
+    )
+    epochs: int = fit_option("epochs", 100)
+    min_steps: int = fit_option("min_steps", 0)
+    batch_size: int = fit_option("batch_size", 256)
+    lr: float = fit_option("lr", ADAM_LR)
+    evals: int = fit_option("evals", 20)
+    seed: int = fit_option("seed", 0)
+    n_boot: int = fit_option("n_boot", 1000)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 def probe_dir(ctx: EvalContext, fraction: float) -> Path:
@@ -133,6 +142,7 @@ def probe(ctx: EvalContext, settings: ProbeSettings, force: bool = False) -> dic
         "dataset_id": subset["dataset_id"],
         "subset": {"digest": subset["digest"], "num_samples": subset["num_samples"]},
         "test": {"num_samples": len(feats["test"]["labels"]), "digest": ctx.test_digest},
+        "classes_without_samples": ctx.classes_without_samples(),
         "backbone_sha256": before,
         "settings": asdict(settings),
         "blocks": blocks,
