@@ -1,15 +1,21 @@
-"""Process-group helpers that also work without one (rank 0 of world 1).
+"""The process group: starting it, and collectives that also work without one (rank 0 of world 1).
 
 Everything that talks to ``torch.distributed`` in ilm_dist goes through here, so the model and
-the losses stay free of distribution code.
+the losses stay free of distribution code. :func:`init_process_group` joins the launcher's group
+(``deepspeed``, ``torchrun`` or SLURM's variables) or makes a world of one for plain ``python``; on a
+machine without CUDA ``DS_ACCELERATOR=cpu`` selects DeepSpeed's CPU accelerator and gloo, which must
+be set before deepspeed is imported (:func:`select_accelerator`).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from pathlib import Path
+from typing import Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,6 +33,65 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def select_accelerator() -> str:
+    """Pick DeepSpeed's accelerator before it is imported: ``cuda`` when usable, else ``cpu``."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    return os.environ.get("DS_ACCELERATOR", "cuda")
+
+
+def free_port() -> int:
+    """A TCP port on localhost that is free now (for a rendezvous the caller starts right away)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def shm_allreduce_segment(rank: int) -> Path:
+    """The /dev/shm segment DeepSpeed's CPU backend creates for ``rank`` (name as in its ``shm.cpp``)."""
+    addr, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_shm_allreduce_segment(rank: int) -> None:
+    """Unlink this rank's DeepSpeed shared-memory all-reduce segment once every rank has mapped it.
+
+    On the CPU accelerator DeepSpeed maps a ~66 MiB segment per rank (for ``inference_all_reduce``,
+    which training never uses) and never unlinks it, so every run, finished or killed, left its
+    segments in /dev/shm: RAM gone until reboot (sglang#38638 hit the same). After the barrier every
+    rank has mapped its peers' segments, so unlinking only drops the name; the memory is freed when
+    the last rank exits, however it exits.
+    """
+    barrier()
+    shm_allreduce_segment(rank).unlink(missing_ok=True)
+
+
+def init_process_group(
+    backend: Literal["auto", "nccl", "gloo"] = "auto", timeout_s: float = 600
+) -> tuple[DistInfo, torch.device]:
+    """Join the launcher's process group (or make a world of one) and return this rank and its device.
+
+    ``backend="auto"``: NCCL on GPUs, gloo on CPUs. ``timeout_s``: how long a collective waits for a rank
+    that stopped answering before it fails the job.
+    """
+    accelerator = select_accelerator()
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    import deepspeed
+
+    if backend == "auto":
+        backend = "nccl" if accelerator == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+    info = dist_info()
+    if accelerator == "cpu":
+        _unlink_shm_allreduce_segment(info.rank)
+        return info, torch.device("cpu")
+    torch.cuda.set_device(info.local_rank)
+    return info, torch.device("cuda", info.local_rank)
 
 
 def is_initialized() -> bool:
@@ -94,12 +159,6 @@ def all_gather_with_grad(tensor: Tensor, dim: int = 0, group=None) -> Tensor:
     if not is_initialized() or dist.get_world_size(group) == 1:
         return tensor
     return _GatherWithGrad.apply(tensor, dim, group)
-
-
-def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
-    if world_size() > 1:
-        dist.broadcast(tensor, src)
-    return tensor
 
 
 def all_reduce_mean_(tensor: Tensor) -> Tensor:

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from ilm_dist.distributed import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cpu_env(**extra: str) -> dict[str, str]:

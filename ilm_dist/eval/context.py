@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from ilm_dist.config import RunConfig, load_config
 from ilm_dist.data.manifest import Manifest, load_manifest
 from ilm_dist.data.shards import ShardReader
-from ilm_dist.distributed import dist_info, on_main
+from ilm_dist.distributed import dist_info, init_process_group, on_main
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.features import BlockFeatures, block_extractor, eval_loader, run_blocks, sharded_rows
 from ilm_dist.eval.fit import predict
@@ -222,13 +222,11 @@ def open_context(target: EvalTarget, device: torch.device | None = None) -> Eval
 
 def join_launcher(cfg: RunConfig) -> torch.device:
     """This process's device. Under the ``deepspeed`` launcher (``WORLD_SIZE`` > 1) it joins the process
-    group as pretraining does (:func:`ilm_dist.train.engine.init_distributed`: NCCL on GPUs, gloo on
+    group as pretraining does (:func:`ilm_dist.distributed.init_process_group`: NCCL on GPUs, gloo on
     CPUs, ``engine.collective_timeout_s``) and takes its local GPU; in one process (plain ``python``)
     there is no process group: CUDA when available, else the CPU."""
     if dist_info().world_size > 1:
-        from ilm_dist.train.engine import init_distributed  # imports deepspeed
-
-        return init_distributed(cfg)[1]
+        return init_process_group(cfg.engine.dist_backend, cfg.engine.collective_timeout_s)[1]
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from ilm_dist.config import save_config
+from ilm_dist.distributed import free_port
+from ilm_dist.eval.monitor import is_monitor_record
 from ilm_dist.tune.spec import ResourcesConfig, Sweep
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,7 +71,7 @@ def command(run_yaml: Path, resources: ResourcesConfig) -> tuple[list[str], dict
     if resources.num_ranks == 1:
         cmd = [sys.executable, *script]
     else:
-        deepspeed = [str(Path(sys.executable).with_name("deepspeed")), "--master_port", str(_free_port())]
+        deepspeed = [str(Path(sys.executable).with_name("deepspeed")), "--master_port", str(free_port())]
         if resources.gpus == 0:  # with GPUs, deepspeed takes Ray's CUDA_VISIBLE_DEVICES as is
             env["DS_ACCELERATOR"] = "cpu"
             deepspeed += ["--num_gpus", str(resources.num_ranks)]
@@ -104,14 +106,6 @@ def _stop_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class MetricsFollower:
     """Reads the complete lines appended to ``metrics.jsonl`` since the last poll."""
 
@@ -131,7 +125,7 @@ class MetricsFollower:
         for record in map(json.loads, complete.splitlines()):
             if "loss" in record:
                 self.loss = record["loss"]
-            elif any(key.startswith("knn_") for key in record):
+            elif is_monitor_record(record):
                 reports.append({**record, "loss": self.loss})
         return reports
 

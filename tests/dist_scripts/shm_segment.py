@@ -3,7 +3,7 @@
     deepspeed --num_gpus R tests/dist_scripts/shm_segment.py OUT_DIR {deepspeed,ilm_dist}
 
 ``deepspeed`` joins the process group with plain ``deepspeed.init_distributed`` (the control: the
-segments exist), ``ilm_dist`` with :func:`ilm_dist.train.engine.init_distributed`. Each rank writes
+segments exist), ``ilm_dist`` with :func:`ilm_dist.distributed.init_process_group`. Each rank writes
 OUT_DIR/rank<r>.json with which segments exist after init; the control then unlinks its own.
 """
 
@@ -13,22 +13,20 @@ import os
 from pathlib import Path
 
 from ilm_dist import distributed as D
-from ilm_dist.config import load_config
-from ilm_dist.train import engine
 
 
 def main(out_dir: Path, init: str) -> None:
     if init == "deepspeed":
-        engine.select_accelerator()
+        D.select_accelerator()
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     else:
-        engine.init_distributed(load_config("configs/demo.yaml"))
+        D.init_process_group()
     from deepspeed.comm import comm
 
     D.barrier()  # every rank is past init before anyone looks
-    segments = [engine.shm_allreduce_segment(r) for r in range(D.world_size())]
+    segments = [D.shm_allreduce_segment(r) for r in range(D.world_size())]
     record = {
         "port": os.environ["MASTER_PORT"],
         "shm_op_built": comm.cdb.shm_comm_op is not None,
@@ -36,7 +34,7 @@ def main(out_dir: Path, init: str) -> None:
     }
     D.barrier()
     if init == "deepspeed":
-        engine.shm_allreduce_segment(D.rank()).unlink(missing_ok=True)
+        D.shm_allreduce_segment(D.rank()).unlink(missing_ok=True)
     (out_dir / f"rank{D.rank()}.json").write_text(json.dumps(record))
     D.shutdown()
 
