@@ -12,6 +12,7 @@ from ilm_dist.data.manifest import load_manifest
 from ilm_dist.distributed import shutdown
 from ilm_dist.errors import EXIT_INPUT_ERROR, ArgumentParser, InputError, exit_on_input_error, fail
 from ilm_dist.serialization import CheckpointWriteError
+from ilm_dist.train.preflight import preflight
 
 
 def setup_logging() -> None:
@@ -32,14 +33,6 @@ def pretrain_parser() -> ArgumentParser:
     return parser
 
 
-def preflight(config_path: str, overrides: list[str]):
-    """Load and validate the config and its data before any process group exists."""
-    cfg = load_config(config_path, overrides)
-    if cfg.data.backend != "synthetic":
-        load_manifest(cfg.data.shards).split(cfg.data.split)
-    return cfg
-
-
 def pretrain_main(argv: list[str] | None = None) -> None:
     parser = pretrain_parser()
     args = parser.parse_intermixed_args(argv)  # key=value overrides anywhere on the line
@@ -48,10 +41,12 @@ def pretrain_main(argv: list[str] | None = None) -> None:
     setup_logging()
     with exit_on_input_error():
         cfg = preflight(args.config, args.overrides)
+    from ilm_dist.eval.monitor import KnnMonitor
     from ilm_dist.train.trainer import Trainer
 
+    validators = [KnnMonitor.builder(cfg)] if cfg.monitor.every else []
     try:
-        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, validators=validators)
     except InputError as err:  # raised alike on every rank (rank 0's decisions are shared by on_main)
         shutdown()
         fail(str(err))

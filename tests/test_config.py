@@ -1,13 +1,14 @@
 """Config loading: overrides, base chains, and error messages that name the key."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from ilm_dist.cli import preflight
-from ilm_dist.config import ConfigError, load_config
+from ilm_dist.config import ConfigError, absolute_overrides, load_config, save_config
 from ilm_dist.data.manifest import ManifestError
 from ilm_dist.train.engine import resolve_deepspeed_config
+from ilm_dist.train.preflight import preflight
 
 
 def write(path, text):
@@ -28,7 +29,7 @@ def test_dotted_overrides_are_typed():
         "configs/demo.yaml", ["train.max_steps=20", "output_dir=runs/x", "loss.weights=[1, 2, 3, 4]"]
     )
     assert cfg.train.max_steps == 20
-    assert cfg.output_dir == "runs/x"
+    assert cfg.output_dir == str(Path.cwd() / "runs/x")  # an override's path: relative to the working dir
     assert cfg.loss.weights == [1.0, 2.0, 3.0, 4.0]
     assert all(isinstance(w, float) for w in cfg.loss.weights)
 
@@ -85,6 +86,31 @@ def test_deepspeed_json_may_not_set_batch(tmp_path):
     ds = write(tmp_path / "ds.json", json.dumps({"train_batch_size": 64}))
     cfg = load_config("configs/demo.yaml", [f"engine.deepspeed_config={ds}"])
     with pytest.raises(ConfigError, match="sets 'train_batch_size'"):
-        resolve_deepspeed_config(cfg)
-    resolved = resolve_deepspeed_config(load_config("configs/demo.yaml", ["data.batch_size=48"]))
+        resolve_deepspeed_config(cfg.engine.deepspeed_config, cfg.data.batch_size)
+    cfg = load_config("configs/demo.yaml", ["data.batch_size=48"])
+    resolved = resolve_deepspeed_config(cfg.engine.deepspeed_config, cfg.data.batch_size)
     assert resolved["train_micro_batch_size_per_gpu"] == 48
+
+
+def test_relative_paths_are_relative_to_the_file_that_names_them(tmp_path, monkeypatch):
+    (tmp_path / "presets").mkdir()
+    write(tmp_path / "presets" / "ds.json", "{}")
+    write(tmp_path / "presets" / "base.yaml", "engine:\n  deepspeed_config: ds.json\noutput_dir: ../runs/a\n")
+    run = write(tmp_path / "run.yaml", "base: presets/base.yaml\ndata:\n  shards: data/packed\n")
+    monkeypatch.chdir(tmp_path / "presets")  # the working directory plays no part for file values
+    cfg = load_config(run, ["data.backend=synthetic"])
+    assert cfg.engine.deepspeed_config == str(tmp_path / "presets" / "ds.json")
+    assert cfg.output_dir == str(tmp_path / "runs" / "a")
+    assert cfg.data.shards == str(tmp_path / "data" / "packed")
+    assert load_config(run, ["data.shards=here", "data.backend=synthetic"]).data.shards == str(
+        tmp_path / "presets" / "here"
+    )
+    save_config(
+        cfg, tmp_path / "elsewhere.yaml"
+    )  # a saved config holds absolute paths: same meaning anywhere
+    monkeypatch.chdir(tmp_path)
+    assert load_config(tmp_path / "elsewhere.yaml") == cfg
+    assert absolute_overrides(["data.shards=x", "seed=3"], tmp_path) == [
+        f"data.shards={tmp_path / 'x'}",
+        "seed=3",
+    ]

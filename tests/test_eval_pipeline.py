@@ -187,7 +187,7 @@ def test_knn_monitor_restores_mode_and_statistics(data):
     )
     backbone = Encoder("resnet18", 16, False).backbone.train()
     before = fingerprint(backbone)
-    result = monitor(backbone, step=1)
+    result = monitor.measure(backbone)
     assert set(result) == {f"knn_acc_block{i}" for i in range(1, 5)}
     assert all(0 <= v <= 1 for v in result.values()) and result["knn_acc_block1"] > 0.5
     assert backbone.training and fingerprint(backbone) == before
@@ -196,5 +196,5 @@ def test_knn_monitor_restores_mode_and_statistics(data):
 def test_knn_monitor_multilabel(tmp_path):
     data = pack_dataset(tmp_path, {"train": 30, "val": 12, "test": 4}, num_classes=3, multilabel=True)
     monitor = KnnMonitor(MonitorConfig(k=5), load_manifest(data), CPU, AugConfig(), 32)
-    result = monitor(torchvision.models.resnet18(), step=0)
+    result = monitor.measure(torchvision.models.resnet18())
     assert set(result) == {f"knn_auc_block{i}" for i in range(1, 5)}

@@ -10,6 +10,8 @@ The monitor has no collectives: call it on rank 0 only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -20,8 +22,25 @@ from ilm_dist.data.shards import ShardReader
 from ilm_dist.eval.features import block_extractor, eval_loader, run_blocks
 from ilm_dist.eval.knn import knn_scores
 from ilm_dist.eval.metrics import compute_metrics
+from ilm_dist.model.encoder import BLOCK_NODES
+from ilm_dist.train.validation import Models
 
 SAMPLE_SEED = 0  # the bank and query draws are the same in every run on a dataset
+METRIC_PREFIX = "knn_"  # every record key the monitor logs starts with it
+
+
+def metric_name(task: str, block: int) -> str:
+    """The logged name of block ``block``'s kNN metric: macro ROC AUC for multi-label tasks, else accuracy."""
+    return f"{METRIC_PREFIX}{'auc' if task == 'multilabel' else 'acc'}_block{block}"
+
+
+def metric_names(task: str) -> list[str]:
+    return [metric_name(task, block) for block in range(1, len(BLOCK_NODES) + 1)]
+
+
+def is_monitor_record(record: dict) -> bool:
+    """Whether a ``metrics.jsonl`` record was logged by the kNN monitor."""
+    return any(key.startswith(METRIC_PREFIX) for key in record)
 
 
 def draw(n: int, cap: int) -> list[int]:
@@ -30,10 +49,15 @@ def draw(n: int, cap: int) -> list[int]:
 
 
 class KnnMonitor:
+    """A pretraining validator (:class:`ilm_dist.train.validation.Validator`) on rank 0, every ``params.every`` steps."""
+
+    main_rank_only = True  # no collectives
+
     def __init__(
         self, params: MonitorConfig, manifest: Manifest, device: torch.device, aug: AugConfig, image_size: int
     ):
         self.params, self.manifest, self.device = params, manifest, device
+        self.every = params.every
         self.loaders = {}
         for split, cap in ((params.split_bank, params.max_bank), (params.split_val, params.max_val)):
             reader = ShardReader(manifest, split)
@@ -42,19 +66,25 @@ class KnnMonitor:
             )
 
     @classmethod
-    def from_run_config(cls, cfg: RunConfig, device: torch.device) -> KnnMonitor:
-        return cls(cfg.monitor, load_manifest(cfg.data.shards), device, cfg.aug, cfg.data.image_size)
+    def builder(cls, cfg: RunConfig) -> Callable[[torch.device], KnnMonitor]:
+        """What the trainer is handed: builds the monitor on the training device."""
+        return lambda device: cls(
+            cfg.monitor, load_manifest(cfg.data.shards), device, cfg.aug, cfg.data.image_size
+        )
 
-    def __call__(self, backbone: nn.Module, step: int) -> dict[str, float]:
+    def __call__(self, models: Models, step: int) -> dict[str, float]:
+        """kNN metrics per block of the query encoder's backbone (trainer entry point)."""
+        return self.measure(models.query.encoder.backbone)
+
+    def measure(self, backbone: nn.Module) -> dict[str, float]:
         """kNN metrics per block for ``backbone``: a torchvision ResNet, or a module returning
-        ``{"layer1": .., "layer4": ..}`` such as ``Encoder.backbone``. ``step`` is for the caller's log."""
+        ``{"layer1": .., "layer4": ..}`` such as ``Encoder.backbone``."""
         extractor = block_extractor(backbone) if hasattr(backbone, "fc") else backbone
         p = self.params
         bank = run_blocks(extractor, self.loaders[p.split_bank], self.device)
         val = run_blocks(extractor, self.loaders[p.split_val], self.device)
         multilabel = self.manifest.task == "multilabel"
         targets = bank.labels if multilabel else np.eye(self.manifest.num_classes)[bank.labels]
-        name = "auc" if multilabel else "acc"
         results = {}
         for i, (b, v) in enumerate(zip(bank.blocks, val.blocks, strict=True), start=1):
             scores = knn_scores(b, targets, v, p.k, p.temperature)
@@ -64,5 +94,5 @@ class KnnMonitor:
                 ]
             else:
                 value = float((scores.argmax(axis=1) == val.labels).mean())
-            results[f"knn_{name}_block{i}"] = value
+            results[metric_name(self.manifest.task, i)] = value
         return results

@@ -14,16 +14,25 @@ from typing import Any, Literal
 
 import yaml
 
-from ilm_dist.cli import preflight
-from ilm_dist.config import ConfigError, RunConfig, from_dict, load_config
+from ilm_dist.config import (
+    ConfigError,
+    RunConfig,
+    absolute_overrides,
+    format_override,
+    from_dict,
+    load_config,
+)
 from ilm_dist.data.manifest import ManifestError, load_manifest
+from ilm_dist.eval.monitor import metric_names
+from ilm_dist.train.preflight import preflight
 from ilm_dist.tune.space import SearchSpace, parse_space
 
 
 @dataclass
 class BaseRun:
     config: str = ""  # run-config YAML, relative to the sweep file
-    overrides: list[str] = field(default_factory=list)  # fixed dotted key=value overrides of every trial
+    overrides: list[str] = field(default_factory=list)  # fixed key=value overrides of every trial; paths
+    # relative to the sweep file
 
 
 @dataclass
@@ -48,7 +57,9 @@ class ResourcesConfig:
 @dataclass
 class SweepSettings:
     name: str = "sweep"
-    output_dir: str = "runs/sweeps/sweep"  # relative to the working directory
+    output_dir: str = (
+        "runs/sweeps/sweep"  # relative to the sweep file (from --output-dir: the working directory)
+    )
     base: BaseRun = field(default_factory=BaseRun)
     metric: str = "knn_acc_block4"  # reported by the kNN monitor, or "loss"
     mode: Literal["max", "min"] = "max"
@@ -65,11 +76,10 @@ class Sweep:
     space: SearchSpace
     base_config: Path  # absolute
     base: RunConfig  # the base config with the fixed overrides
-    cwd: Path  # relative data paths are resolved against it, as launch/pretrain.py would
 
     @property
     def output(self) -> Path:
-        return self.cwd / self.settings.output_dir
+        return Path(self.settings.output_dir)
 
     @property
     def trials_dir(self) -> Path:
@@ -82,24 +92,21 @@ class Sweep:
     def run_config(self, sampled: dict[str, Any], output_dir: Path, name: str) -> RunConfig:
         """The trial's run config: base + fixed overrides + the sample (raises ConfigError)."""
         overrides = {**self.space.overrides(sampled), "output_dir": str(output_dir), "name": name}
-        cfg = load_config(self.base_config, [*self.settings.base.overrides, *format_overrides(overrides)])
-        if cfg.data.shards is not None:
-            cfg.data.shards = str(self.cwd / cfg.data.shards)
-        return cfg
+        return load_config(self.base_config, [*self.settings.base.overrides, *format_overrides(overrides)])
 
 
 def format_overrides(values: dict[str, Any]) -> list[str]:
     """``{key: value}`` as ``key=value`` strings that :func:`~ilm_dist.config.load_config` parses back."""
-    return [f"{key}={_yaml_value(value)}" for key, value in values.items()]
-
-
-def _yaml_value(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).removesuffix("...\n").strip()
+    return [format_override(key, value) for key, value in values.items()]
 
 
 def load_sweep(path: str | Path, run_overrides: list[str] = (), **settings: Any) -> Sweep:
-    """Load and check a sweep file; ``run_overrides`` extend ``base.overrides``, ``settings`` replace top-level keys."""
-    path = Path(path)
+    """Load and check a sweep file; ``run_overrides`` extend ``base.overrides``, ``settings`` replace top-level keys.
+
+    Relative paths in the file (``output_dir``, ``base.config``, path values of ``base.overrides``) are
+    relative to the file; in ``run_overrides`` and ``settings`` (the command line), to the working directory.
+    """
+    path = Path(path).resolve()
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
@@ -107,10 +114,15 @@ def load_sweep(path: str | Path, run_overrides: list[str] = (), **settings: Any)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     raw_space = raw.pop("space", None)
-    sweep_settings: SweepSettings = from_dict(
-        SweepSettings, {**raw, **{k: v for k, v in settings.items() if v is not None}}
-    )
-    sweep_settings.base.overrides = [*sweep_settings.base.overrides, *run_overrides]
+    sweep_settings: SweepSettings = from_dict(SweepSettings, raw)
+    sweep_settings.output_dir = str(path.parent / sweep_settings.output_dir)
+    for key, value in settings.items():
+        if value is not None:
+            setattr(sweep_settings, key, str(Path(value).resolve()) if key == "output_dir" else value)
+    sweep_settings.base.overrides = [
+        *absolute_overrides(sweep_settings.base.overrides, path.parent),
+        *absolute_overrides(list(run_overrides), Path.cwd()),
+    ]
     _validate_settings(sweep_settings)
     base_config = (path.parent / sweep_settings.base.config).resolve()
     base = _load_base(base_config, sweep_settings)
@@ -119,7 +131,7 @@ def load_sweep(path: str | Path, run_overrides: list[str] = (), **settings: Any)
         load_config(base_config, [*sweep_settings.base.overrides, *format_overrides(values)])
 
     space = parse_space(raw_space, base, check)
-    sweep = Sweep(sweep_settings, space, base_config, base, Path.cwd().resolve())
+    sweep = Sweep(sweep_settings, space, base_config, base)
     _validate_schedule(sweep)
     return sweep
 
@@ -144,8 +156,7 @@ def _load_base(base_config: Path, settings: SweepSettings) -> RunConfig:
 
 
 def _reported_metrics(base: RunConfig) -> list[str]:
-    name = "auc" if load_manifest(base.data.shards).task == "multilabel" else "acc"
-    return [f"knn_{name}_block{b}" for b in (1, 2, 3, 4)] + ["loss"]
+    return [*metric_names(load_manifest(base.data.shards).task), "loss"]
 
 
 def _validate_settings(s: SweepSettings) -> None:
