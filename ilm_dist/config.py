@@ -19,15 +19,12 @@ from typing import Any, Literal
 
 import yaml
 
-from ilm_dist.errors import InputError
+from ilm_dist.errors import ConfigError
+from ilm_dist.losses import INTERMEDIATE_LOSSES, loss_types
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PATH = {"path": True}  # field metadata: a file or directory, relative to the file that names it
 BLOCKS = (1, 2, 3, 4)
-
-
-class ConfigError(InputError):
-    """A run configuration is invalid; the message names the key."""
 
 
 @dataclass
@@ -48,28 +45,31 @@ class MocoConfig:
     sync_bn: bool = False  # SyncBatchNorm in the query encoder instead
 
 
-@dataclass
-class MseLossConfig:
-    pool_sizes: list[int] = field(default_factory=lambda: [16, 16, 4, 4])  # per block 1..4 (official code)
-
-
-@dataclass
-class BtLossConfig:
-    proj_dims: list[int] = field(default_factory=lambda: [2048, 2048, 2048])  # Zbontar et al. 2021
-    scale: float = 1 / 32  # official code's scale-loss, applied to both terms
-    off_diag_weight: float = 1.0  # relative to the on-diagonal term (official: 1.0)
-    eps: float = 1e-5  # BatchNorm1d(affine=False) epsilon
-    impl: Literal["auto", "ext", "torch"] = "auto"
-    global_batch: bool = False  # statistics and C over all ranks' samples (the official code: per GPU)
+def _loss_options() -> dict[str, Any]:
+    return {name: loss.Config() for name, loss in INTERMEDIATE_LOSSES.items()}
 
 
 @dataclass
 class LossConfig:
-    type: Literal["none", "mse", "bt"] = "none"
+    """The intermediate loss: ``type`` (``none`` or a registered loss), the blocks it applies to and their
+    weights; each registered loss's own options are a section ``loss.<name>`` (``loss.mse``, ``loss.bt``),
+    held in ``options`` and read as attributes (:mod:`ilm_dist.losses.intermediate`)."""
+
+    type: str = "none"
     blocks: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     weights: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25, 0.25])  # one per block
-    mse: MseLossConfig = field(default_factory=MseLossConfig)
-    bt: BtLossConfig = field(default_factory=BtLossConfig)
+    options: dict[str, Any] = field(default_factory=_loss_options)
+
+    @staticmethod
+    def sections() -> dict[str, type]:
+        """The sections beside the fields: one per registered loss, its ``Config``."""
+        return {name: loss.Config for name, loss in INTERMEDIATE_LOSSES.items()}
+
+    def __getattr__(self, name: str) -> Any:
+        options = self.__dict__.get("options", {})
+        if name in options:
+            return options[name]
+        raise AttributeError(f"LossConfig has no field or loss section {name!r}")
 
 
 @dataclass
@@ -107,7 +107,7 @@ class DaliConfig:
 @dataclass
 class DataConfig:
     backend: Literal["auto", "torch", "dali", "synthetic"] = "auto"
-    shards: str | None = None  # directory written by data_tools.pack
+    shards: str | None = field(default=None, metadata=PATH)  # directory written by data_tools.pack
     split: str = "train"
     image_size: int = 224
     batch_size: int = 32  # per rank
@@ -140,7 +140,7 @@ class TrainConfig:
 
 @dataclass
 class EngineConfig:
-    deepspeed_config: str = "deepspeed/fp32.json"  # relative to configs/ or absolute
+    deepspeed_config: str | None = field(default=None, metadata=PATH)  # DeepSpeed JSON; None: fp32, no ZeRO
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     collective_timeout_s: int = 600  # a rank that stops answering fails the job after this long
 
@@ -164,7 +164,7 @@ class MonitorConfig:
 class RunConfig:
     name: str = "run"
     seed: int = 0
-    output_dir: str = "runs/run"
+    output_dir: str = field(default="runs/run", metadata=PATH)
     model: ModelConfig = field(default_factory=ModelConfig)
     moco: MocoConfig = field(default_factory=MocoConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -176,22 +176,24 @@ class RunConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def deepspeed_config_path(self) -> Path:
-        path = Path(self.engine.deepspeed_config)
-        return path if path.is_absolute() else CONFIG_DIR / path
+        return to_plain(self)
 
 
 # --------------------------------------------------------------------------- loading
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Load ``path`` (with its ``base:`` chain), apply ``key=value`` overrides, build and validate."""
+    """Load ``path`` (with its ``base:`` chain), apply ``key=value`` overrides, build and validate.
+
+    A relative path value (``output_dir``, ``data.shards``, ``engine.deepspeed_config``, ``base:``) is
+    relative to the config file that names it; in an override or a default, to the working directory.
+    The loaded config holds absolute paths, so its saved copy means the same wherever it is read.
+    """
     raw = _load_yaml_chain(Path(path)) if path else {}
     for item in overrides:
         key, value = _parse_override(item)
         _set_dotted(raw, key, value)
+    _resolve_paths(raw, Path.cwd())
     cfg = from_dict(RunConfig, raw)
     validate(cfg)
     return cfg
@@ -214,11 +216,54 @@ def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     bases = data.pop("base", []) or []
+    _resolve_paths(data, path.parent)
     merged: dict[str, Any] = {}
     for base in [bases] if isinstance(bases, str) else bases:
         _deep_merge(merged, _load_yaml_chain(path.parent / base, (*seen, path)))
     _deep_merge(merged, data)
     return merged
+
+
+def path_keys(cls: type | None = None, prefix: str = "") -> list[str]:
+    """Dotted names of the fields marked :data:`PATH` in ``cls`` (default :class:`RunConfig`) and its sections."""
+    cls = cls or RunConfig
+    hints, keys = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if f.metadata.get("path"):
+            keys.append(prefix + f.name)
+        elif dataclasses.is_dataclass(tp):
+            keys += path_keys(tp, f"{prefix}{f.name}.")
+    return keys
+
+
+def format_override(key: str, value: Any) -> str:
+    """``key=value`` that :func:`load_config` parses back to ``value``."""
+    text = yaml.safe_dump(value, default_flow_style=True).removesuffix("...\n").strip()
+    return f"{key}={text}"
+
+
+def absolute_overrides(overrides: list[str], directory: Path) -> list[str]:
+    """``overrides`` with their relative path values made absolute against ``directory`` (the directory of
+    the file that names them), so they mean the same from any working directory."""
+    keys, out = set(path_keys()), []
+    for item in overrides:
+        key, value = _parse_override(item)
+        if key in keys and isinstance(value, str):
+            item = format_override(key, str((directory / Path(value).expanduser()).resolve()))
+        out.append(item)
+    return out
+
+
+def _resolve_paths(raw: dict[str, Any], directory: Path) -> None:
+    """Make the relative path values in ``raw`` absolute, against ``directory``."""
+    for key in path_keys():
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str):
+            node[leaf] = str((directory / Path(node[leaf]).expanduser()).resolve())
 
 
 def _deep_merge(into: dict[str, Any], other: dict[str, Any]) -> None:
@@ -252,19 +297,45 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 # --------------------------------------------------------------------------- typed construction
 
 
+def section_fields(cls: type) -> dict[str, Any]:
+    """The keys a config section accepts and their types: its fields, and for a section with
+    ``sections()`` (:class:`LossConfig`) the registered sub-sections in place of ``options``."""
+    hints = typing.get_type_hints(cls)
+    if not hasattr(cls, "sections"):
+        return hints
+    return {k: v for k, v in hints.items() if k != "options"} | cls.sections()
+
+
 def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``raw``, rejecting unknown keys and wrong types by dotted name."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = section_fields(cls)
     for key in raw:
-        if key not in names:
+        if key not in fields:
+            names = list(fields)
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
-    kwargs = {key: _coerce(hints[key], value, f"{prefix}{key}") for key, value in raw.items()}
+    kwargs = {key: _coerce(fields[key], value, f"{prefix}{key}") for key, value in raw.items()}
+    if hasattr(cls, "sections"):
+        defaults = {name: section() for name, section in cls.sections().items()}
+        kwargs["options"] = defaults | {name: kwargs.pop(name) for name in defaults if name in kwargs}
     return cls(**kwargs)
+
+
+def to_plain(obj: Any) -> Any:
+    """A config as plain dicts and lists, in the shape :func:`from_dict` reads (sections inlined)."""
+    if dataclasses.is_dataclass(obj):
+        plain = {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        if hasattr(obj, "sections"):
+            plain |= plain.pop("options")
+        return plain
+    if isinstance(obj, dict):
+        return {key: to_plain(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_plain(value) for value in obj]
+    return obj
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
@@ -332,13 +403,14 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _check(cfg.engine.collective_timeout_s >= 10, "engine.collective_timeout_s", "must be >= 10 seconds")
     _check(
-        cfg.deepspeed_config_path().is_file(),
+        cfg.engine.deepspeed_config is None or Path(cfg.engine.deepspeed_config).is_file(),
         "engine.deepspeed_config",
-        f"file not found: {cfg.deepspeed_config_path()}",
+        f"file not found: {cfg.engine.deepspeed_config}",
     )
 
 
 def _validate_loss(loss: LossConfig) -> None:
+    _check(loss.type in loss_types(), "loss.type", f"{loss.type!r} is not one of {loss_types()}")
     _check(len(loss.blocks) > 0 or loss.type == "none", "loss.blocks", "must name at least one block")
     _check(all(b in BLOCKS for b in loss.blocks), "loss.blocks", f"{loss.blocks}: blocks are 1..4")
     _check(len(set(loss.blocks)) == len(loss.blocks), "loss.blocks", f"{loss.blocks}: repeated block")
@@ -348,17 +420,9 @@ def _validate_loss(loss: LossConfig) -> None:
         f"has {len(loss.weights)} values for {len(loss.blocks)} blocks {loss.blocks}",
     )
     _check(all(w >= 0 for w in loss.weights), "loss.weights", "must be >= 0")
-    _check(
-        len(loss.mse.pool_sizes) == 4 and all(p > 0 for p in loss.mse.pool_sizes),
-        "loss.mse.pool_sizes",
-        "needs 4 positive sizes, one per block 1..4",
-    )
-    _check(
-        len(loss.bt.proj_dims) >= 1 and all(d > 0 for d in loss.bt.proj_dims),
-        "loss.bt.proj_dims",
-        "needs at least one positive width",
-    )
-    _check(loss.bt.eps > 0, "loss.bt.eps", "must be positive")
+    for options in loss.options.values():
+        if hasattr(options, "check"):
+            options.check()
 
 
 def _validate_aug(aug: AugConfig) -> None:

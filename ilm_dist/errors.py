@@ -22,6 +22,10 @@ class InputError(ValueError):
     """Bad user input; the message names the file, key or value and what was expected."""
 
 
+class ConfigError(InputError):
+    """A run configuration is invalid; the message names the key."""
+
+
 def fail(message: str) -> NoReturn:
     """Print ``error: <message>`` and exit with status 2."""
     print(f"error: {message}", file=sys.stderr, flush=True)

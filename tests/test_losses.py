@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from ilm_dist.config import LossConfig, load_config
+from ilm_dist.losses.barlow_twins import BtIntermediateLoss
 from ilm_dist.losses.contrastive import info_nce, moco_logits
-from ilm_dist.losses.intermediate import BtIntermediateLoss, MseIntermediateLoss
+from ilm_dist.losses.mse import MseIntermediateLoss
 from ilm_dist.model.moco import MoCoILM
 from ilm_dist.ops.reference import bt_xcorr_loss_reference
 
@@ -42,7 +43,7 @@ def test_mse_matches_formula():
     shapes = [(3, 4, 16, 16), (3, 8, 8, 8), (3, 8, 8, 8), (3, 16, 4, 4)]
     q = [rng.normal(size=s) for s in shapes]
     k = [rng.normal(size=s) for s in shapes]
-    loss = MseIntermediateLoss(cfg).double()
+    loss = MseIntermediateLoss(cfg, channels=[4, 8, 8, 16]).double()
     got = loss(loss.reduce([torch.tensor(a) for a in q]), loss.reduce([torch.tensor(a) for a in k]))
     expected = [
         w * np.mean((block_mean(q[b - 1], p) - block_mean(k[b - 1], p)) ** 2)

@@ -1,38 +1,48 @@
-"""Losses between the query and key encoders' intermediate block outputs (Kaku et al. 2021).
+"""Losses between the query and key encoders' intermediate block outputs (Kaku et al. 2021): their common
+shape and their registry.
 
-Both forms compare the query encoder's block ``i`` output for view 1 with the key (momentum)
-encoder's block ``i`` output for view 2; no gradient flows into the key encoder.
-
-- MSE: adaptive average pooling (16x16 for blocks 1-2, 4x4 for blocks 3-4 in the official code)
-  to soften the spatial mismatch that crops and rotations create, then weighted MSE.
-- Barlow Twins (Zbontar et al. 2021): global average pooling, one projector per block shared by
-  both views, then the cross-correlation loss of :func:`ilm_dist.ops.bt_xcorr_loss` with
-  on-diagonal weight ``w_i * scale`` and off-diagonal weight ``w_i * scale * off_diag_weight``;
-  with ``loss.bt.global_batch`` the statistics and C are over all ranks' samples.
+Each loss compares the query encoder's block ``i`` output for view 1 with the key (momentum) encoder's
+block ``i`` output for view 2; no gradient flows into the key encoder. A loss is a subclass of
+:class:`IntermediateLoss` that owns its options (a dataclass ``Config``, read from ``loss.<name>`` of the
+run config) and registers itself with :func:`register_intermediate_loss`; ``loss.type: <name>`` then
+selects it, and the config, the sweeps' plots and the benchmark list it. The built-in ones are
+:mod:`ilm_dist.losses.mse` and :mod:`ilm_dist.losses.barlow_twins`.
 """
 
 from __future__ import annotations
 
-import itertools
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ilm_dist.config import LossConfig
-from ilm_dist.ops import bt_xcorr_loss, bt_xcorr_loss_global
+if TYPE_CHECKING:
+    from ilm_dist.config import LossConfig
+
+NO_LOSS = "none"  # loss.type without an intermediate loss (MoCo v2 alone)
+INTERMEDIATE_LOSSES: dict[str, type[IntermediateLoss]] = {}
 
 
 class IntermediateLoss(nn.Module):
-    """Base: ``reduce`` shrinks block outputs (also applied to keys before any gather); ``forward`` scores them."""
+    """Base: ``reduce`` shrinks block outputs (also applied to keys before any gather); ``forward`` scores them.
 
-    def __init__(self, cfg: LossConfig):
+    Subclasses set ``name`` (the ``loss.type`` value and the prefix of the logged terms) and ``Config``
+    (a dataclass of the loss's own options, at ``loss.<name>`` in the run config; it may define
+    ``check(self) -> None`` raising :class:`~ilm_dist.errors.ConfigError`).
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, cfg: LossConfig, channels: list[int]):
         super().__init__()
         self.blocks = list(cfg.blocks)
+        self.options = cfg.options[self.name]
+        # fp32 whatever the training precision (in fp16, 5e-5 / 32 would be subnormal)
         self.register_buffer("weights", torch.tensor(cfg.weights, dtype=torch.float32), persistent=False)
 
     def term_names(self) -> list[str]:
-        return [f"{self.kind}_block{b}" for b in self.blocks]
+        return [f"{self.name}_block{b}" for b in self.blocks]
 
     def reduce(self, blocks: list[Tensor]) -> list[Tensor]:
         raise NotImplementedError
@@ -42,62 +52,19 @@ class IntermediateLoss(nn.Module):
         raise NotImplementedError
 
 
-class MseIntermediateLoss(IntermediateLoss):
-    kind = "mse"
-
-    def __init__(self, cfg: LossConfig):
-        super().__init__(cfg)
-        self.pool_sizes = [cfg.mse.pool_sizes[b - 1] for b in self.blocks]
-
-    def reduce(self, blocks: list[Tensor]) -> list[Tensor]:
-        return [
-            F.adaptive_avg_pool2d(blocks[b - 1], size)
-            for b, size in zip(self.blocks, self.pool_sizes, strict=True)
-        ]
-
-    def forward(self, q_reduced: list[Tensor], k_reduced: list[Tensor]) -> Tensor:
-        losses = torch.stack(
-            [F.mse_loss(q.float(), k.float()) for q, k in zip(q_reduced, k_reduced, strict=True)]
-        )
-        return self.weights * losses
+def register_intermediate_loss(cls: type[IntermediateLoss]) -> type[IntermediateLoss]:
+    """Class decorator: makes ``cls.name`` a ``loss.type`` with options ``cls.Config`` at ``loss.<name>``."""
+    if cls.name == NO_LOSS or cls.name in INTERMEDIATE_LOSSES:
+        raise ValueError(f"intermediate loss {cls.name!r} is already registered")
+    INTERMEDIATE_LOSSES[cls.name] = cls
+    return cls
 
 
-def bt_projector(in_dim: int, dims: list[int]) -> nn.Sequential:
-    """Barlow Twins projector: Linear(no bias) with BN + ReLU between, last layer plain."""
-    layers: list[nn.Module] = []
-    sizes = [in_dim, *dims]
-    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
-        layers.append(nn.Linear(a, b, bias=False))
-        if i < len(dims) - 1:
-            layers += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers)
-
-
-class BtIntermediateLoss(IntermediateLoss):
-    kind = "bt"
-
-    def __init__(self, cfg: LossConfig, channels: list[int]):
-        super().__init__(cfg)
-        self.projectors = nn.ModuleList(bt_projector(channels[b - 1], cfg.bt.proj_dims) for b in self.blocks)
-        self.bt = cfg.bt
-
-    def reduce(self, blocks: list[Tensor]) -> list[Tensor]:
-        return [blocks[b - 1].mean(dim=(2, 3)) for b in self.blocks]
-
-    def forward(self, q_reduced: list[Tensor], k_reduced: list[Tensor]) -> Tensor:
-        z1 = torch.stack([proj(q) for proj, q in zip(self.projectors, q_reduced, strict=True)])
-        z2 = torch.stack(
-            [proj(k.to(q_reduced[0].dtype)) for proj, k in zip(self.projectors, k_reduced, strict=True)]
-        )
-        on_weight = self.weights * self.bt.scale
-        off_weight = on_weight * self.bt.off_diag_weight
-        loss = bt_xcorr_loss_global if self.bt.global_batch else bt_xcorr_loss
-        return loss(z1, z2, on_weight, off_weight, eps=self.bt.eps, impl=self.bt.impl)
+def loss_types() -> list[str]:
+    """Every ``loss.type`` value: ``none`` and the registered losses, in registration order."""
+    return [NO_LOSS, *INTERMEDIATE_LOSSES]
 
 
 def build_intermediate_loss(cfg: LossConfig, channels: list[int]) -> IntermediateLoss | None:
-    if cfg.type == "mse":
-        return MseIntermediateLoss(cfg)
-    if cfg.type == "bt":
-        return BtIntermediateLoss(cfg, channels)
-    return None
+    """The loss ``cfg.type`` names (None for ``none``), for an encoder with block ``channels``."""
+    return None if cfg.type == NO_LOSS else INTERMEDIATE_LOSSES[cfg.type](cfg, channels)

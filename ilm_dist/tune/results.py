@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 
 from ilm_dist.config import ConfigError, RunConfig, save_config
+from ilm_dist.losses import NO_LOSS, loss_types
 from ilm_dist.tune.space import plain
 from ilm_dist.tune.spec import Sweep
 
@@ -137,11 +138,24 @@ def export_best(record: TrialRecord, sweep: Sweep, path: Path) -> RunConfig:
     return cfg
 
 
-LOSS_STYLE = {"none": ("C7", 0.0), "mse": ("C0", -0.08), "bt": ("C3", 0.08)}  # colour, x offset
+def loss_styles(types: list[str]) -> dict[str, tuple[str, float]]:
+    """Colour and x offset per loss type: ``none`` grey in the middle, the others spread around it.
+
+    ``types``: the registered types first, then any other type found in the results, so none is hidden.
+    """
+    others = [t for t in types if t != NO_LOSS]
+    step = min(0.16, 0.7 / max(1, len(others)))
+    colours = [f"C{i}" for i in range(10) if i != 7]  # C7 (grey) is for none
+    styles = {NO_LOSS: ("C7", 0.0)}
+    for i, loss_type in enumerate(others):
+        styles[loss_type] = (colours[i % len(colours)], step * (i - (len(others) - 1) / 2))
+    return styles
 
 
-def plot(df: pd.DataFrame, sweep: Sweep, path: Path) -> None:
-    """Best metric per trial by layer subset (x) and loss type (colour); hollow: stopped early."""
+def plot(df: pd.DataFrame, sweep: Sweep, path: Path) -> list[str]:
+    """Best metric per trial by layer subset (x) and loss type (colour); hollow: stopped early.
+
+    Returns the loss types shown (every type with a result, registered or not)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,8 +165,10 @@ def plot(df: pd.DataFrame, sweep: Sweep, path: Path) -> None:
     metric = sweep.settings.metric
     ok = df[(df["status"] != "error") & df[f"best_{metric}"].notna()]
     layers = sorted(ok["layers"].unique(), key=lambda s: (s != "-", len(s), s))
+    found = [t for t in ok["loss.type"].unique() if t not in loss_types()]
+    styles = loss_styles([*loss_types(), *sorted(found)])
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(layers) + 2), 4))
-    for loss_type, (colour, offset) in LOSS_STYLE.items():
+    for loss_type, (colour, offset) in styles.items():
         sub = ok[ok["loss.type"] == loss_type]
         if sub.empty:
             continue
@@ -171,10 +187,11 @@ def plot(df: pd.DataFrame, sweep: Sweep, path: Path) -> None:
         f"sweep {sweep.settings.name}: {len(ok)} trials with results, {failed} failed (hollow: stopped early)",
         fontsize=9,
     )
-    shown = [t for t in LOSS_STYLE if (ok["loss.type"] == t).any()]
-    handles = [Line2D([], [], marker="o", ls="", color=LOSS_STYLE[t][0], label=t) for t in shown]
+    shown = [t for t in styles if (ok["loss.type"] == t).any()]
+    handles = [Line2D([], [], marker="o", ls="", color=styles[t][0], label=t) for t in shown]
     ax.legend(handles=handles, title="loss.type", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return shown

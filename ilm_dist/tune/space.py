@@ -12,12 +12,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ilm_dist.config import BLOCKS, ConfigError, RunConfig
+from ilm_dist.config import BLOCKS, ConfigError, RunConfig, section_fields
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 BLOCK_WEIGHT = "loss.weights.block"
@@ -142,7 +141,7 @@ def _check_key(key: str) -> None:
     for depth, part in enumerate(parts):
         if not dataclasses.is_dataclass(cls):
             raise ConfigError(f"space.{key}: '{'.'.join(parts[:depth])}' is not a section")
-        hints = typing.get_type_hints(cls)
+        hints = section_fields(cls)
         if part not in hints:
             close = difflib.get_close_matches(part, list(hints), n=1)
             prefix = ".".join([*parts[:depth], ""])
