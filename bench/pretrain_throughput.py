@@ -74,7 +74,7 @@ from ilm_dist.data import PretrainLoader, TwoViewBatch, build_pretrain_loader
 from ilm_dist.data.augment import moco_view_transform
 from ilm_dist.data.manifest import load_manifest
 from ilm_dist.data.shards import ShardReader
-from ilm_dist.losses.intermediate import bt_projector
+from ilm_dist.losses.barlow_twins import bt_projector
 from ilm_dist.model.encoder import block_channels, build_resnet, projection_head
 from ilm_dist.ops import extension_available
 from ilm_dist.train.optim import scaled_lr
@@ -713,7 +713,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.ds_config = args.ds_config or (
-        "deepspeed/bf16_zero1.json" if device.type == "cuda" else "deepspeed/fp32.json"
+        "configs/deepspeed/bf16_zero1.json" if device.type == "cuda" else "configs/deepspeed/fp32.json"
     )
     load_before = os.getloadavg()  # other work on the machine skews the numbers
     shards = args.shards

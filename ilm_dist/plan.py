@@ -58,7 +58,7 @@ def build_plan(
     cfg: RunConfig, nodes: int, gpus_per_node: int, num_samples: int | None, num_shards: int | None
 ) -> Plan:
     plan, world = Plan(), nodes * gpus_per_node
-    ds = resolve_deepspeed_config(cfg)
+    ds = resolve_deepspeed_config(cfg.engine.deepspeed_config, cfg.data.batch_size)
     precision, stage, accum = (
         precision_of(ds),
         ds.get("zero_optimization", {}).get("stage", 0),

@@ -28,7 +28,7 @@ TINY = [
     "monitor.max_bank=64",
     "monitor.max_val=32",
     "loss.bt.proj_dims=[64,64]",
-    "engine.deepspeed_config=deepspeed/fp32.json",
+    f"engine.deepspeed_config={REPO / 'configs/deepspeed/fp32.json'}",
 ]
 
 

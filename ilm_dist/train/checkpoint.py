@@ -1,8 +1,9 @@
 """Checkpoints: DeepSpeed's engine state with the MoCo state as its client state, an atomic ``latest``, rotation.
 
-Layout: ``output_dir/checkpoints/step_<N>/`` holds DeepSpeed's files; the key encoder, the queue and the
-data position travel in DeepSpeed's ``client_state`` (inside ``mp_rank_00_model_states.pt``), so one
-``save_checkpoint`` / ``load_checkpoint`` pair keeps the whole training state. ``latest`` names the last
+Layout: ``output_dir/checkpoints/step_<N>/`` holds DeepSpeed's files; the key encoder, the queue, the
+data position and (under ZeRO) the full optimizer state travel in DeepSpeed's ``client_state`` (inside
+``mp_rank_00_model_states.pt``), so one ``save_checkpoint`` / ``load_checkpoint`` pair keeps the whole
+training state, on any world size. ``latest`` names the last
 complete checkpoint; it is replaced atomically (write + rename) only after every rank has finished writing,
 so a crash or a full disk during a save leaves it naming the previous complete checkpoint. (DeepSpeed's
 own ``save_latest`` truncates and rewrites the file in place: a full disk at that moment would empty it.)
@@ -22,11 +23,13 @@ from ilm_dist import distributed as D
 from ilm_dist.errors import InputError
 from ilm_dist.serialization import CheckpointWriteError, load_tensors
 from ilm_dist.train import faults
+from ilm_dist.train.zero_state import gather_full_optimizer_state, restore_full_optimizer_state
 
 TAG = re.compile(r"^step_(\d+)$")
 LATEST = "latest"
 ZERO_PARTITIONS = "zero_pp_rank_*_mp_rank_*_optim_states.pt"  # one file per data-parallel rank
 LEGACY_MOCO_STATE = "moco_state.pt"  # the sidecar file of checkpoints written before client_state
+FULL_OPTIMIZER_STATE = "full_optimizer_state"  # client-state key of the ZeRO state for another world size
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -48,6 +51,7 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict[str, Any]
     tag = f"step_{step}"
     if latest_tag(output_dir) == tag:
         return root / tag
+    client_state = {**client_state, FULL_OPTIMIZER_STATE: gather_full_optimizer_state(engine)}
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     except OSError as err:
@@ -108,21 +112,18 @@ def zero_world_size(path: Path) -> int:
 
 
 def restore(engine, output_dir: str | Path, world_size: int) -> dict[str, Any]:
-    """Load the latest checkpoint into ``engine``; returns its client state.
+    """Load the latest checkpoint into ``engine`` (module, optimizer, LR schedule, step); returns its client state.
 
-    On another world size ZeRO's optimizer partitions do not fit, so only the module and the LR schedule
-    are restored (the optimizer's momentum restarts). Unreadable files and state that does not fit the
-    model raise :class:`InputError` naming the checkpoint.
+    On another world size ZeRO's optimizer partitions do not fit: the optimizer state then comes from the
+    full copy every ZeRO checkpoint carries (:mod:`ilm_dist.train.zero_state`), re-partitioned for this
+    world. Unreadable files and state that does not fit the model raise :class:`InputError` naming the
+    checkpoint.
     """
     path = latest_checkpoint(output_dir)
-    zero = engine.zero_optimization_stage() > 0
-    same_world = zero_world_size(path) in (0, world_size)
+    repartition = engine.zero_optimization_stage() > 0 and zero_world_size(path) not in (0, world_size)
     try:
         loaded, client_state = engine.load_checkpoint(
-            str(path.parent),
-            tag=path.name,
-            load_optimizer_states=same_world or not zero,
-            load_module_only=not same_world and zero,
+            str(path.parent), tag=path.name, load_optimizer_states=not repartition
         )
     except RuntimeError as err:  # load_state_dict: the checkpoint's tensors do not fit this model
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
@@ -131,4 +132,14 @@ def restore(engine, output_dir: str | Path, world_size: int) -> dict[str, Any]:
         raise InputError(f"--resume: DeepSpeed found no checkpoint to load in {path}")
     if "moco" not in client_state:
         client_state = {"moco": load_tensors(path / LEGACY_MOCO_STATE, "MoCo state of an older checkpoint")}
+    if repartition:
+        if client_state.get(FULL_OPTIMIZER_STATE) is None:
+            raise InputError(
+                f"--resume: {path} holds ZeRO optimizer partitions for {zero_world_size(path)} ranks and no full "
+                f"copy (written by an older ilm_dist); resume it on {zero_world_size(path)} ranks"
+            )
+        restore_full_optimizer_state(engine, client_state[FULL_OPTIMIZER_STATE])
+        # the optimizer's own LR was not loaded with its partitions: take the restored schedule's
+        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
     return client_state

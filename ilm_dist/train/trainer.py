@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from ilm_dist.train.health import Heartbeat, NanWatch
 from ilm_dist.train.metrics import MetricsLogger
 from ilm_dist.train.optim import build_optimizer, build_scheduler, scaled_lr
 from ilm_dist.train.timing import StepTimer
+from ilm_dist.train.validation import Models, ValidatorBuilder
 
 log = logging.getLogger("ilm_dist")
 
@@ -43,9 +45,17 @@ class Trainer:
     """One pretraining run. ``resume``: continue from ``output_dir``'s latest checkpoint; ``overwrite``: start
     over in an ``output_dir`` that holds an earlier run, deleting its files (otherwise that is refused)."""
 
-    def __init__(self, cfg: RunConfig, resume: bool = False, overwrite: bool = False):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        resume: bool = False,
+        overwrite: bool = False,
+        validators: Sequence[ValidatorBuilder] = (),
+    ):
         self.cfg = cfg
-        self.info, self.device = ds_engine.init_distributed(cfg)
+        self.info, self.device = D.init_process_group(
+            cfg.engine.dist_backend, cfg.engine.collective_timeout_s
+        )
         self.out = Path(cfg.output_dir)
         if not resume:  # before anything is written: an earlier run is never overwritten silently
             D.on_main(lambda: run_dir.prepare_fresh(self.out, overwrite))
@@ -53,7 +63,7 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
         self.loader = build_pretrain_loader(cfg, self.info.rank, self.info.world_size, self.device)
-        ds_config = ds_engine.resolve_deepspeed_config(cfg)
+        ds_config = ds_engine.resolve_deepspeed_config(cfg.engine.deepspeed_config, cfg.data.batch_size)
         self.grad_accum = ds_config["gradient_accumulation_steps"]
         self.total_steps = self._total_steps()
         self.dtype = ds_engine.DTYPES[ds_engine.precision_of(ds_config)]
@@ -71,7 +81,11 @@ class Trainer:
         self.metrics = MetricsLogger(self.out, self.info.is_main, first_step=self.global_step + 1)
         self.nan_watch = NanWatch(self.engine.module.term_names())
         self.heartbeat = Heartbeat(self.out, self.info.rank, self.info.world_size)
-        self.monitor = self._build_monitor()
+        self.validators = [
+            v
+            for v in (build(self.device) for build in validators)
+            if self.info.is_main or not v.main_rank_only
+        ]
         self.timer = StepTimer()  # per-phase step timing: off (free) unless a benchmark enables it
         if self.info.world_size == 1 and cfg.moco.shuffle_bn:
             log.warning(
@@ -107,19 +121,20 @@ class Trainer:
         # format, and DeepSpeed's flat parameter buffers need the weights contiguous.
         return model.to(self.device)
 
-    def _build_monitor(self):
-        """The online kNN monitor (rank 0 only; the other ranks wait at the next collective)."""
-        if self.cfg.monitor.every == 0 or not self.info.is_main:
-            return None
-        from ilm_dist.eval.monitor import KnnMonitor
-
-        return KnnMonitor.from_run_config(self.cfg, self.device)
-
-    def _run_monitor(self, step: int) -> None:
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            results = self.monitor(self.engine.module.encoder.backbone, step)
-        self.metrics.log({"step": step, "epoch": self.epoch, **results})
-        log.info("step %d kNN monitor: %s", step, " ".join(f"{k}={v:.3f}" for k, v in results.items()))
+    def _validate(self, step: int) -> None:
+        models = Models(self.engine.module, self.key_encoder, self.queue.keys)
+        for validator in self.validators:
+            if step % validator.every:
+                continue
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                results = validator(models, step)
+            self.metrics.log({"step": step, "epoch": self.epoch, **results})
+            log.info(
+                "step %d %s: %s",
+                step,
+                type(validator).__name__,
+                " ".join(f"{k}={v:.3f}" for k, v in results.items()),
+            )
 
     @property
     def global_step(self) -> int:
@@ -157,6 +172,26 @@ class Trainer:
             self.global_step,
             self.epoch,
             self.step_in_epoch,
+        )
+
+    def _reshard(self, state: dict) -> None:
+        """Continue on another world size or batch: same epoch permutation, position kept in samples."""
+        done = state["step_in_epoch"] * state["batch_size"] * state["world_size"]
+        global_batch = self.cfg.data.batch_size * self.info.world_size
+        self.step_in_epoch = done // global_batch
+        log.warning(
+            "resuming on %d ranks x batch %d (checkpoint: %d x %d): data re-sharded, %d samples of epoch %d "
+            "done -> batch %d (%d samples seen again); queue, key encoder, optimizer state and LR schedule "
+            "(base LR %.4g, for the checkpoint's global batch) kept",
+            self.info.world_size,
+            self.cfg.data.batch_size,
+            state["world_size"],
+            state["batch_size"],
+            done,
+            self.epoch,
+            self.step_in_epoch,
+            done - self.step_in_epoch * global_batch,
+            self.engine.lr_scheduler.base_lrs[0],
         )
 
     def _check_same_arch(self) -> None:
@@ -248,8 +283,7 @@ class Trainer:
                     rate = ticks * samples_per_step / (time.perf_counter() - tick)
                     self._log(step, terms, rate, bar)
                     tick, ticks = time.perf_counter(), 0
-                if self.monitor is not None and step % cfg.monitor.every == 0:
-                    self._run_monitor(step)
+                self._validate(step)
                 if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
                     self.save_checkpoint()
                 if step >= self.total_steps:
