@@ -127,10 +127,26 @@ def load_manifest(root: str | Path, check_files: bool = True) -> Manifest:
     return Manifest(root, raw["task"], tuple(raw["class_names"]), raw["image_mode"], splits, raw)
 
 
+def plain_file_name(path: Path, split: str, field: str, name: object) -> str:
+    """``name`` if it is a plain file name (no folder part, not ``.``/``..``), else a ManifestError: a
+    manifest only names files inside its own folder."""
+    plain = isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+    if not plain:
+        raise ManifestError(
+            f"{path}: split {split!r} has {field} {name!r}; expected a plain file name inside {path.parent}"
+        )
+    return name
+
+
 def _parse_split(root: Path, path: Path, name: str, entry: dict) -> SplitInfo:
     try:
         shards = tuple(
-            ShardInfo(root / s["name"], root / s["index"], int(s["num_samples"]), s["sha256"])
+            ShardInfo(
+                root / plain_file_name(path, name, "shard name", s["name"]),
+                root / plain_file_name(path, name, "index name", s["index"]),
+                int(s["num_samples"]),
+                s["sha256"],
+            )
             for s in entry["shards"]
         )
         split = SplitInfo(name, int(entry["num_samples"]), dict(entry["class_counts"]), shards)

@@ -28,10 +28,15 @@ class SampleRef:
 
 def parse_index(path: Path) -> list[SampleRef]:
     """Parse one ``wds2idx`` file (``v1.2 <count>`` then one line per sample)."""
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text(encoding="ascii").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ManifestError(
+            f"{path}: cannot read as a DALI wds2idx index ({err.__class__.__name__})"
+        ) from None
     header = lines[0].split() if lines else []
-    if len(header) != 2 or header[0] != "v1.2":
-        raise ManifestError(f"{path}: not a DALI wds2idx v1.2 index (header {lines[:1]})")
+    if len(header) != 2 or header[0] != "v1.2" or not header[1].isdigit():
+        raise ManifestError(f"{path}: not a DALI wds2idx v1.2 index (expected a first line 'v1.2 <count>')")
     samples = []
     for lineno, line in enumerate(lines[1:], start=2):
         fields = line.split()
