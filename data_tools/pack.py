@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--nih-list", action="append", metavar="[SPLIT=]FILE", help="NIH ChestX-ray14 list file"
     )
     labels.add_argument("--classes", type=comma_list, help="class names in label order (default: sorted)")
+    labels.add_argument(
+        "--ordinal",
+        action="store_true",
+        help="the classes are ordered (e.g. disease grades) in the --classes order, lowest first: task "
+        "'ordinal', scored with quadratic-weighted kappa (needs --classes; nominal classes get accuracy, "
+        "macro F1 and macro AUC instead)",
+    )
     split = parser.add_argument_group("splits")
     split.add_argument("--split-fractions", help=f"train,val,test fractions (default {DEFAULT_FRACTIONS})")
     split.add_argument(
@@ -104,6 +111,23 @@ def load_source(args: argparse.Namespace) -> Source:
     if args.source.suffix.lower() == ".npz":
         return npz_source(args.source, args.classes)
     return folder_source(args.source, args.classes)
+
+
+def check_ordinal(args: argparse.Namespace, source: Source) -> None:
+    """``--ordinal`` needs single-label data, three or more classes, and their order from ``--classes``
+    (sorted names such as ``Mild, Moderate, No_DR, ...`` are not an order)."""
+    if not args.ordinal:
+        return
+    if source.multilabel:
+        raise PackError(f"{source.path}: --ordinal is for single-label classes; this source is multi-label")
+    if not args.classes:
+        raise PackError(
+            f"{source.path}: --ordinal needs the class order, lowest first, e.g. --classes "
+            f"{','.join(source.class_names)} in the right order (found {list(source.class_names)}; "
+            "the packer does not guess an order from names)"
+        )
+    if len(source.class_names) < 3:
+        raise PackError(f"--ordinal needs three or more classes; {list(source.class_names)} is a binary task")
 
 
 class Probe(NamedTuple):
@@ -176,6 +200,7 @@ def pack(args: argparse.Namespace) -> dict:
         raise PackError(
             f"{source.path}: found only the class(es) {list(source.class_names)}; need two or more"
         )
+    check_ordinal(args, source)
     if source.has_splits and not args.resplit:
         if args.split_fractions:
             raise PackError(
@@ -186,7 +211,7 @@ def pack(args: argparse.Namespace) -> dict:
     records, skipped, all_gray = check_images(records, args)
     splits, method = make_splits(records, fractions, len(source.class_names), args.seed)
     mode = args.image_mode if args.image_mode != "auto" else ("L" if all_gray else "RGB")
-    labels = LabelSpace(source.class_names, source.multilabel)
+    labels = LabelSpace(source.class_names, source.multilabel, args.ordinal)
     encode = EncodeOptions(mode, args.jpeg_quality, args.max_side)
     with staging:
         entries = write_splits(staging.tmp, splits, labels, encode, args.shard_size, args.workers, args.quiet)

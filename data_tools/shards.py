@@ -28,13 +28,16 @@ DALI_INDEX_VERSION = "v1.2"
 class LabelSpace:
     class_names: tuple[str, ...]
     multilabel: bool
+    ordinal: bool = False  # single-label classes listed in their order (``--ordinal``)
 
     @property
     def task(self) -> str:
-        """The manifest's task: ``multilabel``, ``binary`` (two classes) or ``multiclass``."""
+        """The manifest's task: ``multilabel``, ``binary`` (two classes), ``ordinal`` or ``multiclass``."""
         if self.multilabel:
             return "multilabel"
-        return "binary" if len(self.class_names) == 2 else "multiclass"
+        if len(self.class_names) == 2:
+            return "binary"
+        return "ordinal" if self.ordinal else "multiclass"
 
     def encode(self, labels: tuple[int, ...]) -> bytes:
         """The ``.lbl`` payload: the class index, or a multi-hot vector, as little-endian int32."""

@@ -12,7 +12,7 @@ Each tar holds WebDataset samples; one sample is the files sharing a ``__key__``
 
 - ``<key>.jpg``  the image, re-encoded as baseline JPEG (grayscale sources stay 1-channel);
 - ``<key>.lbl``  the label vector as raw little-endian int32 bytes: one value (the class
-  index) for ``binary``/``multiclass`` tasks, a multi-hot vector of ``len(class_names)``
+  index) for ``binary``/``multiclass``/``ordinal`` tasks, a multi-hot vector of ``len(class_names)``
   for ``multilabel`` tasks.  Raw bytes so DALI can read it with ``dtypes=INT32``;
 - ``<key>.json`` metadata for people and tools: ``{"source": original path, "group": group id
   or null, "labels": [class names]}``.
@@ -20,7 +20,7 @@ Each tar holds WebDataset samples; one sample is the files sharing a ``__key__``
 ``manifest.json`` (``format == "ilm_dist.shards/v1"``)::
 
     {"format": "ilm_dist.shards/v1",
-     "task": "binary" | "multiclass" | "multilabel",
+     "task": "binary" | "multiclass" | "ordinal" | "multilabel",
      "class_names": [...],
      "image_mode": "L" | "RGB",
      "split_method": "source" | "stratified" | "stratified_group",
@@ -33,6 +33,12 @@ Each tar holds WebDataset samples; one sample is the files sharing a ``__key__``
      "skipped": {"count": int, "files": [{"path": str, "reason": str}]},
      "source": {"kind": "folder" | "csv" | "nih_list" | "npz" | "synthetic", "path": str | null, ...},
      "args": {...}, "created": iso8601}
+
+Tasks: ``binary`` (two classes), ``multiclass`` (three or more nominal classes), ``ordinal`` (three or
+more classes listed in their order, e.g. retinopathy grades: only then is a class-index distance such as
+quadratic-weighted kappa meaningful; the packer writes it only from an explicit ``--ordinal --classes``),
+``multilabel`` (multi-hot).  A ``multiclass`` manifest written before ``ordinal`` existed is read as
+nominal: its class order was alphabetical, so nothing in it says that the classes are ordered.
 
 Fields added by ``data_tools.pack`` (readers may ignore them): ``split_method`` says whether the splits
 come from the source or were made by the packer (``stratified_group``: groups, e.g. patients, are
@@ -49,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FORMAT = "ilm_dist.shards/v1"
-TASKS = ("binary", "multiclass", "multilabel")
+TASKS = ("binary", "multiclass", "ordinal", "multilabel")
 
 
 class ManifestError(ValueError):
