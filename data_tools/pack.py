@@ -10,11 +10,19 @@ SOURCE is one of
   ``train``/``val``/``valid``/``test`` folders are kept as the splits);
 - an image root with ``--labels-csv FILE --image-col COL --label-cols A[,B,...] [--split-col COL]``
   (one column of class names = single-label, several 0/1 columns = multi-label);
+  with ``--label-sep SEP`` one column of SEP-joined class names is multi-label (``--empty-label`` names
+  the value meaning none), ``--group-col COL`` gives groups (e.g. patients) for group-disjoint splits;
+- an image root with ``--nih-csv Data_Entry_2017.csv``: NIH ChestX-ray14's label file as distributed
+  (the 14 findings in NIH order, ``No Finding`` = none, groups from ``Patient ID``);
 - an image root with ``--nih-list [SPLIT=]FILE`` (repeatable): NIH ChestX-ray14 ``name l1 .. l14`` lists;
 - a MedMNIST-style ``.npz`` file (``train_images``/``train_labels``, ``val_*``, ``test_*``).
 
 Sources without splits (or with ``--resplit``) get seeded, stratified train/val/test splits
-(``--split-fractions``, ``--seed``), group-disjoint with ``--group-by`` (see `data_tools.splits`).
+(``--split-fractions``, ``--seed``), group-disjoint with ``--group-by`` or ``--group-col`` (see
+`data_tools.splits`).  ``--split-list SPLIT=FILE`` takes the splits from lists of image names instead
+(NIH's ``train_val_list.txt`` / ``test_list.txt``); a ``trainval`` list is divided into train and val.
+Single-label classes are nominal (task ``multiclass``) unless ``--ordinal --classes A,B,C`` gives their
+order (task ``ordinal``, e.g. retinopathy grades).
 Colour handling is described in `data_tools.imaging`.  Errors print ``error: ...`` and exit with status 2.
 """
 
@@ -29,16 +37,20 @@ from typing import NamedTuple
 from data_tools.cli import add_common_args, comma_list, positive_int, run
 from data_tools.errors import BadImage, PackError
 from data_tools.imaging import IMAGE_MODES, probe
-from data_tools.labelfiles import csv_source, nih_source, parse_nih_list
+from data_tools.labelfiles import CsvLayout, csv_source, nih_csv_source, nih_source, parse_nih_list
 from data_tools.parallel import parallel_map
 from data_tools.records import SPLITS, Record
 from data_tools.shards import EncodeOptions, LabelSpace
 from data_tools.sources import Source, folder_source, npz_source
 from data_tools.splits import (
     DEFAULT_FRACTIONS,
+    TRAINVAL,
+    TRAINVAL_FRACTIONS,
+    apply_split_lists,
     assign_groups,
     group_function,
     parse_fractions,
+    parse_split_list,
     shuffled,
     stratified_split,
 )
@@ -61,6 +73,26 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument("--label-cols", type=comma_list, help="one class-name column, or several 0/1 columns")
     labels.add_argument("--split-col", help="optional CSV column with train/val/valid/test")
     labels.add_argument(
+        "--group-col", help="CSV column with a group id (e.g. 'Patient ID'): group-disjoint splits"
+    )
+    labels.add_argument(
+        "--label-sep",
+        metavar="SEP",
+        help="the one --label-cols column holds class names joined by SEP (e.g. '|'): multi-label",
+    )
+    labels.add_argument(
+        "--empty-label",
+        metavar="VALUE",
+        help="with --label-sep: the value meaning no class (e.g. 'No Finding')",
+    )
+    labels.add_argument(
+        "--nih-csv",
+        type=Path,
+        metavar="FILE",
+        help="NIH ChestX-ray14's Data_Entry_2017.csv as distributed: the 14 findings in NIH order from "
+        "'Finding Labels' ('|'-joined, 'No Finding' = none), groups from 'Patient ID'",
+    )
+    labels.add_argument(
         "--nih-list", action="append", metavar="[SPLIT=]FILE", help="NIH ChestX-ray14 list file"
     )
     labels.add_argument("--classes", type=comma_list, help="class names in label order (default: sorted)")
@@ -77,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--group-by", help="folder depth (int) or regex on the relative path; keeps groups disjoint"
     )
     split.add_argument("--resplit", action="store_true", help="ignore the source's own splits")
+    split.add_argument(
+        "--split-list",
+        action="append",
+        type=parse_split_list,
+        metavar="SPLIT=FILE",
+        help="repeatable: FILE lists the image names (first field per line) of SPLIT (train, val, test, or "
+        "trainval: divided into train and val by --split-fractions with test 0, default "
+        f"{TRAINVAL_FRACTIONS}), e.g. NIH's trainval=train_val_list.txt test=test_list.txt",
+    )
     image = parser.add_argument_group("images")
     image.add_argument("--max-side", type=positive_int, help="downscale so the longer side is at most this")
     image.add_argument("--min-side", type=positive_int, help="images with a shorter side are bad")
@@ -93,20 +134,42 @@ def load_source(args: argparse.Namespace) -> Source:
         "--image-col": args.image_col,
         "--label-cols": args.label_cols,
         "--split-col": args.split_col,
+        "--group-col": args.group_col,
+        "--label-sep": args.label_sep,
+        "--empty-label": args.empty_label,
     }
-    if args.labels_csv and args.nih_list:
-        raise PackError("give either --labels-csv or --nih-list, not both")
+    given = [
+        name
+        for name, value in (
+            ("--labels-csv", args.labels_csv),
+            ("--nih-csv", args.nih_csv),
+            ("--nih-list", args.nih_list),
+        )
+        if value
+    ]
+    if len(given) > 1:
+        raise PackError(f"give one of --labels-csv, --nih-csv, --nih-list, not {' and '.join(given)}")
     if not args.labels_csv and any(csv_options.values()):
         raise PackError(f"{', '.join(k for k, v in csv_options.items() if v)}: only valid with --labels-csv")
+    if args.group_col and args.group_by:
+        raise PackError("give either --group-col or --group-by, not both")
     if args.labels_csv:
         if not args.image_col or not args.label_cols:
             raise PackError("--labels-csv needs --image-col and --label-cols")
-        return csv_source(
-            args.labels_csv, args.source, args.image_col, args.label_cols, args.split_col, args.classes
+        layout = CsvLayout(
+            args.image_col,
+            tuple(args.label_cols),
+            args.split_col,
+            args.group_col,
+            args.label_sep,
+            args.empty_label,
         )
-    if args.nih_list:
+        return csv_source(args.labels_csv, args.source, layout, args.classes)
+    if args.nih_csv or args.nih_list:
         if args.classes:
-            raise PackError("--classes cannot be used with --nih-list (the 14 NIH findings are the classes)")
+            raise PackError("--classes cannot be used with NIH files (the 14 NIH findings are the classes)")
+        if args.nih_csv:
+            return nih_csv_source(args.nih_csv, args.source)
         return nih_source([parse_nih_list(text) for text in args.nih_list], args.source)
     if args.source.suffix.lower() == ".npz":
         return npz_source(args.source, args.classes)
@@ -164,36 +227,76 @@ def check_images(records: list[Record], args: argparse.Namespace) -> tuple[list[
 def make_splits(
     records: list[Record], fractions: dict[str, float] | None, num_classes: int, seed: int
 ) -> tuple[dict[str, list[Record]], str]:
-    """Each split's records in seeded shuffled order, and the manifest's ``split_method``; ``fractions``
-    None keeps the source's splits."""
+    """Each split's records in seeded shuffled order, and the manifest's ``split_method``.
+
+    ``fractions`` None keeps the source's splits; otherwise the records are split by ``fractions``, except
+    that when some come with a split (from ``--split-list``) only the ``trainval`` ones are, and the rest
+    stay in their split (method ``lists+stratified[_group]``)."""
+    grouped = records[0].group is not None
     if fractions is None:
         splits = {name: [r for r in records if r.split == name] for name in SPLITS}
-        _warn_shared_groups(splits)
+        _warn_shared(_shared_groups(splits), "source splits")
         method = "source"
+    elif any(record.split == TRAINVAL for record in records):
+        drawn = stratified_split([r for r in records if r.split == TRAINVAL], fractions, num_classes, seed)
+        splits = {name: [r for r in records if r.split == name] + drawn.get(name, []) for name in SPLITS}
+        shared = _shared_groups(splits)
+        _warn_shared(shared, "splits (the --split-list files share them)")
+        method = "lists+stratified_group" if grouped and not shared else "lists+stratified"
     else:
         splits = stratified_split(records, fractions, num_classes, seed)
-        method = "stratified_group" if records[0].group is not None else "stratified"
+        method = "stratified_group" if grouped else "stratified"
     return {name: shuffled(split, seed) for name, split in splits.items() if split}, method
 
 
-def _warn_shared_groups(splits: dict[str, list[Record]]) -> None:
+def _shared_groups(splits: dict[str, list[Record]]) -> set[str]:
     seen: dict[str, str] = {}
     shared = set()
     for name, records in splits.items():
         for group in {record.group for record in records if record.group is not None}:
             if seen.setdefault(group, name) != name:
                 shared.add(group)
+    return shared
+
+
+def _warn_shared(shared: set[str], where: str) -> None:
     if shared:
         print(
-            f"warning: {len(shared)} group(s) appear in several source splits, e.g. {sorted(shared)[:3]}",
+            f"warning: {len(shared)} group(s) appear in several {where}, e.g. {sorted(shared)[:3]}",
             file=sys.stderr,
         )
+
+
+def choose_fractions(
+    args: argparse.Namespace, records: list[Record], source: Source
+) -> dict[str, float] | None:
+    """The packer's split fractions, or None to keep the source's (or the split lists') splits."""
+    listed = any(record.split is not None for record in records)
+    if args.split_list and (source.has_splits or args.resplit):
+        reason = "has its own splits" if source.has_splits else "is resplit (--resplit)"
+        raise PackError(f"{source.path}: --split-list cannot be used when the source {reason}")
+    if any(record.split == TRAINVAL for record in records):
+        fractions = parse_fractions(args.split_fractions or TRAINVAL_FRACTIONS)
+        if "test" in fractions:
+            raise PackError(
+                f"--split-fractions {args.split_fractions}: the test split comes from --split-list, so the "
+                f"trainval images are divided into train and val only; give a test fraction of 0 (e.g. "
+                f"{TRAINVAL_FRACTIONS})"
+            )
+        return fractions
+    if listed and not args.resplit:
+        if args.split_fractions:
+            what = "--split-list gives every split" if args.split_list else "the source has its own splits"
+            raise PackError(f"{source.path}: {what}; add --resplit to use --split-fractions")
+        return None
+    return parse_fractions(args.split_fractions or DEFAULT_FRACTIONS)
 
 
 def pack(args: argparse.Namespace) -> dict:
     """Run the whole packing; returns the manifest."""
     staging = Staging(args.out_dir, args.overwrite, protect=args.source)
-    fractions = parse_fractions(args.split_fractions or DEFAULT_FRACTIONS)
+    if args.split_fractions:
+        parse_fractions(args.split_fractions)  # a typo is reported before the source is read
     group_of = group_function(args.group_by) if args.group_by else None
     source = load_source(args)
     if len(source.class_names) < 2:
@@ -201,13 +304,9 @@ def pack(args: argparse.Namespace) -> dict:
             f"{source.path}: found only the class(es) {list(source.class_names)}; need two or more"
         )
     check_ordinal(args, source)
-    if source.has_splits and not args.resplit:
-        if args.split_fractions:
-            raise PackError(
-                f"{source.path}: the source has its own splits; add --resplit to use --split-fractions"
-            )
-        fractions = None
-    records = assign_groups(source.records, group_of)
+    records = apply_split_lists(source.records, args.split_list) if args.split_list else source.records
+    fractions = choose_fractions(args, records, source)
+    records = assign_groups(records, group_of)
     records, skipped, all_gray = check_images(records, args)
     splits, method = make_splits(records, fractions, len(source.class_names), args.seed)
     mode = args.image_mode if args.image_mode != "auto" else ("L" if all_gray else "RGB")

@@ -57,16 +57,16 @@ def scan_images(root: Path) -> list[Path]:
 
 
 def choose_classes(
-    found: Sequence[str], given: Sequence[str] | None, where: dict[str, str]
+    found: Sequence[str], given: Sequence[str] | None, where: dict[str, str], given_as: str = ""
 ) -> tuple[str, ...]:
     """``given`` (checked to cover ``found``) or ``found`` in natural order; ``where`` names an example
-    location per class for the error message."""
+    location per class for the error message, ``given_as`` what ``given`` is (default ``--classes ...``)."""
     if not given:
         return tuple(sorted(set(found), key=natural_key))
     unknown = sorted(set(found) - set(given), key=natural_key)
     if unknown:
         examples = "; ".join(f"{name!r} at {where[name]}" for name in unknown[:5])
-        raise PackError(f"found class(es) not in --classes {','.join(given)}: {examples}")
+        raise PackError(f"found class(es) not {given_as or 'in --classes ' + ','.join(given)}: {examples}")
     return tuple(given)
 
 

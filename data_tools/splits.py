@@ -20,15 +20,22 @@ sample count at once; groups stay disjoint by construction.  A split with fracti
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
 from data_tools.errors import PackError
 from data_tools.records import SPLITS, Record
+from data_tools.sources import split_name
 
 DEFAULT_FRACTIONS = "0.8,0.1,0.1"
+TRAINVAL = "trainval"  # a --split-list split that the packer divides into train and val
+# train:val of the trainval part: 70:10, the train:val ratio of the usual 70/10/20 NIH ChestX-ray14 split
+# (Wang et al. 2017), whose official test list holds about a fifth of the images
+TRAINVAL_FRACTIONS = "0.875,0.125,0"
 
 
 def parse_fractions(text: str) -> dict[str, float]:
@@ -137,3 +144,49 @@ def shuffled(records: Sequence[Record], seed: int) -> list[Record]:
     ordered = sorted(records, key=lambda record: record.source)
     permutation = np.random.default_rng([seed, 1]).permutation(len(ordered))
     return [ordered[i] for i in permutation]
+
+
+def parse_split_list(text: str) -> tuple[str, Path]:
+    """``test=FILE`` -> ("test", FILE); the split is train, val (valid), test or trainval."""
+    head, sep, tail = text.partition("=")
+    split = TRAINVAL if head.strip().lower() == TRAINVAL else split_name(head)
+    if not sep or split is None or not tail:
+        raise PackError(
+            f"--split-list {text!r}: expected SPLIT=FILE with SPLIT one of train, val, test, trainval"
+        )
+    return split, Path(tail)
+
+
+def read_split_list(path: Path) -> list[str]:
+    """Image names, the first field of each non-empty line (NIH's ``train_val_list.txt`` / ``test_list.txt``)."""
+    try:
+        return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise PackError(f"{path}: cannot read split list ({err})") from None
+
+
+def apply_split_lists(records: list[Record], lists: list[tuple[str, Path]]) -> list[Record]:
+    """Set every record's split from the lists, which name records by their source name (for label files:
+    the image name as the file writes it); every record must be listed exactly once."""
+    split_of: dict[str, tuple[str, Path]] = {}
+    for split, path in lists:
+        for name in read_split_list(path):
+            if name in split_of and split_of[name] != (split, path):
+                raise PackError(
+                    f"{path}: {name!r} is also listed in {split_of[name][1]} ({split_of[name][0]})"
+                )
+            split_of[name] = (split, path)
+    unlisted = [record.source for record in records if record.source not in split_of]
+    if unlisted:
+        raise PackError(
+            f"{len(unlisted)} image(s) are in no --split-list, e.g. {unlisted[:3]}; list every image "
+            f"of the source in one of {', '.join(str(path) for _, path in lists)}"
+        )
+    known = {record.source for record in records}
+    extra = [name for name in split_of if name not in known]
+    if extra:
+        print(
+            f"note: {len(extra)} name(s) of the split lists are not in the source, e.g. {extra[:3]}",
+            file=sys.stderr,
+        )
+    return [replace(record, split=split_of[record.source][0]) for record in records]

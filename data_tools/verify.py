@@ -196,7 +196,7 @@ def check_split_counts(
 def check_cross(manifest: Manifest, tasks: list[ShardTask], checks: list[ShardCheck]) -> list[str]:
     """Checks across shards: unique keys, group-disjoint splits, no unlisted files, the skipped list."""
     problems = check_unique_keys(checks)
-    if manifest.raw.get("split_method") == "stratified_group":
+    if manifest.raw.get("split_method") in ("stratified_group", "lists+stratified_group"):
         problems += check_disjoint_groups([task.split for task in tasks], checks)
     listed = {"manifest.json"} | {p.name for task in tasks for p in (task.shard.tar, task.shard.index)}
     unlisted = sorted(path.name for path in manifest.root.iterdir() if path.name not in listed)

@@ -23,7 +23,7 @@ Each tar holds WebDataset samples; one sample is the files sharing a ``__key__``
      "task": "binary" | "multiclass" | "ordinal" | "multilabel",
      "class_names": [...],
      "image_mode": "L" | "RGB",
-     "split_method": "source" | "stratified" | "stratified_group",
+     "split_method": "source" | "stratified" | "stratified_group" | "lists+stratified[_group]",
      "splits": {"train": {"num_samples": int,
                           "class_counts": {class_name: int},
                           "num_groups": int | null,
@@ -42,7 +42,9 @@ nominal: its class order was alphabetical, so nothing in it says that the classe
 
 Fields added by ``data_tools.pack`` (readers may ignore them): ``split_method`` says whether the splits
 come from the source or were made by the packer (``stratified_group``: groups, e.g. patients, are
-disjoint across splits, which ``data_tools.verify`` checks); ``num_groups`` is the number of distinct
+disjoint across splits, which ``data_tools.verify`` checks; ``lists+...``: the test split, and any split
+named by a ``--split-list``, came from lists of image names, the ``trainval`` list was divided into train
+and val); ``num_groups`` is the number of distinct
 groups in a split (null without ``--group-by``); ``bytes`` is the shard's size.  Splits are omitted
 when empty; ``class_counts`` lists every class (positives per class for ``multilabel``); keys are
 ``{split}_{index:08d}``; ``skipped`` paths and ``.json`` sources are relative to ``source.path``.
