@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
         "trainval: divided into train and val by --split-fractions with test 0, default "
         f"{TRAINVAL_FRACTIONS}), e.g. NIH's trainval=train_val_list.txt test=test_list.txt",
     )
+    split.add_argument(
+        "--allow-empty-folders",
+        action="store_true",
+        help="folder trees: pack even if some folders hold no images (their classes are left out)",
+    )
     image = parser.add_argument_group("images")
     image.add_argument("--max-side", type=positive_int, help="downscale so the longer side is at most this")
     image.add_argument("--min-side", type=positive_int, help="images with a shorter side are bad")
@@ -173,7 +178,7 @@ def load_source(args: argparse.Namespace) -> Source:
         return nih_source([parse_nih_list(text) for text in args.nih_list], args.source)
     if args.source.suffix.lower() == ".npz":
         return npz_source(args.source, args.classes)
-    return folder_source(args.source, args.classes)
+    return folder_source(args.source, args.classes, args.allow_empty_folders)
 
 
 def check_ordinal(args: argparse.Namespace, source: Source) -> None:

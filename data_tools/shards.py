@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from data_tools.errors import BadImage, PackError
+from data_tools.errors import BadImage, PackError, writing
 from data_tools.imaging import render
 from data_tools.records import Record
 
@@ -105,7 +105,11 @@ def sample_json(record: Record, labels: LabelSpace) -> bytes:
 def write_shard(job: ShardJob) -> ShardResult:
     """Encode the job's images into ``job.tar``, then write its DALI index next to it."""
     opts = job.encode
-    with wds.TarWriter(str(job.tar), encoder=False, mtime=0, user="ilm", group="ilm") as writer:
+    with (
+        writing(job.tar),
+        open(job.tar, "wb") as stream,
+        wds.TarWriter(stream, encoder=False, mtime=0, user="ilm", group="ilm") as writer,
+    ):
         for key, record in job.samples:
             try:
                 jpg = render(record.ref, opts.image_mode, opts.jpeg_quality, opts.max_side)
@@ -114,7 +118,8 @@ def write_shard(job: ShardJob) -> ShardResult:
             lbl = job.labels.encode(record.labels)
             writer.write({"__key__": key, "jpg": jpg, "json": sample_json(record, job.labels), "lbl": lbl})
     index = job.tar.with_suffix(".idx")
-    index.write_text(dali_index(job.tar))
+    with writing(index), open(index, "w") as file:
+        file.write(dali_index(job.tar))
     return ShardResult(
         tar=job.tar,
         index=index,

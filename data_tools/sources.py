@@ -7,7 +7,9 @@ Label-file sources (CSV/TSV, NIH lists) are in `data_tools.labelfiles`.  Every s
 from __future__ import annotations
 
 import os
+import sys
 import zipfile
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,9 +72,11 @@ def choose_classes(
     return tuple(given)
 
 
-def folder_source(root: Path, classes: Sequence[str] | None) -> Source:
+def folder_source(root: Path, classes: Sequence[str] | None, allow_empty_folders: bool = False) -> Source:
     """``[split/][group folders/]class/image`` trees; split folders are used when *all* top-level folders
-    are split names (train, val/valid/validation, test)."""
+    are split names (train, val/valid/validation, test).  Every image must be at the same depth (a file one
+    folder deeper would otherwise be a class of its own), and a folder without images is an error unless
+    ``allow_empty_folders`` (its class would silently vanish)."""
     if not root.is_dir():
         raise PackError(f"{root}: not a directory (expected an image folder tree or an .npz file)")
     files = scan_images(root)
@@ -83,6 +87,8 @@ def folder_source(root: Path, classes: Sequence[str] | None) -> Source:
     layout = (
         "<split>/[<group folders>/]<class>/<image>" if has_splits else "[<group folders>/]<class>/<image>"
     )
+    _check_empty_folders(root, allow_empty_folders)
+    _check_depths(root, files, rels, layout)
     entries = []
     for file, rel in zip(files, rels, strict=True):
         parts = rel.split("/")
@@ -94,6 +100,40 @@ def folder_source(root: Path, classes: Sequence[str] | None) -> Source:
     index = {name: i for i, name in enumerate(class_names)}
     records = [Record(FileRef(file), rel, (index[name],), split=split) for file, rel, name, split in entries]
     return Source("folder", root, class_names, False, records)
+
+
+def _check_empty_folders(root: Path, allow: bool) -> None:
+    """Leaf folders (no subfolders) without images: an empty class folder, or a class whose images are
+    all in formats the packer does not read."""
+    empty = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
+        images = [
+            name for name in files if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
+        ]
+        if not dirs and not images:
+            empty.append(Path(folder))
+    if empty and not allow:
+        raise PackError(
+            f"{empty[0]}: folder has no images ({len(empty)} such folder(s)); its class would be missing "
+            "from the dataset: remove it, or pass --allow-empty-folders to pack without it"
+        )
+    if empty:
+        print(f"note: ignored {len(empty)} folder(s) without images, e.g. {empty[0]}", file=sys.stderr)
+
+
+def _check_depths(root: Path, files: list[Path], rels: list[str], layout: str) -> None:
+    """Every image at the same folder depth, else the odd ones out would become classes of their own."""
+    depths = Counter(rel.count("/") for rel in rels)
+    if len(depths) < 2:
+        return
+    usual, count = depths.most_common(1)[0]
+    odd = next(i for i, rel in enumerate(rels) if rel.count("/") != usual)
+    example = next(rel for rel in rels if rel.count("/") == usual)
+    raise PackError(
+        f"{files[odd]}: is {rels[odd].count('/')} folder(s) deep under {root}, but {count} of {len(rels)} "
+        f"images are {usual} deep (e.g. {example}); every image must be at {layout} with the same depth"
+    )
 
 
 def _has_split_folders(root: Path, rels: list[str]) -> bool:
