@@ -11,6 +11,7 @@ An image has *grayscale content* when it is ``L`` or its three channels are iden
 one per dataset (``manifest.image_mode``): ``L`` when every image has grayscale content (so RGB/RGBA files
 holding a gray picture, e.g. the NIH PNGs, give 1-channel JPEGs), otherwise ``RGB`` (gray images are then
 replicated to 3 channels); ``--image-mode`` forces either (``L`` from colour uses ITU-R 601 luma).
+DICOM files (``.dcm``) are converted to 8 bits as `data_tools.dicom` describes.
 """
 
 from __future__ import annotations
@@ -20,18 +21,29 @@ import io
 import numpy as np
 from PIL import Image, ImageOps
 
-from data_tools.errors import BadImage
-from data_tools.records import ImageRef
+from data_tools import dicom
+from data_tools.errors import BadImage, PackError
+from data_tools.records import FileRef, ImageRef
 
 IMAGE_MODES = ("L", "RGB")
 
 
 def load(ref: ImageRef) -> Image.Image:
     """Decode fully (truncation shows up here), apply EXIF orientation, return 8-bit ``L`` or ``RGB``."""
+    return decode(ref)[0]
+
+
+def decode(ref: ImageRef) -> tuple[Image.Image, dict | None]:
+    """`load`, and for a DICOM file the attributes its conversion used (see `data_tools.dicom`)."""
     try:
+        if isinstance(ref, FileRef) and dicom.is_dicom(ref.path):
+            image, attributes = dicom.read(ref.path)
+            return _canonical(image), attributes
         with ref.open() as image:
             image.load()
-            return _canonical(ImageOps.exif_transpose(image))
+            return _canonical(ImageOps.exif_transpose(image)), None
+    except (BadImage, PackError):
+        raise
     except FileNotFoundError:
         raise BadImage("file not found") from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, zlib errors, ... for bad files
@@ -61,13 +73,14 @@ def is_grayscale(image: Image.Image) -> bool:
     return bool((pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all())
 
 
-def probe(ref: ImageRef, min_side: int | None) -> bool:
-    """Check that an image decodes and is large enough; return whether its content is grayscale."""
-    image = load(ref)
+def probe(ref: ImageRef, min_side: int | None) -> tuple[bool, dict | None]:
+    """Check that an image decodes and is large enough; return whether its content is grayscale, and the
+    DICOM attributes used (None for other formats)."""
+    image, attributes = decode(ref)
     if min_side is not None and min(image.size) < min_side:
         width, height = image.size
         raise BadImage(f"image is {width}x{height}, smaller than --min-side {min_side}")
-    return is_grayscale(image)
+    return is_grayscale(image), attributes
 
 
 def to_mode(image: Image.Image, mode: str) -> Image.Image:

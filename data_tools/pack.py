@@ -34,6 +34,7 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
+from data_tools import dicom
 from data_tools.cli import add_common_args, comma_list, positive_int, run
 from data_tools.errors import BadImage, PackError
 from data_tools.imaging import IMAGE_MODES, probe
@@ -201,11 +202,19 @@ def check_ordinal(args: argparse.Namespace, source: Source) -> None:
 class Probe(NamedTuple):
     reason: str | None
     gray: bool
+    dicom: dict | None = None  # the DICOM attributes used, for DICOM files
+
+
+class Checked(NamedTuple):
+    good: list[Record]
+    skipped: list[dict]
+    all_gray: bool
+    dicom: list[dict]  # per good DICOM image, the attributes its conversion used
 
 
 def _probe(record: Record, min_side: int | None, skip_bad: bool) -> Probe:
     try:
-        return Probe(None, probe(record.ref, min_side))
+        return Probe(None, *probe(record.ref, min_side))
     except BadImage as err:
         if not skip_bad:
             raise PackError(
@@ -214,8 +223,9 @@ def _probe(record: Record, min_side: int | None, skip_bad: bool) -> Probe:
         return Probe(err.reason, False)
 
 
-def check_images(records: list[Record], args: argparse.Namespace) -> tuple[list[Record], list[dict], bool]:
-    """Decode every image once: returns the good records, the skipped ones and whether all are grayscale."""
+def check_images(records: list[Record], args: argparse.Namespace) -> Checked:
+    """Decode every image once: the good records, the skipped ones, whether all are grayscale, and the
+    DICOM attributes used."""
     check = partial(_probe, min_side=args.min_side, skip_bad=args.skip_bad)
     probes = parallel_map(check, records, args.workers, "checking images", quiet=args.quiet)
     good = [record for record, result in zip(records, probes, strict=True) if result.reason is None]
@@ -226,7 +236,8 @@ def check_images(records: list[Record], args: argparse.Namespace) -> tuple[list[
     ]
     if not good:
         raise PackError(f"{args.source}: all {len(records)} images are bad (first: {skipped[0]})")
-    return good, skipped, all(result.gray for result in probes if result.reason is None)
+    fine = [result for result in probes if result.reason is None]
+    return Checked(good, skipped, all(r.gray for r in fine), [r.dicom for r in fine if r.dicom is not None])
 
 
 def make_splits(
@@ -312,9 +323,9 @@ def pack(args: argparse.Namespace) -> dict:
     records = apply_split_lists(source.records, args.split_list) if args.split_list else source.records
     fractions = choose_fractions(args, records, source)
     records = assign_groups(records, group_of)
-    records, skipped, all_gray = check_images(records, args)
-    splits, method = make_splits(records, fractions, len(source.class_names), args.seed)
-    mode = args.image_mode if args.image_mode != "auto" else ("L" if all_gray else "RGB")
+    checked = check_images(records, args)
+    splits, method = make_splits(checked.good, fractions, len(source.class_names), args.seed)
+    mode = args.image_mode if args.image_mode != "auto" else ("L" if checked.all_gray else "RGB")
     labels = LabelSpace(source.class_names, source.multilabel, args.ordinal)
     encode = EncodeOptions(mode, args.jpeg_quality, args.max_side)
     with staging:
@@ -324,9 +335,10 @@ def pack(args: argparse.Namespace) -> dict:
             image_mode=mode,
             split_method=method,
             splits=entries,
-            skipped=skipped,
+            skipped=checked.skipped,
             source=source.manifest_entry(),
             args=vars(args),
+            extra={"dicom": dicom.summarise(checked.dicom)} if checked.dicom else None,
         )
         staging.commit(manifest)
     return manifest

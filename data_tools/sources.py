@@ -16,10 +16,23 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools import dicom
 from data_tools.errors import PackError
 from data_tools.records import SPLITS, ArrayRef, FileRef, Record, natural_key, npz_array
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm")
+IMAGE_SUFFIXES = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".gif",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    *dicom.SUFFIXES,
+)
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 

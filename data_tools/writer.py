@@ -84,7 +84,9 @@ def build_manifest(
     skipped: list[dict[str, str]],
     source: dict,
     args: dict,
+    extra: dict | None = None,
 ) -> dict:
+    """The manifest (see `ilm_dist.data.manifest`); ``extra`` adds entries such as ``dicom``."""
     return {
         "format": FORMAT,
         "task": labels.task,
@@ -96,6 +98,7 @@ def build_manifest(
         "source": jsonable(source),
         "args": jsonable(args),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **jsonable(extra or {}),
     }
 
 

@@ -48,6 +48,9 @@ and val); ``num_groups`` is the number of distinct
 groups in a split (null without ``--group-by``); ``bytes`` is the shard's size.  Splits are omitted
 when empty; ``class_counts`` lists every class (positives per class for ``multilabel``); keys are
 ``{split}_{index:08d}``; ``skipped`` paths and ``.json`` sources are relative to ``source.path``.
+``dicom`` (only when DICOM files were packed): ``{"policy": str, "files": int, <attribute>: {value:
+count}}`` for the attributes the 8-bit conversion used (transfer syntax, photometric interpretation, bits
+stored, rescale, VOI source and function; see ``data_tools.dicom``).
 """
 
 from __future__ import annotations
