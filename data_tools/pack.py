@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -42,7 +43,7 @@ from data_tools.labelfiles import CsvLayout, csv_source, nih_csv_source, nih_sou
 from data_tools.parallel import parallel_map
 from data_tools.records import SPLITS, Record
 from data_tools.shards import EncodeOptions, LabelSpace
-from data_tools.sources import Source, folder_source, npz_source
+from data_tools.sources import Source, choose_classes, folder_source, npz_source
 from data_tools.splits import (
     DEFAULT_FRACTIONS,
     TRAINVAL,
@@ -98,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     labels.add_argument("--classes", type=comma_list, help="class names in label order (default: sorted)")
     labels.add_argument(
+        "--map-labels",
+        type=parse_label_map,
+        metavar="OLD=NEW,...",
+        help="relabel single-label classes (every source class needs an entry; --classes then orders the "
+        "new ones), e.g. referable DR: 0=no,1=no,2=yes,3=yes,4=yes --classes no,yes",
+    )
+    labels.add_argument(
         "--ordinal",
         action="store_true",
         help="the classes are ordered (e.g. disease grades) in the --classes order, lowest first: task "
@@ -129,13 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--min-side", type=positive_int, help="images with a shorter side are bad")
     image.add_argument("--image-mode", choices=("auto", *IMAGE_MODES), default="auto")
     image.add_argument(
+        "--fundus-crop",
+        type=positive_int,
+        metavar="SIZE",
+        help="fundus photographs: crop to the fundus disc, centred, resized to SIZE x SIZE (the JAMA 2016 "
+        "replication's preprocessing at 299); images without a disc are bad images",
+    )
+    image.add_argument(
         "--skip-bad", action="store_true", help="skip bad images and record them in the manifest"
     )
     add_common_args(parser)
     return parser
 
 
-def load_source(args: argparse.Namespace) -> Source:
+def load_source(args: argparse.Namespace, classes: list[str] | None) -> Source:
+    """The source named by the arguments; ``classes``: the class order (``--classes``, unless labels are
+    mapped afterwards)."""
     csv_options = {
         "--image-col": args.image_col,
         "--label-cols": args.label_cols,
@@ -170,7 +187,7 @@ def load_source(args: argparse.Namespace) -> Source:
             args.label_sep,
             args.empty_label,
         )
-        return csv_source(args.labels_csv, args.source, layout, args.classes)
+        return csv_source(args.labels_csv, args.source, layout, classes)
     if args.nih_csv or args.nih_list:
         if args.classes:
             raise PackError("--classes cannot be used with NIH files (the 14 NIH findings are the classes)")
@@ -178,8 +195,44 @@ def load_source(args: argparse.Namespace) -> Source:
             return nih_csv_source(args.nih_csv, args.source)
         return nih_source([parse_nih_list(text) for text in args.nih_list], args.source)
     if args.source.suffix.lower() == ".npz":
-        return npz_source(args.source, args.classes)
-    return folder_source(args.source, args.classes, args.allow_empty_folders)
+        return npz_source(args.source, classes)
+    return folder_source(args.source, classes, args.allow_empty_folders)
+
+
+def parse_label_map(text: str) -> dict[str, str]:
+    """``'0=a,1=a,2=b'`` -> ``{'0': 'a', '1': 'a', '2': 'b'}``."""
+    mapping = {}
+    for part in comma_list(text):
+        old, sep, new = (piece.strip() for piece in part.partition("="))
+        if not sep or not old or not new or old in mapping:
+            raise argparse.ArgumentTypeError(
+                f"expected OLD=NEW pairs with each OLD once, got {part!r} in {text!r}"
+            )
+        mapping[old] = new
+    return mapping
+
+
+def map_classes(source: Source, mapping: dict[str, str], classes: list[str] | None) -> Source:
+    """Relabel single-label records through ``mapping`` (source class -> new class), e.g. DR grades 0-4 to
+    referable DR; the new classes in ``classes`` order (default: sorted)."""
+    if source.multilabel:
+        raise PackError(
+            f"{source.path}: --map-labels is for single-label classes; this source is multi-label"
+        )
+    names = [source.class_names[record.labels[0]] for record in source.records]
+    where = {}
+    for record, name in zip(source.records, names, strict=True):
+        where.setdefault(name, record.ref.describe())
+    unmapped = [name for name in source.class_names if name in where and name not in mapping]
+    if unmapped:
+        examples = "; ".join(f"{name!r} (e.g. {where[name]})" for name in unmapped[:5])
+        raise PackError(f"--map-labels has no entry for the source class(es) {examples}")
+    new_where = {mapping[name]: where[name] for name in reversed(names)}
+    new_names = choose_classes([mapping[name] for name in names], classes, new_where)
+    index = {name: i for i, name in enumerate(new_names)}
+    records = [replace(r, labels=(index[mapping[n]],)) for r, n in zip(source.records, names, strict=True)]
+    info = source.info | {"label_map": mapping, "source_classes": list(source.class_names)}
+    return replace(source, class_names=new_names, records=records, info=info)
 
 
 def check_ordinal(args: argparse.Namespace, source: Source) -> None:
@@ -212,9 +265,9 @@ class Checked(NamedTuple):
     dicom: list[dict]  # per good DICOM image, the attributes its conversion used
 
 
-def _probe(record: Record, min_side: int | None, skip_bad: bool) -> Probe:
+def _probe(record: Record, min_side: int | None, skip_bad: bool, fundus: int | None) -> Probe:
     try:
-        return Probe(None, *probe(record.ref, min_side))
+        return Probe(None, *probe(record.ref, min_side, fundus))
     except BadImage as err:
         if not skip_bad:
             raise PackError(
@@ -226,7 +279,7 @@ def _probe(record: Record, min_side: int | None, skip_bad: bool) -> Probe:
 def check_images(records: list[Record], args: argparse.Namespace) -> Checked:
     """Decode every image once: the good records, the skipped ones, whether all are grayscale, and the
     DICOM attributes used."""
-    check = partial(_probe, min_side=args.min_side, skip_bad=args.skip_bad)
+    check = partial(_probe, min_side=args.min_side, skip_bad=args.skip_bad, fundus=args.fundus_crop)
     probes = parallel_map(check, records, args.workers, "checking images", quiet=args.quiet)
     good = [record for record, result in zip(records, probes, strict=True) if result.reason is None]
     skipped = [
@@ -314,7 +367,9 @@ def pack(args: argparse.Namespace) -> dict:
     if args.split_fractions:
         parse_fractions(args.split_fractions)  # a typo is reported before the source is read
     group_of = group_function(args.group_by) if args.group_by else None
-    source = load_source(args)
+    source = load_source(args, None if args.map_labels else args.classes)
+    if args.map_labels:
+        source = map_classes(source, args.map_labels, args.classes)
     if len(source.class_names) < 2:
         raise PackError(
             f"{source.path}: found only the class(es) {list(source.class_names)}; need two or more"
@@ -327,7 +382,7 @@ def pack(args: argparse.Namespace) -> dict:
     splits, method = make_splits(checked.good, fractions, len(source.class_names), args.seed)
     mode = args.image_mode if args.image_mode != "auto" else ("L" if checked.all_gray else "RGB")
     labels = LabelSpace(source.class_names, source.multilabel, args.ordinal)
-    encode = EncodeOptions(mode, args.jpeg_quality, args.max_side)
+    encode = EncodeOptions(mode, args.jpeg_quality, args.max_side, args.fundus_crop)
     with staging:
         entries = write_splits(staging.tmp, splits, labels, encode, args.shard_size, args.workers, args.quiet)
         manifest = build_manifest(

@@ -76,6 +76,7 @@ class EncodeOptions:
     image_mode: str
     jpeg_quality: int
     max_side: int | None
+    fundus: int | None = None  # crop to the fundus disc at this diameter (`imaging.crop_fundus`)
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def write_shard(job: ShardJob) -> ShardResult:
     ):
         for key, record in job.samples:
             try:
-                jpg = render(record.ref, opts.image_mode, opts.jpeg_quality, opts.max_side)
+                jpg = render(record.ref, opts.image_mode, opts.jpeg_quality, opts.max_side, opts.fundus)
             except BadImage as err:
                 raise PackError(f"{record.ref.describe()}: {err.reason}") from None
             lbl = job.labels.encode(record.labels)
