@@ -42,7 +42,7 @@ from data_tools.imaging import IMAGE_MODES, probe
 from data_tools.labelfiles import CsvLayout, csv_source, nih_csv_source, nih_source, parse_nih_list
 from data_tools.parallel import parallel_map
 from data_tools.records import SPLITS, Record
-from data_tools.shards import EncodeOptions, LabelSpace
+from data_tools.shards import EncodeOptions
 from data_tools.sources import Source, choose_classes, folder_source, npz_source
 from data_tools.splits import (
     DEFAULT_FRACTIONS,
@@ -57,6 +57,7 @@ from data_tools.splits import (
     stratified_split,
 )
 from data_tools.writer import Staging, build_manifest, write_splits
+from ilm_dist.data.shard_format import LabelSpace
 
 
 def build_parser() -> argparse.ArgumentParser:

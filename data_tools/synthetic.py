@@ -30,9 +30,10 @@ from PIL import Image
 from data_tools.cli import add_common_args, positive_int, run
 from data_tools.errors import PackError
 from data_tools.records import Record
-from data_tools.shards import EncodeOptions, LabelSpace
+from data_tools.shards import EncodeOptions
 from data_tools.splits import DEFAULT_FRACTIONS, parse_fractions, shuffled, stratified_split
 from data_tools.writer import Staging, build_manifest, write_splits
+from ilm_dist.data.shard_format import LabelSpace
 
 SHAPES = ("disk", "ring", "square", "frame", "triangle", "plus", "cross", "two_dots")
 RADIUS = (0.28, 0.36)  # shape half-extent, fraction of the image side

@@ -2,7 +2,8 @@
 makes the output appear only when complete.
 
 Keys are ``{split}_{index:08d}`` (index within the split, in shard order); shards are
-``{split}-{shard:06d}.tar`` with the DALI index ``{split}-{shard:06d}.idx`` next to it.
+``{split}-{shard:06d}.tar`` with the DALI index ``{split}-{shard:06d}.idx`` next to it (the names are
+`ilm_dist.data.shard_format`'s).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from types import TracebackType
 from data_tools.errors import PackError, writing
 from data_tools.parallel import parallel_map
 from data_tools.records import Record
-from data_tools.shards import EncodeOptions, LabelSpace, ShardJob, ShardResult, write_shard
+from data_tools.shards import EncodeOptions, ShardJob, ShardResult, write_shard
 from ilm_dist.data.manifest import FORMAT
+from ilm_dist.data.shard_format import LabelSpace, sample_key, shard_name
 
 
 def plan_shards(
@@ -29,10 +31,10 @@ def plan_shards(
 ) -> list[ShardJob]:
     jobs = []
     for split, records in splits.items():
-        keyed = [(f"{split}_{i:08d}", record) for i, record in enumerate(records)]
+        keyed = [(sample_key(split, i), record) for i, record in enumerate(records)]
         for shard, start in enumerate(range(0, len(keyed), shard_size)):
             samples = tuple(keyed[start : start + shard_size])
-            jobs.append(ShardJob(split, root / f"{split}-{shard:06d}.tar", samples, labels, encode))
+            jobs.append(ShardJob(split, root / shard_name(split, shard), samples, labels, encode))
     return jobs
 
 

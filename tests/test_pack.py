@@ -18,8 +18,8 @@ from data_tools.labelfiles import NIH_CLASSES
 from data_tools.pack import main as pack_main
 from data_tools.records import Record
 from data_tools.splits import parse_fractions, stratified_split
-from data_tools.verify import iter_samples
 from ilm_dist.data.manifest import load_manifest
+from ilm_dist.data.shard_format import iter_samples
 
 VENV_BIN = Path(sys.executable).parent
 

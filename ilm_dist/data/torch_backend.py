@@ -12,6 +12,7 @@ from ilm_dist.data.augment import moco_view_transform
 from ilm_dist.data.batch import TwoViewBatch
 from ilm_dist.data.manifest import load_manifest
 from ilm_dist.data.sampling import rank_batches, sample_seed, steps_per_epoch
+from ilm_dist.data.shard_format import squeeze_labels
 from ilm_dist.data.shards import ShardReader
 
 
@@ -37,12 +38,8 @@ class TwoViewDataset(Dataset):
 
 def collate(items: list) -> TwoViewBatch:
     view1, view2, labels, indices = zip(*items, strict=True)
-    stacked = torch.stack(labels)
     return TwoViewBatch(
-        torch.stack(view1),
-        torch.stack(view2),
-        stacked.squeeze(1) if stacked.shape[1] == 1 else stacked,
-        torch.tensor(indices),
+        torch.stack(view1), torch.stack(view2), squeeze_labels(torch.stack(labels)), torch.tensor(indices)
     )
 
 

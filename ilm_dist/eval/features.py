@@ -25,6 +25,7 @@ from ilm_dist.config import AugConfig
 from ilm_dist.data.augment import eval_transform
 from ilm_dist.data.manifest import Manifest
 from ilm_dist.data.sampling import sample_seed
+from ilm_dist.data.shard_format import squeeze_labels
 from ilm_dist.data.shards import ShardReader
 from ilm_dist.distributed import all_gather_object, rank, world_size
 from ilm_dist.model.encoder import BLOCK_NODES
@@ -96,11 +97,6 @@ def eval_loader(
     """Deterministic views (resize + normalise) in a fixed order."""
     dataset = SplitDataset(reader, eval_transform(aug, image_size), indices)
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-
-
-def squeeze_labels(labels: np.ndarray) -> np.ndarray:
-    """[N, 1] class indices -> [N]; [N] and multi-hot [N, C] unchanged."""
-    return labels[:, 0] if labels.ndim == 2 and labels.shape[1] == 1 else labels
 
 
 @dataclass

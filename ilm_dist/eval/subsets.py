@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ilm_dist.data.manifest import Manifest
+from ilm_dist.data.shard_format import squeeze_labels
 from ilm_dist.data.shards import ShardReader
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.store import dataset_id, digest, fraction_tag, read_json, write_json
@@ -73,8 +74,7 @@ def _iterative_multilabel(
 
 def split_labels(reader: ShardReader) -> np.ndarray:
     """All labels of a split, [N] or [N, C], read from the ``.lbl`` records only."""
-    stacked = np.stack([reader.label(i) for i in range(len(reader))])
-    return stacked[:, 0] if stacked.shape[1] == 1 else stacked
+    return squeeze_labels(np.stack([reader.label(i) for i in range(len(reader))]))
 
 
 def subset_path(eval_dir: Path, split: str, fraction: float, seed: int) -> Path:
