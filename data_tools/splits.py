@@ -8,13 +8,9 @@ lists: the image path exactly as written in the file), with ``/`` separators:
 - anything else is a regular expression searched in that path; the group is its first capture group
   (the whole match if it has none), e.g. ``'^(\\d+)_'`` for NIH ``<patient>_<visit>.png`` names.
 
-Splitting: every group (every sample when there are no groups) gets a count vector
-``[samples, samples (or positives) of class 0, class 1, ...]``.  Groups are visited largest first
-(ties in seeded random order) and each goes to the split where it most reduces the squared error
-``sum_split,dim ((count - fraction * total) / total)^2``, with each dimension normalised by its total so
-rare classes weigh as much as common ones.  Single samples therefore get near-exact per-class stratification
-(within one sample per class and split); for multi-label data it balances every label's positives and the
-sample count at once; groups stay disjoint by construction.  A split with fraction 0 is left out.
+Splitting: `ilm_dist.data.stratify` allocates every group (every sample when there are no groups) to
+a split, stratified over the classes (positives per label for multi-label data); groups stay disjoint by
+construction.  A split with fraction 0 is left out.
 """
 
 from __future__ import annotations
@@ -30,6 +26,7 @@ import numpy as np
 from data_tools.errors import PackError
 from data_tools.records import SPLITS, Record
 from data_tools.sources import split_name
+from ilm_dist.data.stratify import allocate, count_vectors
 
 DEFAULT_FRACTIONS = "0.8,0.1,0.1"
 TRAINVAL = "trainval"  # a --split-list split that the packer divides into train and val
@@ -99,28 +96,12 @@ def assign_groups(records: list[Record], group_of: Callable[[str], str] | None) 
 def stratified_split(
     records: Sequence[Record], fractions: dict[str, float], num_classes: int, seed: int
 ) -> dict[str, list[Record]]:
-    """Split ``records`` (by group when they have groups) as described in the module docstring."""
+    """Split ``records`` (by group when they have groups) with `ilm_dist.data.stratify`."""
     records = sorted(records, key=lambda record: record.source)
     members = _group_members(records)
-    vectors = np.zeros((len(members), 1 + num_classes))
-    for row, indices in enumerate(members):
-        vectors[row, 0] = len(indices)
-        for i in indices:
-            vectors[row, 1 + np.asarray(records[i].labels, dtype=int)] += 1
-    names = list(fractions)
-    totals = np.maximum(vectors.sum(axis=0), 1)
-    targets = np.asarray([fractions[name] for name in names])[:, None] * vectors.sum(axis=0)
-    weights = 1 / totals**2
-    current = np.zeros_like(targets)
-    rng = np.random.default_rng(seed)
-    order = sorted(rng.permutation(len(members)), key=lambda row: -vectors[row, 0])
-    assigned: dict[str, list[Record]] = {name: [] for name in names}
-    for row in order:
-        vector = vectors[row]
-        cost = (weights * vector * (2 * (current - targets) + vector)).sum(axis=1)
-        best = int(np.argmin(cost))
-        current[best] += vector
-        assigned[names[best]].extend(records[i] for i in members[row])
+    vectors = count_vectors([[records[i].labels for i in indices] for indices in members], num_classes)
+    units = allocate(vectors, fractions, seed)
+    assigned = {name: [records[i] for row in rows for i in members[row]] for name, rows in units.items()}
     for name, split in assigned.items():
         if not split:
             unit = "groups" if records[0].group is not None else "samples"
