@@ -42,7 +42,7 @@ from data_tools.imaging import IMAGE_MODES, probe
 from data_tools.labelfiles import CsvLayout, csv_source, nih_csv_source, nih_source, parse_nih_list
 from data_tools.parallel import parallel_map
 from data_tools.records import SPLITS, Record
-from data_tools.shards import EncodeOptions
+from data_tools.shard_writer import EncodeOptions
 from data_tools.sources import Source, choose_classes, folder_source, npz_source
 from data_tools.splits import (
     DEFAULT_FRACTIONS,

@@ -28,7 +28,7 @@ from PIL import Image
 
 from data_tools.cli import positive_int
 from data_tools.parallel import parallel_map
-from data_tools.shards import sha256_file
+from data_tools.shard_writer import sha256_file
 from ilm_dist.data.manifest import Manifest, ManifestError, ShardInfo, load_manifest
 from ilm_dist.data.shard_format import COMPONENTS, LabelSpace, index_text, is_sample_key, iter_samples
 

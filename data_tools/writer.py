@@ -21,7 +21,7 @@ from types import TracebackType
 from data_tools.errors import PackError, writing
 from data_tools.parallel import parallel_map
 from data_tools.records import Record
-from data_tools.shards import EncodeOptions, ShardJob, ShardResult, write_shard
+from data_tools.shard_writer import EncodeOptions, ShardJob, ShardResult, write_shard
 from ilm_dist.data.manifest import FORMAT
 from ilm_dist.data.shard_format import LabelSpace, sample_key, shard_name
 

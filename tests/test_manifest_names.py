@@ -10,7 +10,7 @@ import pytest
 
 from data_tools.verify import main as verify_main
 from ilm_dist.data.manifest import ManifestError, load_manifest
-from ilm_dist.data.shards import ShardReader
+from ilm_dist.data.shard_reader import ShardReader
 from tests.test_eval_support import pack_dataset
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import data_tools.shards
+import data_tools.shard_writer
 import data_tools.writer
 from ilm_dist.data.manifest import load_manifest
 from tests.test_pack import make_tree, pack
@@ -68,8 +68,8 @@ def packed(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 @pytest.mark.parametrize(
     ("module", "suffix", "workers"),
     [
-        (data_tools.shards, ".tar", "1"),
-        (data_tools.shards, ".tar", "2"),
+        (data_tools.shard_writer, ".tar", "1"),
+        (data_tools.shard_writer, ".tar", "2"),
         (data_tools.writer, "manifest.json.partial", "1"),
     ],
     ids=["shard", "shard-in-worker", "manifest"],
@@ -100,7 +100,7 @@ def test_full_disk_names_the_file_and_leaves_nothing(
 SLOW_PACK = """
 import sys, time
 from pathlib import Path
-import data_tools.shards as shards
+import data_tools.shard_writer as shards
 from data_tools.pack import main
 
 real, started = shards.render, Path(sys.argv[1])

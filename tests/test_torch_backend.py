@@ -10,7 +10,7 @@ import torch
 
 from ilm_dist.config import load_config
 from ilm_dist.data.manifest import load_manifest
-from ilm_dist.data.shards import ShardReader
+from ilm_dist.data.shard_reader import ShardReader
 from ilm_dist.data.torch_backend import TorchLoader
 
 STEPS = 3  # batches looked at per epoch

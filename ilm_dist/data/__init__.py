@@ -15,7 +15,7 @@ log = logging.getLogger("ilm_dist")
 
 BACKENDS: dict[str, str] = {
     "torch": "ilm_dist.data.torch_backend:TorchLoader",
-    "synthetic": "ilm_dist.data.synthetic:SyntheticLoader",
+    "synthetic": "ilm_dist.data.random_backend:RandomTensorLoader",
     "dali": "ilm_dist.data.dali_backend:DaliLoader",
 }
 

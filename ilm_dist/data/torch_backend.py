@@ -19,7 +19,7 @@ from ilm_dist.data.batch import TwoViewBatch
 from ilm_dist.data.manifest import load_manifest
 from ilm_dist.data.sampling import rank_batches, sample_seed, steps_per_epoch
 from ilm_dist.data.shard_format import squeeze_labels
-from ilm_dist.data.shards import ShardReader
+from ilm_dist.data.shard_reader import ShardReader
 
 
 class SplitDataset(Dataset):

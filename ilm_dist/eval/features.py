@@ -25,7 +25,7 @@ from ilm_dist.config import AugConfig
 from ilm_dist.data.augment import eval_transform
 from ilm_dist.data.manifest import Manifest
 from ilm_dist.data.shard_format import squeeze_labels
-from ilm_dist.data.shards import ShardReader
+from ilm_dist.data.shard_reader import ShardReader
 from ilm_dist.data.torch_backend import SplitDataset
 from ilm_dist.distributed import all_gather_object, rank, world_size
 from ilm_dist.model.encoder import BLOCK_NODES

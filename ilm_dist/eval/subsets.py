@@ -16,7 +16,7 @@ import numpy as np
 
 from ilm_dist.data.manifest import Manifest
 from ilm_dist.data.shard_format import squeeze_labels
-from ilm_dist.data.shards import ShardReader
+from ilm_dist.data.shard_reader import ShardReader
 from ilm_dist.data.stratify import allocate, count_vectors
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.store import dataset_id, digest, fraction_tag, read_json, write_json
