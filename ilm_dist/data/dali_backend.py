@@ -44,7 +44,7 @@ from ilm_dist.data.dali_augment import moco_view
 from ilm_dist.data.dali_shards import BadSample, decode_problem, scan_split, write_indexes
 from ilm_dist.data.manifest import ManifestError, load_manifest
 from ilm_dist.data.sampling import steps_per_epoch
-from ilm_dist.data.shard_format import squeeze_labels
+from ilm_dist.data.shard_format import split_member, squeeze_labels
 
 log = logging.getLogger("ilm_dist")
 
@@ -217,7 +217,7 @@ class DaliLoader:
                 reason = decode_problem(np.asarray(jpg).tobytes())
                 if reason:
                     tar, _, name = bytes(np.asarray(info)).decode().rsplit(":", 2)
-                    bad[f"{tar}:{name}"] = BadSample(Path(tar), name.split(".", 1)[0], reason)
+                    bad[f"{tar}:{name}"] = BadSample(Path(tar), split_member(name)[0] or name, reason)
         return list(bad.values())
 
 
