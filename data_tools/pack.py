@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -41,20 +40,19 @@ from data_tools.errors import BadImage, PackError
 from data_tools.imaging import IMAGE_MODES, probe
 from data_tools.labelfiles import CsvLayout, csv_source, nih_csv_source, nih_source, parse_nih_list
 from data_tools.parallel import parallel_map
-from data_tools.records import SPLITS, Record
+from data_tools.records import Record
 from data_tools.shard_writer import EncodeOptions
-from data_tools.sources import Source, choose_classes, folder_source, npz_source
+from data_tools.sources import Source, folder_source, map_classes, npz_source, parse_label_map
 from data_tools.splits import (
     DEFAULT_FRACTIONS,
-    TRAINVAL,
     TRAINVAL_FRACTIONS,
     apply_split_lists,
     assign_groups,
+    choose_fractions,
     group_function,
+    make_splits,
     parse_fractions,
     parse_split_list,
-    shuffled,
-    stratified_split,
 )
 from data_tools.writer import Staging, build_manifest, write_splits
 from ilm_dist.data.shard_format import LabelSpace
@@ -128,11 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
         "trainval: divided into train and val by --split-fractions with test 0, default "
         f"{TRAINVAL_FRACTIONS}), e.g. NIH's trainval=train_val_list.txt test=test_list.txt",
     )
-    split.add_argument(
-        "--allow-empty-folders",
-        action="store_true",
-        help="folder trees: pack even if some folders hold no images (their classes are left out)",
-    )
     image = parser.add_argument_group("images")
     image.add_argument("--max-side", type=positive_int, help="downscale so the longer side is at most this")
     image.add_argument("--min-side", type=positive_int, help="images with a shorter side are bad")
@@ -146,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     image.add_argument(
         "--skip-bad", action="store_true", help="skip bad images and record them in the manifest"
+    )
+    image.add_argument(
+        "--allow-empty-folders",
+        action="store_true",
+        help="folder trees: pack even if some folders hold no images (their classes are left out)",
     )
     add_common_args(parser)
     return parser
@@ -198,42 +196,6 @@ def load_source(args: argparse.Namespace, classes: list[str] | None) -> Source:
     if args.source.suffix.lower() == ".npz":
         return npz_source(args.source, classes)
     return folder_source(args.source, classes, args.allow_empty_folders)
-
-
-def parse_label_map(text: str) -> dict[str, str]:
-    """``'0=a,1=a,2=b'`` -> ``{'0': 'a', '1': 'a', '2': 'b'}``."""
-    mapping = {}
-    for part in comma_list(text):
-        old, sep, new = (piece.strip() for piece in part.partition("="))
-        if not sep or not old or not new or old in mapping:
-            raise argparse.ArgumentTypeError(
-                f"expected OLD=NEW pairs with each OLD once, got {part!r} in {text!r}"
-            )
-        mapping[old] = new
-    return mapping
-
-
-def map_classes(source: Source, mapping: dict[str, str], classes: list[str] | None) -> Source:
-    """Relabel single-label records through ``mapping`` (source class -> new class), e.g. DR grades 0-4 to
-    referable DR; the new classes in ``classes`` order (default: sorted)."""
-    if source.multilabel:
-        raise PackError(
-            f"{source.path}: --map-labels is for single-label classes; this source is multi-label"
-        )
-    names = [source.class_names[record.labels[0]] for record in source.records]
-    where = {}
-    for record, name in zip(source.records, names, strict=True):
-        where.setdefault(name, record.ref.describe())
-    unmapped = [name for name in source.class_names if name in where and name not in mapping]
-    if unmapped:
-        examples = "; ".join(f"{name!r} (e.g. {where[name]})" for name in unmapped[:5])
-        raise PackError(f"--map-labels has no entry for the source class(es) {examples}")
-    new_where = {mapping[name]: where[name] for name in reversed(names)}
-    new_names = choose_classes([mapping[name] for name in names], classes, new_where)
-    index = {name: i for i, name in enumerate(new_names)}
-    records = [replace(r, labels=(index[mapping[n]],)) for r, n in zip(source.records, names, strict=True)]
-    info = source.info | {"label_map": mapping, "source_classes": list(source.class_names)}
-    return replace(source, class_names=new_names, records=records, info=info)
 
 
 def check_ordinal(args: argparse.Namespace, source: Source) -> None:
@@ -292,74 +254,6 @@ def check_images(records: list[Record], args: argparse.Namespace) -> Checked:
         raise PackError(f"{args.source}: all {len(records)} images are bad (first: {skipped[0]})")
     fine = [result for result in probes if result.reason is None]
     return Checked(good, skipped, all(r.gray for r in fine), [r.dicom for r in fine if r.dicom is not None])
-
-
-def make_splits(
-    records: list[Record], fractions: dict[str, float] | None, num_classes: int, seed: int
-) -> tuple[dict[str, list[Record]], str]:
-    """Each split's records in seeded shuffled order, and the manifest's ``split_method``.
-
-    ``fractions`` None keeps the source's splits; otherwise the records are split by ``fractions``, except
-    that when some come with a split (from ``--split-list``) only the ``trainval`` ones are, and the rest
-    stay in their split (method ``lists+stratified[_group]``)."""
-    grouped = records[0].group is not None
-    if fractions is None:
-        splits = {name: [r for r in records if r.split == name] for name in SPLITS}
-        _warn_shared(_shared_groups(splits), "source splits")
-        method = "source"
-    elif any(record.split == TRAINVAL for record in records):
-        drawn = stratified_split([r for r in records if r.split == TRAINVAL], fractions, num_classes, seed)
-        splits = {name: [r for r in records if r.split == name] + drawn.get(name, []) for name in SPLITS}
-        shared = _shared_groups(splits)
-        _warn_shared(shared, "splits (the --split-list files share them)")
-        method = "lists+stratified_group" if grouped and not shared else "lists+stratified"
-    else:
-        splits = stratified_split(records, fractions, num_classes, seed)
-        method = "stratified_group" if grouped else "stratified"
-    return {name: shuffled(split, seed) for name, split in splits.items() if split}, method
-
-
-def _shared_groups(splits: dict[str, list[Record]]) -> set[str]:
-    seen: dict[str, str] = {}
-    shared = set()
-    for name, records in splits.items():
-        for group in {record.group for record in records if record.group is not None}:
-            if seen.setdefault(group, name) != name:
-                shared.add(group)
-    return shared
-
-
-def _warn_shared(shared: set[str], where: str) -> None:
-    if shared:
-        print(
-            f"warning: {len(shared)} group(s) appear in several {where}, e.g. {sorted(shared)[:3]}",
-            file=sys.stderr,
-        )
-
-
-def choose_fractions(
-    args: argparse.Namespace, records: list[Record], source: Source
-) -> dict[str, float] | None:
-    """The packer's split fractions, or None to keep the source's (or the split lists') splits."""
-    listed = any(record.split is not None for record in records)
-    if args.split_list and (source.has_splits or args.resplit):
-        reason = "has its own splits" if source.has_splits else "is resplit (--resplit)"
-        raise PackError(f"{source.path}: --split-list cannot be used when the source {reason}")
-    if any(record.split == TRAINVAL for record in records):
-        fractions = parse_fractions(args.split_fractions or TRAINVAL_FRACTIONS)
-        if "test" in fractions:
-            raise PackError(
-                f"--split-fractions {args.split_fractions}: the test split comes from --split-list, so the "
-                f"trainval images are divided into train and val only; give a test fraction of 0 (e.g. "
-                f"{TRAINVAL_FRACTIONS})"
-            )
-        return fractions
-    if listed and not args.resplit:
-        if args.split_fractions:
-            what = "--split-list gives every split" if args.split_list else "the source has its own splits"
-            raise PackError(f"{source.path}: {what}; add --resplit to use --split-fractions")
-        return None
-    return parse_fractions(args.split_fractions or DEFAULT_FRACTIONS)
 
 
 def pack(args: argparse.Namespace) -> dict:

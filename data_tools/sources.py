@@ -6,17 +6,19 @@ Label-file sources (CSV/TSV, NIH lists) are in `data_tools.labelfiles`.  Every s
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import zipfile
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from data_tools import dicom
+from data_tools.cli import comma_list
 from data_tools.errors import PackError
 from data_tools.records import SPLITS, ArrayRef, FileRef, Record, natural_key, npz_array
 
@@ -244,3 +246,39 @@ def _check_npz_images(path: Path, key: str, count: int) -> None:
             f"{path}: {key} is {images.dtype} {images.shape}; expected uint8 [N,H,W] or [N,H,W,3] "
             f"with N = {count} (the number of labels)"
         )
+
+
+def parse_label_map(text: str) -> dict[str, str]:
+    """``'0=a,1=a,2=b'`` -> ``{'0': 'a', '1': 'a', '2': 'b'}``."""
+    mapping = {}
+    for part in comma_list(text):
+        old, sep, new = (piece.strip() for piece in part.partition("="))
+        if not sep or not old or not new or old in mapping:
+            raise argparse.ArgumentTypeError(
+                f"expected OLD=NEW pairs with each OLD once, got {part!r} in {text!r}"
+            )
+        mapping[old] = new
+    return mapping
+
+
+def map_classes(source: Source, mapping: dict[str, str], classes: list[str] | None) -> Source:
+    """Relabel single-label records through ``mapping`` (source class -> new class), e.g. DR grades 0-4 to
+    referable DR; the new classes in ``classes`` order (default: sorted)."""
+    if source.multilabel:
+        raise PackError(
+            f"{source.path}: --map-labels is for single-label classes; this source is multi-label"
+        )
+    names = [source.class_names[record.labels[0]] for record in source.records]
+    where = {}
+    for record, name in zip(source.records, names, strict=True):
+        where.setdefault(name, record.ref.describe())
+    unmapped = [name for name in source.class_names if name in where and name not in mapping]
+    if unmapped:
+        examples = "; ".join(f"{name!r} (e.g. {where[name]})" for name in unmapped[:5])
+        raise PackError(f"--map-labels has no entry for the source class(es) {examples}")
+    new_where = {mapping[name]: where[name] for name in reversed(names)}
+    new_names = choose_classes([mapping[name] for name in names], classes, new_where)
+    index = {name: i for i, name in enumerate(new_names)}
+    records = [replace(r, labels=(index[mapping[n]],)) for r, n in zip(source.records, names, strict=True)]
+    info = source.info | {"label_map": mapping, "source_classes": list(source.class_names)}
+    return replace(source, class_names=new_names, records=records, info=info)

@@ -15,6 +15,7 @@ construction.  A split with fraction 0 is left out.
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ import numpy as np
 
 from data_tools.errors import PackError
 from data_tools.records import SPLITS, Record
-from data_tools.sources import split_name
+from data_tools.sources import Source, split_name
 from ilm_dist.data.stratify import allocate, count_vectors
 
 DEFAULT_FRACTIONS = "0.8,0.1,0.1"
@@ -171,3 +172,71 @@ def apply_split_lists(records: list[Record], lists: list[tuple[str, Path]]) -> l
             file=sys.stderr,
         )
     return [replace(record, split=split_of[record.source][0]) for record in records]
+
+
+def make_splits(
+    records: list[Record], fractions: dict[str, float] | None, num_classes: int, seed: int
+) -> tuple[dict[str, list[Record]], str]:
+    """Each split's records in seeded shuffled order, and the manifest's ``split_method``.
+
+    ``fractions`` None keeps the source's splits; otherwise the records are split by ``fractions``, except
+    that when some come with a split (from ``--split-list``) only the ``trainval`` ones are, and the rest
+    stay in their split (method ``lists+stratified[_group]``)."""
+    grouped = records[0].group is not None
+    if fractions is None:
+        splits = {name: [r for r in records if r.split == name] for name in SPLITS}
+        _warn_shared(_shared_groups(splits), "source splits")
+        method = "source"
+    elif any(record.split == TRAINVAL for record in records):
+        drawn = stratified_split([r for r in records if r.split == TRAINVAL], fractions, num_classes, seed)
+        splits = {name: [r for r in records if r.split == name] + drawn.get(name, []) for name in SPLITS}
+        shared = _shared_groups(splits)
+        _warn_shared(shared, "splits (the --split-list files share them)")
+        method = "lists+stratified_group" if grouped and not shared else "lists+stratified"
+    else:
+        splits = stratified_split(records, fractions, num_classes, seed)
+        method = "stratified_group" if grouped else "stratified"
+    return {name: shuffled(split, seed) for name, split in splits.items() if split}, method
+
+
+def _shared_groups(splits: dict[str, list[Record]]) -> set[str]:
+    seen: dict[str, str] = {}
+    shared = set()
+    for name, records in splits.items():
+        for group in {record.group for record in records if record.group is not None}:
+            if seen.setdefault(group, name) != name:
+                shared.add(group)
+    return shared
+
+
+def _warn_shared(shared: set[str], where: str) -> None:
+    if shared:
+        print(
+            f"warning: {len(shared)} group(s) appear in several {where}, e.g. {sorted(shared)[:3]}",
+            file=sys.stderr,
+        )
+
+
+def choose_fractions(
+    args: argparse.Namespace, records: list[Record], source: Source
+) -> dict[str, float] | None:
+    """The packer's split fractions, or None to keep the source's (or the split lists') splits."""
+    listed = any(record.split is not None for record in records)
+    if args.split_list and (source.has_splits or args.resplit):
+        reason = "has its own splits" if source.has_splits else "is resplit (--resplit)"
+        raise PackError(f"{source.path}: --split-list cannot be used when the source {reason}")
+    if any(record.split == TRAINVAL for record in records):
+        fractions = parse_fractions(args.split_fractions or TRAINVAL_FRACTIONS)
+        if "test" in fractions:
+            raise PackError(
+                f"--split-fractions {args.split_fractions}: the test split comes from --split-list, so the "
+                f"trainval images are divided into train and val only; give a test fraction of 0 (e.g. "
+                f"{TRAINVAL_FRACTIONS})"
+            )
+        return fractions
+    if listed and not args.resplit:
+        if args.split_fractions:
+            what = "--split-list gives every split" if args.split_list else "the source has its own splits"
+            raise PackError(f"{source.path}: {what}; add --resplit to use --split-fractions")
+        return None
+    return parse_fractions(args.split_fractions or DEFAULT_FRACTIONS)

@@ -61,6 +61,13 @@ def test_window_center_width_mr() -> None:
     }
 
 
+def test_the_first_of_several_windows_is_used() -> None:
+    ds = dataset("examples_overlay.dcm")  # 12 bits, Window Center [450, 200] / Width [790, 443]
+    got, attrs = converted(shipped("examples_overlay.dcm"))
+    assert np.array_equal(got, linear_window(ds.pixel_array.astype(np.float64), 450.0, 790.0))
+    assert attrs["bits_stored"] == 12 and attrs["voi"] == "window"
+
+
 def test_rescale_then_min_max_ct() -> None:
     ds = dataset("CT_small.dcm")  # Rescale Intercept -1024, slope 1, no window
     hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)

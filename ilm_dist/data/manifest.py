@@ -48,7 +48,9 @@ and val); ``num_groups`` is the number of distinct
 groups in a split (null without ``--group-by``); ``bytes`` is the shard's size.  Splits are omitted
 when empty; ``class_counts`` lists every class (positives per class for ``multilabel``); keys are
 ``{split}_{index:08d}``; ``skipped`` paths and ``.json`` sources are relative to ``source.path``.
-``dicom`` (only when DICOM files were packed): ``{"policy": str, "files": int, <attribute>: {value:
+``source`` also records how labels were read (CSV columns, ``label_sep``, ``group_col``, ...) and, with
+``--map-labels``, the ``label_map`` and the ``source_classes`` it mapped from.  ``dicom`` (only when DICOM
+files were packed): ``{"policy": str, "files": int, <attribute>: {value:
 count}}`` for the attributes the 8-bit conversion used (transfer syntax, photometric interpretation, bits
 stored, rescale, VOI source and function; see ``data_tools.dicom``).
 """
