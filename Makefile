@@ -30,7 +30,7 @@ $(STAMP): setup.py $(wildcard csrc/*)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m data_tools.synthetic $(DEMO)/data --overwrite
+	$(PY) -m data_tools.synthetic_dataset $(DEMO)/data --overwrite
 	DS_ACCELERATOR=cpu $(VENV)/bin/deepspeed --num_gpus 2 launch/pretrain.py --config configs/demo.yaml --overwrite
 	$(PY) launch/quick_probe.py --run $(DEMO)/pretrain
 

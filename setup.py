@@ -34,6 +34,7 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "dali": ["nvidia-dali-cuda130"],
     "tune": ["ray[tune]", "pandas"],
+    "dicom": ["pydicom"],  # .dcm input to data_tools.pack
     "dev": ["pytest", "pytest-timeout", "ruff"],
 }
 EXTRAS_REQUIRE["all"] = sorted({dep for deps in EXTRAS_REQUIRE.values() for dep in deps})

@@ -12,7 +12,7 @@ Usage::
 
     python bench/data_pipeline.py [--shards DIR] [--samples 512] [--batch 32] [--size 224] [--repeats 3]
 
-Without ``--shards`` it first packs a synthetic set (``python -m data_tools.synthetic``) of
+Without ``--shards`` it first packs a synthetic set (``python -m data_tools.synthetic_dataset``) of
 ``--source-size`` px images. Writes ``bench/results/data_pipeline_<device>.json``.
 """
 
@@ -60,7 +60,7 @@ def pack_synthetic(out: Path, samples: int, size: int) -> Path:
     cmd = [
         sys.executable,
         "-m",
-        "data_tools.synthetic",
+        "data_tools.synthetic_dataset",
         str(out),
         "--num-classes",
         str(NUM_CLASSES),
@@ -194,7 +194,9 @@ def main() -> None:
             "size": args.size,
             "warmup": args.warmup,
             "repeats": args.repeats,
-            "shards": str(args.shards) if args.shards else f"data_tools.synthetic at {args.source_size} px",
+            "shards": str(args.shards)
+            if args.shards
+            else f"data_tools.synthetic_dataset at {args.source_size} px",
         },
         "variants": variants,
         "resnet50_moco_step": {"samples_per_s": round(moco, 1)}

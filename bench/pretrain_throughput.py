@@ -73,7 +73,7 @@ from ilm_dist.config import RunConfig, load_config
 from ilm_dist.data import PretrainLoader, TwoViewBatch, build_pretrain_loader
 from ilm_dist.data.augment import moco_view_transform
 from ilm_dist.data.manifest import load_manifest
-from ilm_dist.data.shards import ShardReader
+from ilm_dist.data.shard_reader import ShardReader
 from ilm_dist.losses.barlow_twins import bt_projector
 from ilm_dist.model.encoder import block_channels, build_resnet, projection_head
 from ilm_dist.ops import extension_available
@@ -692,7 +692,7 @@ def settings(args: argparse.Namespace, device: torch.device, shards: Path | None
         "ds_config": args.ds_config,
         "channels_last": args.channels_last,
         "peak_tflops": peak_tflops(args, device),
-        "shards": str(shards) if shards else f"data_tools.synthetic at {args.source_size} px",
+        "shards": str(shards) if shards else f"data_tools.synthetic_dataset at {args.source_size} px",
     }
 
 

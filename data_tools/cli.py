@@ -39,8 +39,15 @@ def run(job: Callable[[argparse.Namespace], dict], args: argparse.Namespace) -> 
     start = time.perf_counter()
     try:
         manifest = job(args)
-    except (PackError, OSError) as err:  # OSError: e.g. an unwritable output or a full disk
+    except PackError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # one the packer did not expect (its writes name their file themselves)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: nothing was written, {args.out_dir} is as it was", file=sys.stderr)
         return 2
     print(summary(manifest, args.out_dir, time.perf_counter() - start))
     return 0

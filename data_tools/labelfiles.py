@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
 from data_tools.errors import PackError
@@ -40,6 +40,7 @@ class Entry:
     name: str
     labels: tuple[int, ...]
     split: str | None
+    group: str | None = None
 
 
 class ImageResolver:
@@ -83,51 +84,119 @@ def _records(entries: list[Entry], root: Path) -> list[Record]:
                 f"{entry.where}: image {entry.name!r} is listed twice (first at {seen[entry.name]})"
             )
         seen[entry.name] = entry.where
-        records.append(Record(FileRef(resolve(entry.name)), entry.name, entry.labels, split=entry.split))
+        ref = FileRef(resolve(entry.name))
+        records.append(Record(ref, entry.name, entry.labels, group=entry.group, split=entry.split))
     return sorted(records, key=lambda record: record.source)
 
 
+@dataclass(frozen=True)
+class CsvLayout:
+    """Which columns of a label table mean what."""
+
+    image_col: str
+    label_cols: tuple[str, ...]
+    split_col: str | None = None
+    group_col: str | None = None  # e.g. a patient id: groups for group-disjoint splits
+    label_sep: str | None = None  # one label column of SEP-joined class names: multi-label
+    empty_label: str | None = None  # with label_sep: the value that means "no positive class"
+
+    def check(self) -> None:
+        if self.label_sep is not None and len(self.label_cols) != 1:
+            raise PackError("--label-sep needs exactly one --label-cols column (of SEP-joined class names)")
+        if self.empty_label is not None and self.label_sep is None:
+            raise PackError("--empty-label is only valid with --label-sep")
+
+    @property
+    def multilabel(self) -> bool:
+        return len(self.label_cols) > 1 or self.label_sep is not None
+
+
+# NIH ChestX-ray14's Data_Entry_2017.csv as NIH distributes it: ``Image Index, Finding Labels, Follow-up #,
+# Patient ID, ...`` with findings such as ``Cardiomegaly|Effusion`` or ``No Finding`` (Wang et al. 2017).
+NIH_CSV = CsvLayout(
+    "Image Index", ("Finding Labels",), group_col="Patient ID", label_sep="|", empty_label="No Finding"
+)
+
+
 def csv_source(
-    table: Path,
-    root: Path,
-    image_col: str,
-    label_cols: Sequence[str],
-    split_col: str | None,
-    classes: Sequence[str] | None,
+    table: Path, root: Path, layout: CsvLayout, classes: Sequence[str] | None, classes_as: str = ""
 ) -> Source:
-    """One label column of class names (single-label) or several 0/1 columns (multi-label, the column names
-    are the class names); ``.tsv``/``.tab`` files are tab-separated, others comma-separated."""
-    multilabel = len(label_cols) > 1
-    if multilabel and classes:
+    """One label column of class names (single-label), several 0/1 columns (multi-label, the column names
+    are the class names) or, with ``label_sep``, one column of SEP-joined class names (multi-label);
+    ``.tsv``/``.tab`` files are tab-separated, others comma-separated."""
+    layout.check()
+    if len(layout.label_cols) > 1 and classes:
         raise PackError(
             "--classes cannot be combined with several --label-cols (the column names are the classes)"
         )
-    rows = _read_table(table, [image_col, *label_cols, *([split_col] if split_col else [])])
-    if multilabel:
-        class_names = tuple(label_cols)
-        labels = [_multi_hot(table, line, row, label_cols) for line, row in rows]
-    else:
-        found = [_cell(table, line, row, label_cols[0], "a class name") for line, row in rows]
-        where = {name: f"{table}:{line}" for (line, _), name in reversed(list(zip(rows, found, strict=True)))}
-        class_names = choose_classes(found, classes, where)
-        index = {name: i for i, name in enumerate(class_names)}
-        labels = [(index[name],) for name in found]
+    extra = [column for column in (layout.split_col, layout.group_col) if column]
+    rows = _read_table(table, [layout.image_col, *layout.label_cols, *extra])
+    class_names, labels = _labels(table, rows, layout, classes, classes_as)
     entries = [
         Entry(
             f"{table}:{line}",
-            _cell(table, line, row, image_col, "an image path"),
+            _cell(table, line, row, layout.image_col, "an image path"),
             label,
-            _split(table, line, row, split_col) if split_col else None,
+            _split(table, line, row, layout.split_col) if layout.split_col else None,
+            _cell(table, line, row, layout.group_col, "a group id") if layout.group_col else None,
         )
         for (line, row), label in zip(rows, labels, strict=True)
     ]
-    info = {
-        "labels_csv": str(table),
-        "image_col": image_col,
-        "label_cols": list(label_cols),
-        "split_col": split_col,
-    }
-    return Source("csv", root, class_names, multilabel, _records(entries, root), info)
+    info = {"labels_csv": str(table), **asdict(layout)}
+    return Source("csv", root, class_names, layout.multilabel, _records(entries, root), info)
+
+
+def nih_csv_source(table: Path, root: Path) -> Source:
+    """``Data_Entry_2017.csv``: multi-label over `NIH_CLASSES` in their usual order, ``No Finding`` = no
+    positive, groups = ``Patient ID``."""
+    return csv_source(table, root, NIH_CSV, NIH_CLASSES, "among the 14 NIH findings")
+
+
+def _labels(
+    table: Path,
+    rows: list[tuple[int, dict[str, str]]],
+    layout: CsvLayout,
+    classes: Sequence[str] | None,
+    classes_as: str,
+) -> tuple[tuple[str, ...], list[tuple[int, ...]]]:
+    """The class names and every row's labels (class indices; the positives for multi-label)."""
+    if len(layout.label_cols) > 1:
+        return tuple(layout.label_cols), [
+            _multi_hot(table, line, row, layout.label_cols) for line, row in rows
+        ]
+    column = layout.label_cols[0]
+    cells = [(line, _cell(table, line, row, column, "a class name")) for line, row in rows]
+    if layout.label_sep is None:
+        joined = [(line, value) for line, value in cells if "|" in value]
+        if joined:
+            raise PackError(
+                f"{table}:{joined[0][0]}: column {column!r} is {joined[0][1]!r} ({len(joined)} of {len(cells)} "
+                "rows hold '|'-joined names); pass --label-sep '|' for multi-label classes (NIH's "
+                "Data_Entry_2017.csv: --nih-csv), or they become classes of their own"
+            )
+        found = [[value] for _, value in cells]
+    else:
+        found = [_split_names(table, line, column, value, layout) for line, value in cells]
+    where: dict[str, str] = {}
+    for (line, _), names in zip(cells, found, strict=True):
+        for name in names:
+            where.setdefault(name, f"{table}:{line}")
+    class_names = choose_classes([name for names in found for name in names], classes, where, classes_as)
+    index = {name: i for i, name in enumerate(class_names)}
+    return class_names, [tuple(sorted(index[name] for name in names)) for names in found]
+
+
+def _split_names(table: Path, line: int, column: str, value: str, layout: CsvLayout) -> list[str]:
+    names = [part.strip() for part in value.split(layout.label_sep)]
+    if value == layout.empty_label:
+        return []
+    if "" in names or layout.empty_label in names or len(set(names)) < len(names):
+        raise PackError(
+            f"{table}:{line}: column {column!r} is {value!r}; expected class names joined by "
+            f"{layout.label_sep!r}, each once"
+            + (f", or {layout.empty_label!r} alone" if layout.empty_label else "")
+        )
+    return names
 
 
 def _read_table(table: Path, needed: list[str]) -> list[tuple[int, dict[str, str]]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
@@ -36,5 +37,11 @@ def _run(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
         yield from map(fn, items)
         return
     chunksize = max(1, min(64, len(items) // (workers * 8)))
-    with multiprocessing.Pool(min(workers, len(items))) as pool:
+    # Workers ignore SIGINT: Ctrl-C reaches the whole process group, and only the parent should handle it
+    # (one message, cleanup) while leaving the pool's `with` terminates the workers.
+    with multiprocessing.Pool(min(workers, len(items)), initializer=_ignore_sigint) as pool:
         yield from pool.imap(fn, items, chunksize=chunksize)
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -6,18 +6,35 @@ Label-file sources (CSV/TSV, NIH lists) are in `data_tools.labelfiles`.  Every s
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 import zipfile
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from data_tools import dicom
+from data_tools.cli import comma_list
 from data_tools.errors import PackError
 from data_tools.records import SPLITS, ArrayRef, FileRef, Record, natural_key, npz_array
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm")
+IMAGE_SUFFIXES = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".gif",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    *dicom.SUFFIXES,
+)
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
@@ -57,22 +74,24 @@ def scan_images(root: Path) -> list[Path]:
 
 
 def choose_classes(
-    found: Sequence[str], given: Sequence[str] | None, where: dict[str, str]
+    found: Sequence[str], given: Sequence[str] | None, where: dict[str, str], given_as: str = ""
 ) -> tuple[str, ...]:
     """``given`` (checked to cover ``found``) or ``found`` in natural order; ``where`` names an example
-    location per class for the error message."""
+    location per class for the error message, ``given_as`` what ``given`` is (default ``--classes ...``)."""
     if not given:
         return tuple(sorted(set(found), key=natural_key))
     unknown = sorted(set(found) - set(given), key=natural_key)
     if unknown:
         examples = "; ".join(f"{name!r} at {where[name]}" for name in unknown[:5])
-        raise PackError(f"found class(es) not in --classes {','.join(given)}: {examples}")
+        raise PackError(f"found class(es) not {given_as or 'in --classes ' + ','.join(given)}: {examples}")
     return tuple(given)
 
 
-def folder_source(root: Path, classes: Sequence[str] | None) -> Source:
+def folder_source(root: Path, classes: Sequence[str] | None, allow_empty_folders: bool = False) -> Source:
     """``[split/][group folders/]class/image`` trees; split folders are used when *all* top-level folders
-    are split names (train, val/valid/validation, test)."""
+    are split names (train, val/valid/validation, test).  Every image must be at the same depth (a file one
+    folder deeper would otherwise be a class of its own), and a folder without images is an error unless
+    ``allow_empty_folders`` (its class would silently vanish)."""
     if not root.is_dir():
         raise PackError(f"{root}: not a directory (expected an image folder tree or an .npz file)")
     files = scan_images(root)
@@ -83,6 +102,8 @@ def folder_source(root: Path, classes: Sequence[str] | None) -> Source:
     layout = (
         "<split>/[<group folders>/]<class>/<image>" if has_splits else "[<group folders>/]<class>/<image>"
     )
+    _check_empty_folders(root, allow_empty_folders)
+    _check_depths(root, files, rels, layout)
     entries = []
     for file, rel in zip(files, rels, strict=True):
         parts = rel.split("/")
@@ -94,6 +115,40 @@ def folder_source(root: Path, classes: Sequence[str] | None) -> Source:
     index = {name: i for i, name in enumerate(class_names)}
     records = [Record(FileRef(file), rel, (index[name],), split=split) for file, rel, name, split in entries]
     return Source("folder", root, class_names, False, records)
+
+
+def _check_empty_folders(root: Path, allow: bool) -> None:
+    """Leaf folders (no subfolders) without images: an empty class folder, or a class whose images are
+    all in formats the packer does not read."""
+    empty = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
+        images = [
+            name for name in files if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
+        ]
+        if not dirs and not images:
+            empty.append(Path(folder))
+    if empty and not allow:
+        raise PackError(
+            f"{empty[0]}: folder has no images ({len(empty)} such folder(s)); its class would be missing "
+            "from the dataset: remove it, or pass --allow-empty-folders to pack without it"
+        )
+    if empty:
+        print(f"note: ignored {len(empty)} folder(s) without images, e.g. {empty[0]}", file=sys.stderr)
+
+
+def _check_depths(root: Path, files: list[Path], rels: list[str], layout: str) -> None:
+    """Every image at the same folder depth, else the odd ones out would become classes of their own."""
+    depths = Counter(rel.count("/") for rel in rels)
+    if len(depths) < 2:
+        return
+    usual, count = depths.most_common(1)[0]
+    odd = next(i for i, rel in enumerate(rels) if rel.count("/") != usual)
+    example = next(rel for rel in rels if rel.count("/") == usual)
+    raise PackError(
+        f"{files[odd]}: is {rels[odd].count('/')} folder(s) deep under {root}, but {count} of {len(rels)} "
+        f"images are {usual} deep (e.g. {example}); every image must be at {layout} with the same depth"
+    )
 
 
 def _has_split_folders(root: Path, rels: list[str]) -> bool:
@@ -191,3 +246,39 @@ def _check_npz_images(path: Path, key: str, count: int) -> None:
             f"{path}: {key} is {images.dtype} {images.shape}; expected uint8 [N,H,W] or [N,H,W,3] "
             f"with N = {count} (the number of labels)"
         )
+
+
+def parse_label_map(text: str) -> dict[str, str]:
+    """``'0=a,1=a,2=b'`` -> ``{'0': 'a', '1': 'a', '2': 'b'}``."""
+    mapping = {}
+    for part in comma_list(text):
+        old, sep, new = (piece.strip() for piece in part.partition("="))
+        if not sep or not old or not new or old in mapping:
+            raise argparse.ArgumentTypeError(
+                f"expected OLD=NEW pairs with each OLD once, got {part!r} in {text!r}"
+            )
+        mapping[old] = new
+    return mapping
+
+
+def map_classes(source: Source, mapping: dict[str, str], classes: list[str] | None) -> Source:
+    """Relabel single-label records through ``mapping`` (source class -> new class), e.g. DR grades 0-4 to
+    referable DR; the new classes in ``classes`` order (default: sorted)."""
+    if source.multilabel:
+        raise PackError(
+            f"{source.path}: --map-labels is for single-label classes; this source is multi-label"
+        )
+    names = [source.class_names[record.labels[0]] for record in source.records]
+    where = {}
+    for record, name in zip(source.records, names, strict=True):
+        where.setdefault(name, record.ref.describe())
+    unmapped = [name for name in source.class_names if name in where and name not in mapping]
+    if unmapped:
+        examples = "; ".join(f"{name!r} (e.g. {where[name]})" for name in unmapped[:5])
+        raise PackError(f"--map-labels has no entry for the source class(es) {examples}")
+    new_where = {mapping[name]: where[name] for name in reversed(names)}
+    new_names = choose_classes([mapping[name] for name in names], classes, new_where)
+    index = {name: i for i, name in enumerate(new_names)}
+    records = [replace(r, labels=(index[mapping[n]],)) for r, n in zip(source.records, names, strict=True)]
+    info = source.info | {"label_map": mapping, "source_classes": list(source.class_names)}
+    return replace(source, class_names=new_names, records=records, info=info)

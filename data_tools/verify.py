@@ -18,11 +18,9 @@ import argparse
 import io
 import json
 import os
-import re
 import sys
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,10 +28,9 @@ from PIL import Image
 
 from data_tools.cli import positive_int
 from data_tools.parallel import parallel_map
-from data_tools.shards import LabelSpace, dali_index, sha256_file
+from data_tools.shard_writer import sha256_file
 from ilm_dist.data.manifest import Manifest, ManifestError, ShardInfo, load_manifest
-
-COMPONENTS = {"jpg", "json", "lbl"}
+from ilm_dist.data.shard_format import COMPONENTS, LabelSpace, index_text, is_sample_key, iter_samples
 
 
 @dataclass(frozen=True)
@@ -79,6 +76,9 @@ def check_shard(task: ShardTask) -> ShardCheck:
     except (tarfile.TarError, OSError) as err:
         check.problems.append(f"{name}: unreadable tar ({err})")
         return check
+    except ValueError as err:  # a sample with the same component twice
+        check.problems.append(f"{name}: {err.args[0]}")
+        return check
     check.num_samples = len(check.keys)
     if check.num_samples != shard.num_samples:
         check.problems.append(f"{name}: {check.num_samples} samples, the manifest says {shard.num_samples}")
@@ -86,28 +86,11 @@ def check_shard(task: ShardTask) -> ShardCheck:
     return check
 
 
-def iter_samples(tar: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {extension: payload})`` per sample, grouping consecutive members like WebDataset and DALI
-    (key = member name up to the first dot)."""
-    key, components = None, {}
-    with tarfile.open(tar) as archive:
-        for member in archive:
-            if not member.isreg():
-                continue
-            name, _, ext = member.name.partition(".")
-            if name != key and key is not None:
-                yield key, components
-                components = {}
-            key, components[ext] = name, archive.extractfile(member).read()
-    if key is not None:
-        yield key, components
-
-
 def check_sample(key: str, components: dict[str, bytes], task: ShardTask) -> SampleCheck:
     problems = []
-    if not re.fullmatch(rf"{re.escape(task.split)}_\d{{8}}", key):
+    if not is_sample_key(key, task.split):
         problems.append(f"key does not look like {task.split}_<8 digits>")
-    if set(components) != COMPONENTS:
+    if set(components) != set(COMPONENTS):
         problems.append(f"has components {sorted(components)}, expected {sorted(COMPONENTS)}")
     if "jpg" in components:
         problems += check_jpeg(components["jpg"], task.image_mode)
@@ -151,7 +134,7 @@ def check_index(shard: ShardInfo) -> list[str]:
     name = shard.index.name
     if not shard.index.is_file():
         return [f"{name}: missing"]
-    expected = dali_index(shard.tar).splitlines()
+    expected = index_text(shard.tar).splitlines()
     found = shard.index.read_text().splitlines()
     for line, (want, have) in enumerate(zip(expected, found, strict=False), 1):
         if want != have:
@@ -196,7 +179,7 @@ def check_split_counts(
 def check_cross(manifest: Manifest, tasks: list[ShardTask], checks: list[ShardCheck]) -> list[str]:
     """Checks across shards: unique keys, group-disjoint splits, no unlisted files, the skipped list."""
     problems = check_unique_keys(checks)
-    if manifest.raw.get("split_method") == "stratified_group":
+    if manifest.raw.get("split_method") in ("stratified_group", "lists+stratified_group"):
         problems += check_disjoint_groups([task.split for task in tasks], checks)
     listed = {"manifest.json"} | {p.name for task in tasks for p in (task.shard.tar, task.shard.index)}
     unlisted = sorted(path.name for path in manifest.root.iterdir() if path.name not in listed)

@@ -2,24 +2,28 @@
 makes the output appear only when complete.
 
 Keys are ``{split}_{index:08d}`` (index within the split, in shard order); shards are
-``{split}-{shard:06d}.tar`` with the DALI index ``{split}-{shard:06d}.idx`` next to it.
+``{split}-{shard:06d}.tar`` with the DALI index ``{split}-{shard:06d}.idx`` next to it (the names are
+`ilm_dist.data.shard_format`'s).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 
-from data_tools.errors import PackError
+from data_tools.errors import PackError, writing
 from data_tools.parallel import parallel_map
 from data_tools.records import Record
-from data_tools.shards import EncodeOptions, LabelSpace, ShardJob, ShardResult, write_shard
+from data_tools.shard_writer import EncodeOptions, ShardJob, ShardResult, write_shard
 from ilm_dist.data.manifest import FORMAT
+from ilm_dist.data.shard_format import LabelSpace, sample_key, shard_name
 
 
 def plan_shards(
@@ -27,10 +31,10 @@ def plan_shards(
 ) -> list[ShardJob]:
     jobs = []
     for split, records in splits.items():
-        keyed = [(f"{split}_{i:08d}", record) for i, record in enumerate(records)]
+        keyed = [(sample_key(split, i), record) for i, record in enumerate(records)]
         for shard, start in enumerate(range(0, len(keyed), shard_size)):
             samples = tuple(keyed[start : start + shard_size])
-            jobs.append(ShardJob(split, root / f"{split}-{shard:06d}.tar", samples, labels, encode))
+            jobs.append(ShardJob(split, root / shard_name(split, shard), samples, labels, encode))
     return jobs
 
 
@@ -82,7 +86,9 @@ def build_manifest(
     skipped: list[dict[str, str]],
     source: dict,
     args: dict,
+    extra: dict | None = None,
 ) -> dict:
+    """The manifest (see `ilm_dist.data.manifest`); ``extra`` adds entries such as ``dicom``."""
     return {
         "format": FORMAT,
         "task": labels.task,
@@ -94,6 +100,7 @@ def build_manifest(
         "source": jsonable(source),
         "args": jsonable(args),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **jsonable(extra or {}),
     }
 
 
@@ -108,12 +115,18 @@ def jsonable(value: object) -> object:
     return str(value) if isinstance(value, Path) else value
 
 
+STAGING_FILES = re.compile(r"[\w.-]+\.(tar|idx)|manifest\.json(\.partial)?")  # what a packer writes
+
+
 class Staging:
     """Build the output in ``OUT_DIR.tmp-<pid>`` and move it into place only on `commit`.
 
-    On any failure the temporary directory is removed, so a directory with a ``manifest.json`` is always
-    complete.  An existing non-empty ``OUT_DIR`` is refused unless ``overwrite``, and even then only if it
-    is a packed dataset (has a ``manifest.json``) and does not contain ``protect`` (the source).
+    On any failure (Ctrl-C included) the temporary directory is removed, so a directory with a
+    ``manifest.json`` is always complete.  An existing non-empty ``OUT_DIR`` is refused unless
+    ``overwrite``, and even then only if it is a packed dataset (has a ``manifest.json``) and does not
+    contain ``protect`` (the source).  A packer killed outright (SIGKILL, power loss) cannot clean up: the
+    next run on the same ``OUT_DIR`` removes the ``OUT_DIR.tmp-<pid>`` / ``OUT_DIR.old-<pid>`` directories
+    of processes that are no longer running and says so, and refuses to start while such a process runs.
     """
 
     def __init__(self, out_dir: Path, overwrite: bool, protect: Path | None = None):
@@ -131,11 +144,39 @@ class Staging:
                 raise PackError(
                     f"{out_dir}: refusing to overwrite, it is not a packed dataset (no manifest.json)"
                 )
+        self._remove_stale()
+
+    def _remove_stale(self) -> None:
+        """Remove what killed packers left next to ``OUT_DIR``; refuse while one of them still runs."""
+        pattern = re.compile(rf"{re.escape(self.out.name)}\.(tmp|old)-(\d+)")
+        parent = self.out.parent
+        for path in sorted(parent.iterdir()) if parent.is_dir() else []:
+            match = pattern.fullmatch(path.name)
+            if match is None or not path.is_dir():
+                continue
+            pid = int(match[2])
+            if pid != os.getpid() and _running(pid):
+                raise PackError(
+                    f"{path}: process {pid} is writing {self.out} (another packer?); wait for it, or stop it "
+                    "and remove this directory"
+                )
+            foreign = [p.name for p in path.iterdir() if not STAGING_FILES.fullmatch(p.name)]
+            if foreign:
+                raise PackError(
+                    f"{path}: left by process {pid}, which is not running, but it holds files a packer does "
+                    f"not write ({foreign[:3]}); look at it and remove it yourself"
+                )
+            with writing(path):
+                shutil.rmtree(path)
+            print(
+                f"note: removed {path}, left by an interrupted packer (process {pid} is not running)",
+                file=sys.stderr,
+            )
 
     def __enter__(self) -> Staging:
-        self.tmp.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
+        with writing(self.tmp):
+            self.tmp.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir()
         return self
 
     def __exit__(
@@ -147,15 +188,26 @@ class Staging:
     def commit(self, manifest: dict) -> None:
         """Write ``manifest.json`` atomically, then swap the staging directory into ``OUT_DIR``."""
         partial = self.tmp / "manifest.json.partial"
-        with open(partial, "w") as file:
+        with writing(partial), open(partial, "w") as file:
             json.dump(manifest, file, indent=1)
             file.write("\n")
             file.flush()
             os.fsync(file.fileno())
         os.replace(partial, self.tmp / "manifest.json")
         old = self.out.with_name(f"{self.out.name}.old-{os.getpid()}")
-        if self.out.exists():
-            os.rename(self.out, old)
-        os.rename(self.tmp, self.out)
-        shutil.rmtree(old, ignore_errors=True)
+        with writing(self.out):
+            if self.out.exists():
+                os.rename(self.out, old)
+            os.rename(self.tmp, self.out)
         self.committed = True
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

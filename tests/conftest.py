@@ -16,7 +16,7 @@ def packed_tiny(tmp_path_factory):
         [
             sys.executable,
             "-m",
-            "data_tools.synthetic",
+            "data_tools.synthetic_dataset",
             str(out),
             "--num-classes",
             "4",

@@ -7,7 +7,7 @@ from scipy.stats import ks_2samp
 from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
 
 from ilm_dist.eval.ks import ks_per_class
-from ilm_dist.eval.metrics import bootstrap_ci, compute_metrics, evaluate_predictions, probabilities
+from ilm_dist.eval.metrics import PRIMARY, bootstrap_ci, compute_metrics, evaluate_predictions, probabilities
 
 
 @pytest.fixture
@@ -27,14 +27,47 @@ def test_binary_metrics_match_sklearn():
     assert got["accuracy"] == pytest.approx(6 / 8)
 
 
-def test_multiclass_quadratic_kappa(rng):
+def test_ordinal_quadratic_kappa(rng):
     labels = rng.integers(0, 5, 200)
     logits = rng.normal(size=(200, 5)) + 2 * np.eye(5)[labels]
-    probs = probabilities("multiclass", logits)
+    probs = probabilities("ordinal", logits)
     np.testing.assert_allclose(probs, softmax(logits, axis=1))
-    got = compute_metrics("multiclass", labels, probs, tuple("01234"))
+    got = compute_metrics("ordinal", labels, probs, tuple("01234"))
     assert got["kappa"] == pytest.approx(cohen_kappa_score(labels, probs.argmax(1), weights="quadratic"))
     assert got["accuracy"] == pytest.approx(accuracy_score(labels, probs.argmax(1)))
+    assert set(got) == {"accuracy", "kappa"} and PRIMARY["ordinal"] == "kappa"
+
+
+def test_nominal_multiclass_has_no_kappa_and_matches_sklearn(rng):
+    labels = rng.integers(0, 4, 300)
+    probs = softmax(rng.normal(size=(300, 4)) + 1.5 * np.eye(4)[labels], axis=1)
+    got = compute_metrics("multiclass", labels, probs, tuple("abcd"))
+    predicted = probs.argmax(1)
+    assert set(got) == {"accuracy", "macro_f1", "macro_auc"} and PRIMARY["multiclass"] == "accuracy"
+    assert got["accuracy"] == pytest.approx(accuracy_score(labels, predicted))
+    assert got["macro_f1"] == pytest.approx(f1_score(labels, predicted, average="macro"))
+    assert got["macro_auc"] == pytest.approx(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+
+
+def test_kappa_depends_on_the_class_order():
+    """Why ordinal tasks need their order: sorted DR folder names put the grades out of order."""
+    grades = ("No_DR", "Mild", "Moderate", "Severe", "Proliferate")
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 5, 400)
+    predicted = np.clip(truth + rng.choice([-1, 0, 0, 1], 400), 0, 4)  # mostly right, else one grade off
+    in_grade_order = compute_metrics("ordinal", truth, np.eye(5)[predicted], grades)["kappa"]
+    assert in_grade_order == pytest.approx(cohen_kappa_score(truth, predicted, weights="quadratic"))
+    alphabetical = sorted(grades)
+    position = np.array([alphabetical.index(name) for name in grades])  # grade -> alphabetical index
+    shuffled = compute_metrics(
+        "ordinal", position[truth], np.eye(5)[position[predicted]], tuple(alphabetical)
+    )["kappa"]
+    assert in_grade_order > 0.8 and shuffled < in_grade_order - 0.2
+
+
+def test_unknown_task_is_an_error():
+    with pytest.raises(ValueError, match="unknown task 'grades'"):
+        compute_metrics("grades", np.array([0, 1, 2]), np.eye(3), tuple("abc"))
 
 
 def test_multilabel_per_class_and_macro_auc(rng):

@@ -18,8 +18,8 @@ from data_tools.labelfiles import NIH_CLASSES
 from data_tools.pack import main as pack_main
 from data_tools.records import Record
 from data_tools.splits import parse_fractions, stratified_split
-from data_tools.verify import iter_samples
 from ilm_dist.data.manifest import load_manifest
+from ilm_dist.data.shard_format import iter_samples
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -475,3 +475,44 @@ def test_failure_while_writing_leaves_no_partial_output(
             assert pack(tmp_path / "src", tmp_path / out, "--shard-size", "4", *extra) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
     assert manifest_of(tmp_path / "out") == before
+
+
+# ---------------------------------------------------------------- task kinds (issue #13)
+
+DR_GRADES = ("No_DR", "Mild", "Moderate", "Severe", "Proliferate")
+
+
+def test_ordinal_needs_an_explicit_class_order(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    make_tree(tmp_path / "src", {grade: 6 for grade in DR_GRADES})
+    assert pack(tmp_path / "src", tmp_path / "nominal") == 0
+    nominal = load_manifest(tmp_path / "nominal")
+    assert nominal.task == "multiclass" and nominal.class_names == tuple(sorted(DR_GRADES))
+    capsys.readouterr()
+    assert pack(tmp_path / "src", tmp_path / "guess", "--ordinal") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--ordinal needs the class order" in err and err.count("\n") == 1
+    assert not (tmp_path / "guess").exists()
+    assert pack(tmp_path / "src", tmp_path / "out", "--ordinal", "--classes", ",".join(DR_GRADES)) == 0
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest.task == "ordinal" and manifest.class_names == DR_GRADES
+    for sample in [s for samples in read_dataset(tmp_path / "out").values() for s in samples]:
+        grade = sample["meta"]["source"].split("/")[0]
+        assert sample["lbl"].tolist() == [DR_GRADES.index(grade)]
+
+
+@pytest.mark.parametrize(
+    ("layout", "argv", "expected"),
+    [
+        ({"neg": 3, "pos": 3}, ["--ordinal", "--classes", "neg,pos"], "is a binary task"),
+        ({"x": 4}, ["--ordinal", "--label-cols", "A,B,C"], "multi-label"),
+    ],
+    ids=["two-classes", "multilabel"],
+)
+def test_ordinal_refusals(tmp_path: Path, capsys: pytest.CaptureFixture, layout, argv, expected) -> None:
+    src = make_tree(tmp_path / "src", layout)
+    if "--label-cols" in argv:
+        rows = ["path,A,B,C"] + [f"{rel},1,0,1" for rel in src]
+        (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+        argv = [*argv, "--labels-csv", tmp_path / "labels.csv", "--image-col", "path"]
+    assert pack(tmp_path / "src", tmp_path / "out", *argv) == 2
+    assert expected in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -1,4 +1,4 @@
-"""data_tools.synthetic: determinism, packed output, and that the class is the silhouette, not the colours."""
+"""data_tools.synthetic_dataset: determinism, packed output, and that the class is the silhouette, not the colours."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_tools.synthetic import SHAPES, SynthSpec, main, render
+from data_tools.synthetic_dataset import SHAPES, SynthSpec, main, render
 from ilm_dist.data.manifest import load_manifest
 
 NUM_CLASSES = 8

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from data_tools.pack import main as pack_main
-from data_tools.synthetic import main as synthetic_main
+from data_tools.synthetic_dataset import main as synthetic_main
 from data_tools.verify import main as verify_main
 from tests.test_pack import save, smooth
 

@@ -15,7 +15,7 @@ log = logging.getLogger("ilm_dist")
 
 BACKENDS: dict[str, str] = {
     "torch": "ilm_dist.data.torch_backend:TorchLoader",
-    "synthetic": "ilm_dist.data.synthetic:SyntheticLoader",
+    "synthetic": "ilm_dist.data.random_backend:RandomTensorLoader",
     "dali": "ilm_dist.data.dali_backend:DaliLoader",
 }
 
@@ -25,11 +25,7 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     if requested != "auto":
         return requested
     has_dali = importlib.util.find_spec("nvidia.dali") is not None
-    return "dali" if device.type == "cuda" and has_dali and _dali_backend_exists() else "torch"
-
-
-def _dali_backend_exists() -> bool:
-    return importlib.util.find_spec("ilm_dist.data.dali_backend") is not None
+    return "dali" if device.type == "cuda" and has_dali else "torch"
 
 
 def backend_factory(name: str) -> Callable[..., PretrainLoader]:

@@ -24,7 +24,28 @@ class TwoViewBatch:
 
 
 class PretrainLoader(Protocol):
-    """One epoch per iteration; ``start_step`` skips the steps a resumed run already did."""
+    """What a pretraining data backend provides: ``epoch(e, start_step)`` yields this rank's batches of
+    epoch ``e`` from step ``start_step`` on.
+
+    The sampling and exact-resume contract (the trainer checkpoints only ``(epoch, step)``):
+
+    1. Equal steps. ``steps_per_epoch`` is the same on every rank, ``num_samples // (B * R)`` for batch
+       ``B`` per rank and ``R`` ranks (the remainder of each epoch is left out), so no rank waits in a
+       collective for a batch another rank never gets.
+    2. Resume is slicing. ``epoch(e, start_step=s)`` yields exactly the batches ``s, s+1, ...`` that
+       ``epoch(e)`` yields (same samples, same views), and nothing when ``s >= steps_per_epoch``.
+    3. Epochs are independent. An epoch's batches depend on ``(seed, e)`` and the layout, not on the epochs
+       before it or on timing.
+    4. ``indices`` are the samples' positions in the split, so a batch can be checked against the data.
+
+    The torch backend (`ilm_dist.data.torch_backend`) also keeps the layout out of it: epoch ``e`` is one
+    permutation seeded by ``(seed, e)`` cut into global batches of ``R * B`` (`ilm_dist.data.sampling`),
+    rank ``r`` takes the ``r``-th block, and each sample's augmentations are seeded by ``(seed, e,
+    index)``, so R ranks with ``B`` see the global batches and views of one rank with ``R * B``, whatever
+    the worker count, and a run may resume on another ``R``. The DALI backend keeps 1-4 with an order that
+    depends on ``R`` and the shuffle buffer, replayed exactly on the CPU (`ilm_dist.data.dali_backend`).
+    The synthetic backend yields random tensors and only 1.
+    """
 
     steps_per_epoch: int
     description: str

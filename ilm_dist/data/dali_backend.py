@@ -44,6 +44,7 @@ from ilm_dist.data.dali_augment import moco_view
 from ilm_dist.data.dali_shards import BadSample, decode_problem, scan_split, write_indexes
 from ilm_dist.data.manifest import ManifestError, load_manifest
 from ilm_dist.data.sampling import steps_per_epoch
+from ilm_dist.data.shard_format import split_member, squeeze_labels
 
 log = logging.getLogger("ilm_dist")
 
@@ -163,7 +164,7 @@ class DaliLoader:
         labels = outputs["labels"].long()
         infos = outputs["source_info"].numpy()
         indices = torch.tensor([self.scan.position(bytes(row).rstrip(b"\0").decode()) for row in infos])
-        return TwoViewBatch(*views, labels.squeeze(1) if labels.shape[1] == 1 else labels, indices)
+        return TwoViewBatch(*views, squeeze_labels(labels), indices)
 
     # ------------------------------------------------------------------ bad data
 
@@ -216,7 +217,7 @@ class DaliLoader:
                 reason = decode_problem(np.asarray(jpg).tobytes())
                 if reason:
                     tar, _, name = bytes(np.asarray(info)).decode().rsplit(":", 2)
-                    bad[f"{tar}:{name}"] = BadSample(Path(tar), name.split(".", 1)[0], reason)
+                    bad[f"{tar}:{name}"] = BadSample(Path(tar), split_member(name)[0] or name, reason)
         return list(bad.values())
 
 

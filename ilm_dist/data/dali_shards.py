@@ -12,14 +12,17 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from PIL import Image
 
 from ilm_dist.data.manifest import Manifest, ManifestError
-from ilm_dist.data.shards import REQUIRED_COMPONENTS, SampleRef, parse_index
-
-INDEX_HEADER = "v1.2"  # DALI wds2idx index format
+from ilm_dist.data.shard_format import (
+    REQUIRED_COMPONENTS,
+    SampleRef,
+    format_index,
+    read_component,
+    read_index,
+)
 
 
 @dataclass(frozen=True)
@@ -60,10 +63,9 @@ def scan_split(manifest: Manifest, split: str, decode: bool) -> SplitScan:
     scan = SplitScan([], [], [], {}, [])
     position = 0
     for shard in manifest.split(split).shards:
-        refs = parse_index(shard.index)
+        refs, lines = read_index(shard.index)
         if len(refs) != shard.num_samples:
             raise ManifestError(f"{shard.index}: {len(refs)} samples, manifest.json says {shard.num_samples}")
-        lines = shard.index.read_text().splitlines()[1:]
         kept = []
         with open(shard.tar, "rb") as tar:
             for ref, line in zip(refs, lines, strict=True):
@@ -104,17 +106,11 @@ def decode_problem(data: bytes) -> str | None:
     return None
 
 
-def read_component(tar: BinaryIO, ref: SampleRef, ext: str) -> bytes:
-    offset, size = ref.components[ext]
-    tar.seek(offset)
-    return tar.read(size)
-
-
 def write_indexes(scan: SplitScan, directory: Path) -> list[Path]:
     """Index files listing only the usable samples, for DALI's reader (one per shard in ``scan.tars``)."""
     paths = []
     for tar, lines in zip(scan.tars, scan.index_lines, strict=True):
         path = directory / f"{tar.stem}.idx"
-        path.write_text("\n".join([f"{INDEX_HEADER} {len(lines)}", *lines]) + "\n")
+        path.write_text(format_index(lines))
         paths.append(path)
     return paths

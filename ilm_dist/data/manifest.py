@@ -12,7 +12,7 @@ Each tar holds WebDataset samples; one sample is the files sharing a ``__key__``
 
 - ``<key>.jpg``  the image, re-encoded as baseline JPEG (grayscale sources stay 1-channel);
 - ``<key>.lbl``  the label vector as raw little-endian int32 bytes: one value (the class
-  index) for ``binary``/``multiclass`` tasks, a multi-hot vector of ``len(class_names)``
+  index) for ``binary``/``multiclass``/``ordinal`` tasks, a multi-hot vector of ``len(class_names)``
   for ``multilabel`` tasks.  Raw bytes so DALI can read it with ``dtypes=INT32``;
 - ``<key>.json`` metadata for people and tools: ``{"source": original path, "group": group id
   or null, "labels": [class names]}``.
@@ -20,10 +20,10 @@ Each tar holds WebDataset samples; one sample is the files sharing a ``__key__``
 ``manifest.json`` (``format == "ilm_dist.shards/v1"``)::
 
     {"format": "ilm_dist.shards/v1",
-     "task": "binary" | "multiclass" | "multilabel",
+     "task": "binary" | "multiclass" | "ordinal" | "multilabel",
      "class_names": [...],
      "image_mode": "L" | "RGB",
-     "split_method": "source" | "stratified" | "stratified_group",
+     "split_method": "source" | "stratified" | "stratified_group" | "lists+stratified[_group]",
      "splits": {"train": {"num_samples": int,
                           "class_counts": {class_name: int},
                           "num_groups": int | null,
@@ -34,12 +34,25 @@ Each tar holds WebDataset samples; one sample is the files sharing a ``__key__``
      "source": {"kind": "folder" | "csv" | "nih_list" | "npz" | "synthetic", "path": str | null, ...},
      "args": {...}, "created": iso8601}
 
+Tasks: ``binary`` (two classes), ``multiclass`` (three or more nominal classes), ``ordinal`` (three or
+more classes listed in their order, e.g. retinopathy grades: only then is a class-index distance such as
+quadratic-weighted kappa meaningful; the packer writes it only from an explicit ``--ordinal --classes``),
+``multilabel`` (multi-hot).  A ``multiclass`` manifest written before ``ordinal`` existed is read as
+nominal: its class order was alphabetical, so nothing in it says that the classes are ordered.
+
 Fields added by ``data_tools.pack`` (readers may ignore them): ``split_method`` says whether the splits
 come from the source or were made by the packer (``stratified_group``: groups, e.g. patients, are
-disjoint across splits, which ``data_tools.verify`` checks); ``num_groups`` is the number of distinct
+disjoint across splits, which ``data_tools.verify`` checks; ``lists+...``: the test split, and any split
+named by a ``--split-list``, came from lists of image names, the ``trainval`` list was divided into train
+and val); ``num_groups`` is the number of distinct
 groups in a split (null without ``--group-by``); ``bytes`` is the shard's size.  Splits are omitted
 when empty; ``class_counts`` lists every class (positives per class for ``multilabel``); keys are
 ``{split}_{index:08d}``; ``skipped`` paths and ``.json`` sources are relative to ``source.path``.
+``source`` also records how labels were read (CSV columns, ``label_sep``, ``group_col``, ...) and, with
+``--map-labels``, the ``label_map`` and the ``source_classes`` it mapped from.  ``dicom`` (only when DICOM
+files were packed): ``{"policy": str, "files": int, <attribute>: {value:
+count}}`` for the attributes the 8-bit conversion used (transfer syntax, photometric interpretation, bits
+stored, rescale, VOI source and function; see ``data_tools.dicom``).
 """
 
 from __future__ import annotations
@@ -51,7 +64,7 @@ from pathlib import Path
 from ilm_dist.errors import InputError
 
 FORMAT = "ilm_dist.shards/v1"
-TASKS = ("binary", "multiclass", "multilabel")
+TASKS = ("binary", "multiclass", "ordinal", "multilabel")
 
 
 class ManifestError(InputError):
@@ -129,10 +142,26 @@ def load_manifest(root: str | Path, check_files: bool = True) -> Manifest:
     return Manifest(root, raw["task"], tuple(raw["class_names"]), raw["image_mode"], splits, raw)
 
 
+def plain_file_name(path: Path, split: str, field: str, name: object) -> str:
+    """``name`` if it is a plain file name (no folder part, not ``.``/``..``), else a ManifestError: a
+    manifest only names files inside its own folder."""
+    plain = isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+    if not plain:
+        raise ManifestError(
+            f"{path}: split {split!r} has {field} {name!r}; expected a plain file name inside {path.parent}"
+        )
+    return name
+
+
 def _parse_split(root: Path, path: Path, name: str, entry: dict) -> SplitInfo:
     try:
         shards = tuple(
-            ShardInfo(root / s["name"], root / s["index"], int(s["num_samples"]), s["sha256"])
+            ShardInfo(
+                root / plain_file_name(path, name, "shard name", s["name"]),
+                root / plain_file_name(path, name, "index name", s["index"]),
+                int(s["num_samples"]),
+                s["sha256"],
+            )
             for s in entry["shards"]
         )
         split = SplitInfo(name, int(entry["num_samples"]), dict(entry["class_counts"]), shards)

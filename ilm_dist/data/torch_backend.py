@@ -1,57 +1,91 @@
-"""The CPU data path: shards read by index in DataLoader workers, augmented with torchvision."""
+"""The CPU data path: shards read by index in DataLoader workers, augmented with torchvision.
+
+`SplitDataset` and `epoch_loader` are also what evaluation uses (features, fine-tuning), so pretraining
+and fine-tuning share one per-sample seeding and one batching rule.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
+from PIL import Image
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ilm_dist.config import AugConfig
 from ilm_dist.data.augment import moco_view_transform
 from ilm_dist.data.batch import TwoViewBatch
 from ilm_dist.data.manifest import load_manifest
 from ilm_dist.data.sampling import rank_batches, sample_seed, steps_per_epoch
-from ilm_dist.data.shards import ShardReader
+from ilm_dist.data.shard_format import squeeze_labels
+from ilm_dist.data.shard_reader import ShardReader
 
 
-class TwoViewDataset(Dataset):
-    """Sample ``i`` -> two independently augmented views, seeded by (seed, epoch, i)."""
+class SplitDataset(Dataset):
+    """``(transform(image), label)`` of one split, in split order or at ``indices``.
 
-    def __init__(self, reader: ShardReader, aug: AugConfig, image_size: int, seed: int):
-        self.reader = reader
-        self.transform = moco_view_transform(aug, image_size)
-        self.seed = seed
-        self.epoch = 0
+    With a ``seed``, the random transforms of sample ``index`` draw from torch's CPU generator seeded by
+    ``(seed, epoch, index)``: augmentations depend on the sample, not on the number of ranks or workers, the
+    batch a sample lands in or the step a run resumed from. torchvision's random transforms draw from that
+    global generator, so seeding it per sample in the worker that loads it is what makes them exact.
+    """
+
+    def __init__(
+        self,
+        reader: ShardReader,
+        transform: Callable,
+        indices: Sequence[int] | None = None,
+        seed: int | None = None,
+    ):
+        self.reader, self.transform, self.seed, self.epoch = reader, transform, seed, 0
+        self.indices = list(range(len(reader))) if indices is None else [int(i) for i in indices]
 
     def __len__(self) -> int:
-        return len(self.reader)
+        return len(self.indices)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        image = self.reader.image(index)
-        # torchvision's random transforms draw from torch's global RNG: seeding it per sample
-        # makes the views independent of worker count, rank count and resume point.
-        torch.manual_seed(sample_seed(self.seed, self.epoch, index))
-        return self.transform(image), self.transform(image), torch.from_numpy(self.reader.label(index)), index
+    def __getitem__(self, i: int) -> tuple[Any, Tensor]:
+        index = self.indices[i]
+        if self.seed is not None:
+            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
+        return self.transform(self.reader.image(index)), torch.from_numpy(self.reader.label(index))
 
 
-def collate(items: list) -> TwoViewBatch:
-    view1, view2, labels, indices = zip(*items, strict=True)
-    stacked = torch.stack(labels)
-    return TwoViewBatch(
-        torch.stack(view1),
-        torch.stack(view2),
-        stacked.squeeze(1) if stacked.shape[1] == 1 else stacked,
-        torch.tensor(indices),
-    )
+class TwoViews:
+    """A transform that draws two independent views of one image (MoCo's query and key)."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __call__(self, image: Image.Image) -> tuple[Tensor, Tensor]:
+        return self.transform(image), self.transform(image)
+
+
+def epoch_loader(
+    dataset: SplitDataset,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    start_step: int = 0,
+    num_workers: int = 0,
+    **loader_options: Any,
+) -> tuple[list[list[int]], DataLoader]:
+    """This rank's batches of ``epoch`` (`rank_batches` over the dataset's positions, from ``start_step``)
+    and the DataLoader that yields them in that order; augmentations seeded by ``(seed, epoch, sample)``."""
+    dataset.epoch = epoch
+    batches = rank_batches(len(dataset), batch_size, rank, world_size, seed, epoch, start_step)
+    return batches, DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, **loader_options)
 
 
 class TorchLoader:
+    """`PretrainLoader` over a split's shards: two MoCo views per sample, the batches of `rank_batches`."""
+
     def __init__(self, cfg, rank: int, world_size: int, device: torch.device):
         manifest = load_manifest(cfg.data.shards)
-        self.dataset = TwoViewDataset(
-            ShardReader(manifest, cfg.data.split), cfg.aug, cfg.data.image_size, cfg.seed
-        )
+        views = TwoViews(moco_view_transform(cfg.aug, cfg.data.image_size))
+        self.dataset = SplitDataset(ShardReader(manifest, cfg.data.split), views, seed=cfg.seed)
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.steps_per_epoch = steps_per_epoch(len(self.dataset), cfg.data.batch_size, world_size)
         self.description = (
@@ -60,24 +94,19 @@ class TorchLoader:
         )
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TwoViewBatch]:
-        self.dataset.epoch = epoch
-        batches = rank_batches(
-            len(self.dataset),
+        workers = self.cfg.data.num_workers
+        batches, loader = epoch_loader(
+            self.dataset,
             self.cfg.data.batch_size,
             self.rank,
             self.world_size,
             self.cfg.seed,
             epoch,
             start_step,
-        )
-        workers = self.cfg.data.num_workers
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=batches,
-            num_workers=workers,
-            collate_fn=collate,
+            workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
             prefetch_factor=4 if workers else None,
         )
-        yield from loader
+        for indices, ((view1, view2), labels) in zip(batches, loader, strict=True):
+            yield TwoViewBatch(view1, view2, squeeze_labels(labels), torch.tensor(indices))

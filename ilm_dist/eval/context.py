@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from ilm_dist.config import RunConfig, load_config
 from ilm_dist.data.manifest import Manifest, load_manifest
-from ilm_dist.data.shards import ShardReader
+from ilm_dist.data.shard_reader import ShardReader
 from ilm_dist.distributed import dist_info, init_process_group, on_main
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.features import BlockFeatures, block_extractor, eval_loader, run_blocks, sharded_rows

@@ -17,45 +17,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch import nn
+from torch.utils.data import DataLoader
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from ilm_dist.config import AugConfig
 from ilm_dist.data.augment import eval_transform
 from ilm_dist.data.manifest import Manifest
-from ilm_dist.data.sampling import sample_seed
-from ilm_dist.data.shards import ShardReader
+from ilm_dist.data.shard_format import squeeze_labels
+from ilm_dist.data.shard_reader import ShardReader
+from ilm_dist.data.torch_backend import SplitDataset
 from ilm_dist.distributed import all_gather_object, rank, world_size
 from ilm_dist.model.encoder import BLOCK_NODES
-
-
-class SplitDataset(Dataset):
-    """``(image, label)`` of one split, in split order or at ``indices``.
-
-    With a ``seed``, the random transforms of sample ``index`` draw from torch's CPU generator seeded
-    by ``(seed, epoch, index)`` (as pretraining does), so augmentations do not depend on the number of
-    ranks or workers.
-    """
-
-    def __init__(
-        self,
-        reader: ShardReader,
-        transform: Callable,
-        indices: Sequence[int] | None = None,
-        seed: int | None = None,
-    ):
-        self.reader, self.transform, self.seed, self.epoch = reader, transform, seed, 0
-        self.indices = list(range(len(reader))) if indices is None else [int(i) for i in indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        index = self.indices[i]
-        if self.seed is not None:
-            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
-        return self.transform(self.reader.image(index)), torch.from_numpy(self.reader.label(index))
 
 
 def rank_shard(num_samples: int, batch_size: int, rank: int, world_size: int) -> slice:
@@ -96,11 +69,6 @@ def eval_loader(
     """Deterministic views (resize + normalise) in a fixed order."""
     dataset = SplitDataset(reader, eval_transform(aug, image_size), indices)
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-
-
-def squeeze_labels(labels: np.ndarray) -> np.ndarray:
-    """[N, 1] class indices -> [N]; [N] and multi-hot [N, C] unchanged."""
-    return labels[:, 0] if labels.ndim == 2 and labels.shape[1] == 1 else labels
 
 
 @dataclass

@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Literal
 
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ilm_dist.data.augment import eval_transform, moco_view_transform
-from ilm_dist.data.sampling import rank_batches, steps_per_epoch
+from ilm_dist.data.sampling import steps_per_epoch
+from ilm_dist.data.torch_backend import SplitDataset, epoch_loader
 from ilm_dist.distributed import on_main, rank, world_size
 from ilm_dist.eval.context import EvalContext
 from ilm_dist.eval.errors import EvalError
-from ilm_dist.eval.features import BlockFeatures, SplitDataset
+from ilm_dist.eval.features import BlockFeatures
 from ilm_dist.eval.fit import ADAM_LR, FitResult, fit, fit_option, primary_score
 from ilm_dist.eval.metrics import evaluate_predictions, probabilities
 from ilm_dist.eval.store import fraction_tag, read_json, save_npz, write_json
@@ -84,12 +84,17 @@ class TrainBatches:
         return steps_per_epoch(len(self.dataset), self.batch_size, world_size())
 
     def __iter__(self):
-        self.dataset.epoch = self.epoch
-        batches = rank_batches(
-            len(self.dataset), self.batch_size, rank(), world_size(), self.seed, self.epoch
+        _, loader = epoch_loader(
+            self.dataset,
+            self.batch_size,
+            rank(),
+            world_size(),
+            self.seed,
+            self.epoch,
+            num_workers=self.num_workers,
         )
         self.epoch += 1
-        return iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers))
+        return iter(loader)
 
 
 def train_loader(ctx: EvalContext, indices: list[int], settings: FinetuneSettings) -> TrainBatches:

@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from ilm_dist.data.shard_format import squeeze_labels
 from ilm_dist.distributed import all_reduce_mean_, world_size
-from ilm_dist.eval.features import squeeze_labels
 from ilm_dist.eval.metrics import PRIMARY, compute_metrics, probabilities
 from ilm_dist.options import option
 

@@ -2,7 +2,12 @@
 
 - multilabel (NIH ChestX-ray14): ROC AUC per finding and their macro mean (``macro_auc``);
 - binary (IDC histopathology): ROC AUC of the positive class, accuracy, F1 of the positive class;
-- multiclass, ordinal (diabetic retinopathy grades): accuracy and quadratic weighted kappa.
+- ordinal (diabetic retinopathy grades, classes in grade order): accuracy and quadratic weighted kappa
+  over the class indices, which is meaningful only because the packer made the order explicit
+  (``--ordinal --classes ...``);
+- multiclass (nominal classes, and every ``multiclass`` manifest written before the ``ordinal`` task
+  existed, whose class order was alphabetical): accuracy, macro F1 and the macro mean of the
+  one-vs-rest ROC AUCs (``macro_auc``, sklearn's ``multi_class="ovr", average="macro"``); no kappa.
 
 Models output one logit per class for every task (cross-entropy for binary/multiclass, as the
 official code does; sigmoid + BCE for multilabel). The 95% intervals are the 2.5/97.5 percentiles of
@@ -20,7 +25,7 @@ import sklearn
 from scipy.special import expit, softmax
 from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
 
-PRIMARY = {"binary": "auc", "multiclass": "kappa", "multilabel": "macro_auc"}
+PRIMARY = {"binary": "auc", "multiclass": "accuracy", "ordinal": "kappa", "multilabel": "macro_auc"}
 
 
 def probabilities(task: str, logits: np.ndarray) -> np.ndarray:
@@ -32,24 +37,35 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(y, score)) if 0 < y.sum() < len(y) else float("nan")
 
 
+def _nan_mean(values) -> float:
+    kept = [v for v in values if not np.isnan(v)]
+    return float(np.mean(kept)) if kept else float("nan")
+
+
 def compute_metrics(
     task: str, labels: np.ndarray, probs: np.ndarray, class_names: tuple[str, ...]
 ) -> dict[str, float]:
     """Metrics of one prediction set; AUC is NaN where a class has only one label value."""
     if task == "multilabel":
         per_class = {f"auc/{name}": _auc(labels[:, c], probs[:, c]) for c, name in enumerate(class_names)}
-        values = [v for v in per_class.values() if not np.isnan(v)]
-        return {"macro_auc": float(np.mean(values)) if values else float("nan"), **per_class}
+        return {"macro_auc": _nan_mean(per_class.values()), **per_class}
     predicted = probs.argmax(axis=1)
     accuracy = float(accuracy_score(labels, predicted))
     if task == "binary":
         f1 = float(f1_score(labels, predicted, zero_division=0.0))
         return {"auc": _auc(labels, probs[:, 1]), "accuracy": accuracy, "f1": f1}
+    classes = list(range(len(class_names)))
+    if task == "multiclass":
+        macro_f1 = float(f1_score(labels, predicted, labels=classes, average="macro", zero_division=0.0))
+        # one-vs-rest AUC per class, averaged over the classes present with both label values (as
+        # sklearn's macro "ovr" when every class is present; a bootstrap resample may miss one)
+        macro_auc = _nan_mean(_auc(labels == c, probs[:, c]) for c in classes)
+        return {"accuracy": accuracy, "macro_f1": macro_f1, "macro_auc": macro_auc}
+    if task != "ordinal":
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(PRIMARY)}")
     with warnings.catch_warnings():  # kappa of a constant prediction is 0/0
         warnings.simplefilter("ignore", RuntimeWarning)
-        kappa = float(
-            cohen_kappa_score(labels, predicted, weights="quadratic", labels=range(len(class_names)))
-        )
+        kappa = float(cohen_kappa_score(labels, predicted, weights="quadratic", labels=classes))
     return {"accuracy": accuracy, "kappa": 0.0 if np.isnan(kappa) else kappa}
 
 

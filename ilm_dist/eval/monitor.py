@@ -18,7 +18,7 @@ from torch import nn
 
 from ilm_dist.config import AugConfig, MonitorConfig, RunConfig
 from ilm_dist.data.manifest import Manifest, load_manifest
-from ilm_dist.data.shards import ShardReader
+from ilm_dist.data.shard_reader import ShardReader
 from ilm_dist.eval.features import block_extractor, eval_loader, run_blocks
 from ilm_dist.eval.knn import knn_scores
 from ilm_dist.eval.metrics import compute_metrics

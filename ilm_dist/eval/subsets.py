@@ -1,11 +1,10 @@
 """Seeded, stratified label subsets (the 1% / 6% / 100% settings of Kaku et al. 2021, Sec. 4).
 
-Single-label tasks take ``round(fraction * n_c)`` samples of every class ``c``. Multi-label tasks
-(chest X-rays) use a greedy form of iterative stratification (Sechidis et al. 2011): rarest finding
-first, draw samples carrying it until it reaches ``round(fraction * positives)``, then fill up to
-``round(fraction * N)`` with samples whose findings are still under target (including "no finding").
-A fraction that would give some class zero samples is an error, not a silent omission. A subset is
-drawn once per (split, fraction, seed), saved under ``EVAL_DIR/subsets/``, and reused by every
+The subset is drawn by the stratified sampler the packer's splits use (`ilm_dist.data.stratify`, a
+two-part allocation ``{subset: fraction, rest: 1 - fraction}``): every class (every finding of a
+multi-label task) within about one sample of ``round(fraction * n_c)``, and the subset size within one
+of ``round(fraction * N)``, "no finding" images included. A fraction that would give some class zero
+samples is an error, not a silent omission. A subset is drawn once per (split, fraction, seed), saved under ``EVAL_DIR/subsets/``, and reused by every
 method, so all methods are compared on exactly the same images.
 """
 
@@ -16,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from ilm_dist.data.manifest import Manifest
-from ilm_dist.data.shards import ShardReader
+from ilm_dist.data.shard_format import squeeze_labels
+from ilm_dist.data.shard_reader import ShardReader
+from ilm_dist.data.stratify import allocate, count_vectors
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.store import dataset_id, digest, fraction_tag, read_json, write_json
 
@@ -33,7 +34,6 @@ def stratified_subset(
         raise EvalError(f"label fraction {fraction}: must be in (0, 1]")
     if fraction == 1:
         return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
     multi_hot = labels if labels.ndim == 2 else np.eye(len(class_names), dtype=np.int64)[labels]
     positives = multi_hot.sum(axis=0)
     targets = np.array([_count(fraction, int(n)) for n in positives])
@@ -43,38 +43,13 @@ def stratified_subset(
                 f"label fraction {fraction} leaves class {name!r} empty ({n} samples x {fraction} = "
                 f"{n * fraction:.2f}); use a larger fraction"
             )
-    if labels.ndim == 1:
-        picks = [rng.permutation(np.flatnonzero(labels == c))[:t] for c, t in enumerate(targets)]
-        return np.sort(np.concatenate(picks))
-    return _iterative_multilabel(multi_hot.astype(bool), targets, _count(fraction, len(labels)), rng)
-
-
-def _iterative_multilabel(
-    labels: np.ndarray, targets: np.ndarray, total: int, rng: np.random.Generator
-) -> np.ndarray:
-    chosen = np.zeros(len(labels), dtype=bool)
-    for c in np.argsort(labels.sum(axis=0), kind="stable"):  # rarest class first
-        need = targets[c] - int(labels[chosen, c].sum())
-        if need > 0:
-            chosen[rng.permutation(np.flatnonzero(labels[:, c] & ~chosen))[:need]] = True
-    remaining = total - int(chosen.sum())
-    if remaining > 0:
-        full = labels[chosen].sum(axis=0) >= targets
-        fits = ~(labels & full).any(axis=1)  # adds no sample of an already-full class
-        pool = np.concatenate(
-            [
-                rng.permutation(np.flatnonzero(~chosen & fits)),
-                rng.permutation(np.flatnonzero(~chosen & ~fits)),
-            ]
-        )
-        chosen[pool[:remaining]] = True
-    return np.flatnonzero(chosen)
+    vectors = count_vectors([[np.flatnonzero(row)] for row in multi_hot], len(class_names))
+    return np.sort(allocate(vectors, {"subset": fraction, "rest": 1 - fraction}, seed)["subset"])
 
 
 def split_labels(reader: ShardReader) -> np.ndarray:
     """All labels of a split, [N] or [N, C], read from the ``.lbl`` records only."""
-    stacked = np.stack([reader.label(i) for i in range(len(reader))])
-    return stacked[:, 0] if stacked.shape[1] == 1 else stacked
+    return squeeze_labels(np.stack([reader.label(i) for i in range(len(reader))]))
 
 
 def subset_path(eval_dir: Path, split: str, fraction: float, seed: int) -> Path:

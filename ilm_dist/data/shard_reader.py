@@ -8,43 +8,12 @@ exact resume cheap, where a streaming reader would need shuffle buffers and skip
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from ilm_dist.data.manifest import Manifest, ManifestError, SplitInfo
-
-REQUIRED_COMPONENTS = ("jpg", "lbl")
-
-
-@dataclass(frozen=True)
-class SampleRef:
-    shard: int  # index into ShardReader.tars
-    key: str
-    components: dict[str, tuple[int, int]]  # extension -> (offset, size)
-
-
-def parse_index(path: Path) -> list[SampleRef]:
-    """Parse one ``wds2idx`` file (``v1.2 <count>`` then one line per sample)."""
-    lines = path.read_text().splitlines()
-    header = lines[0].split() if lines else []
-    if len(header) != 2 or header[0] != "v1.2":
-        raise ManifestError(f"{path}: not a DALI wds2idx v1.2 index (header {lines[:1]})")
-    samples = []
-    for lineno, line in enumerate(lines[1:], start=2):
-        fields = line.split()
-        if len(fields) % 4:
-            raise ManifestError(f"{path}:{lineno}: expected groups of 'ext offset size name'")
-        components, key = {}, None
-        for ext, offset, size, name in zip(*[iter(fields)] * 4, strict=True):
-            components[ext] = (int(offset), int(size))
-            key = name.split("/")[-1].split(".", 1)[0]
-        samples.append(SampleRef(-1, key or "", components))
-    if len(samples) != int(header[1]):
-        raise ManifestError(f"{path}: header says {header[1]} samples, found {len(samples)}")
-    return samples
+from ilm_dist.data.shard_format import SampleRef, label_vector, parse_index, read_component
 
 
 class ShardReader:
@@ -74,13 +43,11 @@ class ShardReader:
         ref = self.samples[index]
         if ext not in ref.components:
             raise ManifestError(f"{self.tars[ref.shard]}: sample {ref.key!r} has no .{ext} component")
-        offset, size = ref.components[ext]
         handle = self._files.get(ref.shard)
         if handle is None:
             handle = self._files[ref.shard] = open(self.tars[ref.shard], "rb")  # noqa: SIM115
-        handle.seek(offset)
-        data = handle.read(size)
-        if len(data) != size:
+        data = read_component(handle, ref, ext)
+        if len(data) != ref.components[ext][1]:
             raise ManifestError(f"{self.tars[ref.shard]}: sample {ref.key!r} .{ext} is truncated")
         return data
 
@@ -96,7 +63,7 @@ class ShardReader:
             ) from None
 
     def label(self, index: int) -> np.ndarray:
-        return np.frombuffer(self.read(index, "lbl"), dtype="<i4").astype(np.int64)
+        return label_vector(self.read(index, "lbl"))
 
     def key(self, index: int) -> str:
         return self.samples[index].key

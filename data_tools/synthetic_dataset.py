@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m data_tools.synthetic OUT_DIR [--num-classes 8] [--per-class 500] [--size 64] [--grayscale]
+    python -m data_tools.synthetic_dataset OUT_DIR [--num-classes 8] [--per-class 500] [--size 64] [--grayscale]
         [--seed 0] [--split-fractions 0.8,0.1,0.1] [--shard-size 1000] [--jpeg-quality 95] [--workers N]
 
 Class ``k`` is a silhouette (disk, ring, square, frame, triangle, plus, cross, two dots; up to 8 classes).
@@ -30,9 +30,10 @@ from PIL import Image
 from data_tools.cli import add_common_args, positive_int, run
 from data_tools.errors import PackError
 from data_tools.records import Record
-from data_tools.shards import EncodeOptions, LabelSpace
+from data_tools.shard_writer import EncodeOptions
 from data_tools.splits import DEFAULT_FRACTIONS, parse_fractions, shuffled, stratified_split
 from data_tools.writer import Staging, build_manifest, write_splits
+from ilm_dist.data.shard_format import LabelSpace
 
 SHAPES = ("disk", "ring", "square", "frame", "triangle", "plus", "cross", "two_dots")
 RADIUS = (0.28, 0.36)  # shape half-extent, fraction of the image side
@@ -161,7 +162,7 @@ def generate(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data_tools.synthetic",
+        prog="python -m data_tools.synthetic_dataset",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

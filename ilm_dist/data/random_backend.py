@@ -1,7 +1,7 @@
 """Synthetic backend: random tensors created on the training device (no decode, no copy).
 
 It measures the training step's own speed (the benchmarks' upper bound); its images carry no
-structure. For a dataset with real class structure use ``python -m data_tools.synthetic``.
+structure. For a dataset with real class structure use ``python -m data_tools.synthetic_dataset``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ilm_dist.data.sampling import steps_per_epoch
 POOL = 4  # distinct batches kept on the device and cycled
 
 
-class SyntheticLoader:
+class RandomTensorLoader:
     def __init__(self, cfg, rank: int, world_size: int, device: torch.device):
         syn, size, batch = cfg.data.synthetic, cfg.data.image_size, cfg.data.batch_size
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + rank)
