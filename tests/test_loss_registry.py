@@ -28,7 +28,6 @@ class ToyLossConfig:
             raise ConfigError("loss.toy.gain: must be positive")
 
 
-@register_intermediate_loss
 class ToyLoss(IntermediateLoss):
     """``gain`` times the MSE of globally pooled block outputs."""
 
@@ -43,6 +42,14 @@ class ToyLoss(IntermediateLoss):
             [F.mse_loss(q.float(), k.float()) for q, k in zip(q_reduced, k_reduced, strict=True)]
         )
         return self.options.gain * self.weights * losses
+
+
+@pytest.fixture(autouse=True)
+def toy_registered():
+    """Register the toy loss for this file's tests only (other tests see the built-in types)."""
+    register_intermediate_loss(ToyLoss)
+    yield
+    del INTERMEDIATE_LOSSES[ToyLoss.name]
 
 
 TOY = [
@@ -91,9 +98,8 @@ def test_trains_two_steps_and_appears_in_the_sweep_results(toy_run, tmp_path):
         assert r["toy_block2"] > 0 and r["toy_block4"] > 0
         assert r["loss"] == pytest.approx(r["moco"] + r["toy_block2"] + r["toy_block4"], rel=1e-5)
 
-    sweep = Sweep(
-        SweepSettings(name="toy", output_dir="sweep", metric="knn_acc_block4"), None, None, None, tmp_path
-    )
+    settings = SweepSettings(name="toy", output_dir=str(tmp_path / "sweep"), metric="knn_acc_block4")
+    sweep = Sweep(settings, space=None, base_config=None, base=None)
     history = pd.DataFrame({"step": [2], "knn_acc_block4": [0.5]})
     trial = results.TrialRecord("t0", "completed", {"loss.type": "toy"}, cfg, history, "")
     table = results.table([trial], sweep)
