@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ilm_dist.config import LossConfig
+from ilm_dist.losses.precision import autocast_off
 from ilm_dist.ops import bt_xcorr_loss, bt_xcorr_loss_global
 
 
@@ -56,10 +57,11 @@ class MseIntermediateLoss(IntermediateLoss):
         ]
 
     def forward(self, q_reduced: list[Tensor], k_reduced: list[Tensor]) -> Tensor:
-        losses = torch.stack(
-            [F.mse_loss(q.float(), k.float()) for q, k in zip(q_reduced, k_reduced, strict=True)]
-        )
-        return self.weights * losses
+        with autocast_off(q_reduced[0]):
+            losses = torch.stack(
+                [F.mse_loss(q.float(), k.float()) for q, k in zip(q_reduced, k_reduced, strict=True)]
+            )
+            return self.weights * losses
 
 
 def bt_projector(in_dim: int, dims: list[int]) -> nn.Sequential:
@@ -92,7 +94,8 @@ class BtIntermediateLoss(IntermediateLoss):
         on_weight = self.weights * self.bt.scale
         off_weight = on_weight * self.bt.off_diag_weight
         loss = bt_xcorr_loss_global if self.bt.global_batch else bt_xcorr_loss
-        return loss(z1, z2, on_weight, off_weight, eps=self.bt.eps, impl=self.bt.impl)
+        with autocast_off(z1):  # the projectors ran under autocast; the loss accumulates in fp32
+            return loss(z1, z2, on_weight, off_weight, eps=self.bt.eps, impl=self.bt.impl)
 
 
 def build_intermediate_loss(cfg: LossConfig, channels: list[int]) -> IntermediateLoss | None:
