@@ -7,6 +7,7 @@ measures the activations. Memory figures are estimates for one rank and say how 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,6 +32,32 @@ class Plan:
         width = max(len(k) for k, _ in self.lines)
         text = [f"{k:<{width}}  {v}" for k, v in self.lines]
         return "\n".join(text + [f"WARNING: {w}" for w in self.warnings])
+
+
+def training_plan(cfg: RunConfig, steps_per_epoch: int, world: int, accum: int) -> str:
+    """One line: length, global batch, LR after scaling and what the run saves (logged at every start).
+
+    ``steps_per_epoch`` counts optimizer steps (loader batches per rank // ``accum``).
+    """
+    global_batch = cfg.data.batch_size * world * accum
+    if cfg.train.max_steps is not None:
+        steps = cfg.train.max_steps
+        epochs = steps / steps_per_epoch if steps_per_epoch else float("inf")
+        length = f"{steps} steps (train.max_steps; {epochs:.3g} x {steps_per_epoch} steps/epoch)"
+    else:
+        steps = steps_per_epoch * cfg.train.epochs
+        length = f"{steps} steps = {cfg.train.epochs} x {steps_per_epoch} steps/epoch (train.epochs)"
+    optim = cfg.optim
+    lr = scaled_lr(optim, global_batch)
+    scaling = f"{optim.lr:g} x {global_batch}/256, " if optim.scale_lr else ""
+    warmup = f", {optim.warmup_steps} warm-up steps" if optim.warmup_steps else ""
+    every = f"every {cfg.train.ckpt_every} steps and " if cfg.train.ckpt_every else ""
+    return (
+        f"plan: {length}; global batch {global_batch} = {cfg.data.batch_size}/rank x {world} ranks x "
+        f"{accum} accumulation; lr {lr:.4g} ({optim.name}, {scaling}{optim.schedule}{warmup}); "
+        f"checkpoints {every}at the end, the last {cfg.train.keep_checkpoints} kept, in "
+        f"{Path(cfg.output_dir) / 'checkpoints'}; {Path(cfg.output_dir) / 'backbone.pt'}: the last step's backbone"
+    )
 
 
 def activation_bytes(model: MoCoILM, batch: int, image_size: int, bytes_per: int) -> int:
@@ -73,7 +100,7 @@ def build_plan(
     lr = scaled_lr(cfg.optim, global_batch)
     plan.add("learning rate", f"{lr:.4g} ({cfg.optim.name}, {cfg.optim.schedule})")
     _plan_queue(plan, cfg, batch * world)
-    _plan_data(plan, cfg, batch, world, num_samples, num_shards)
+    _plan_data(plan, cfg, batch, world, accum, num_samples, num_shards)
     with torch.device("meta"):
         model = MoCoILM(cfg)
     _plan_memory(plan, cfg, model, ds, precision, stage, world)
@@ -93,7 +120,7 @@ def _plan_queue(plan: Plan, cfg: RunConfig, keys_per_step: int) -> None:
 
 
 def _plan_data(
-    plan: Plan, cfg: RunConfig, batch: int, world: int, samples: int | None, shards: int | None
+    plan: Plan, cfg: RunConfig, batch: int, world: int, accum: int, samples: int | None, shards: int | None
 ) -> None:
     if samples is None:
         plan.add("data", "no manifest read (pass --num-samples or make data.shards reachable)")
@@ -103,6 +130,7 @@ def _plan_data(
     plan.add(
         "data", f"{samples} samples -> {steps} steps/epoch, {dropped} dropped per epoch (same on every rank)"
     )
+    plan.add("run", training_plan(cfg, steps // accum, world, accum).removeprefix("plan: "))
     if steps == 0:
         plan.warnings.append("fewer samples than one global batch: the job cannot take a step")
     if shards is not None:

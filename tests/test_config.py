@@ -7,6 +7,7 @@ import pytest
 from ilm_dist.cli import preflight
 from ilm_dist.config import ConfigError, load_config
 from ilm_dist.data.manifest import ManifestError
+from ilm_dist.plan import training_plan
 from ilm_dist.train.engine import resolve_deepspeed_config
 
 
@@ -88,3 +89,23 @@ def test_deepspeed_json_may_not_set_batch(tmp_path):
         resolve_deepspeed_config(cfg)
     resolved = resolve_deepspeed_config(load_config("configs/demo.yaml", ["data.batch_size=48"]))
     assert resolved["train_micro_batch_size_per_gpu"] == 48
+
+
+def test_training_plan_line_states_length_batch_lr_and_what_is_saved():
+    nih = load_config(
+        "configs/nih/moco_bt.yaml", ["data.batch_size=16", "train.epochs=200", "train.ckpt_every=5000"]
+    )
+    assert training_plan(nih, steps_per_epoch=100, world=4, accum=2) == (
+        "plan: 20000 steps = 200 x 100 steps/epoch (train.epochs); global batch 128 = 16/rank x 4 ranks x "
+        "2 accumulation; lr 0.03 (sgd, constant); checkpoints every 5000 steps and at the end, the last 2 "
+        "kept, in runs/nih/moco_bt/checkpoints; runs/nih/moco_bt/backbone.pt: the last step's backbone"
+    )
+    demo = load_config("configs/demo.yaml", ["train.max_steps=25", "train.ckpt_every=0"])
+    line = training_plan(demo, steps_per_epoch=50, world=2, accum=1)
+    assert line.startswith(
+        "plan: 25 steps (train.max_steps; 0.5 x 50 steps/epoch); global batch 64 = 32/rank"
+    )
+    assert (
+        "lr 0.3 (sgd, 1.2 x 64/256, cosine, 10 warm-up steps); checkpoints at the end, the last 2 kept"
+        in line
+    )

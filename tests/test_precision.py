@@ -166,9 +166,12 @@ def bf16_zero1(tmp_path_factory):
 
 @pytest.mark.slow
 def test_bf16_zero1_keeps_fp32_masters_for_the_ema_and_the_export(bf16_zero1):
-    out, _ = bf16_zero1
+    out, log = bf16_zero1
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
     check_master_weights(out, last=2)
+    assert (
+        "plan: 2 steps (train.max_steps; 0.0312 x 64 steps/epoch); global batch 8 = 4/rank x 2 ranks" in log
+    )
 
 
 @pytest.mark.slow
