@@ -1,6 +1,7 @@
 """Config loading: overrides, base chains, and error messages that name the key."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +110,12 @@ def test_training_plan_line_states_length_batch_lr_and_what_is_saved():
         "lr 0.3 (sgd, 1.2 x 64/256, cosine, 10 warm-up steps); checkpoints at the end, the last 2 kept"
         in line
     )
+
+
+def test_every_dataset_config_states_its_length():
+    """No dataset config falls back to the dataclass default of one epoch."""
+    paths = [p for d in ("nih", "idc", "dr") for p in sorted(Path("configs", d).glob("moco*.yaml"))]
+    assert len(paths) == 9
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.train.max_steps is None and cfg.train.epochs == 200, path
