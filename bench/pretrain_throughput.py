@@ -13,8 +13,8 @@ Variants, run one after the other in one process on the same packed shards, for 
   in the official code; one process, no DDP.
 - ``ilm_dist``: ``ilm_dist.train.trainer.Trainer.train_step`` built from a RunConfig: DALI (nvJPEG decode,
   GPU augmentations) on CUDA, the torch backend on CPU (no GPU to decode on); DeepSpeed with
-  ``--ds-config`` (bf16 ZeRO-1 on CUDA; fp32 on CPU, where DeepSpeed bf16 fails: it keeps BatchNorm's
-  running statistics fp32 and CPU batch_norm rejects the mix); the csrc op (``loss.bt.impl=ext`` when built); the
+  ``--ds-config`` (bf16 autocast ZeRO-1 on CUDA; fp32 on CPU, where bf16 convolutions are emulated unless the
+  CPU has AVX-512 BF16 or AMX); the csrc op (``loss.bt.impl=ext`` when built); the
   fused fp32 EMA; channels-last inputs (``--channels-last``).
 - ``synthetic``: the same step on ``data.backend=synthetic`` (batches already on the device): the bound.
 
@@ -473,7 +473,7 @@ def run_ilm_dist(args: argparse.Namespace, cfg: RunConfig, device: torch.device)
     info = {
         "description": f"{trainer.loader.description}; loss.bt.impl={cfg.loss.bt.impl}, fused EMA, "
         f"channels-last {'on' if args.channels_last else 'off'}",
-        "precision": f"DeepSpeed {args.ds_config} ({str(trainer.dtype).removeprefix('torch.')} weights)",
+        "precision": f"DeepSpeed {args.ds_config} ({str(trainer.dtype).removeprefix('torch.')} compute, fp32 weights)",
     }
     return result, info
 

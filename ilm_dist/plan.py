@@ -7,6 +7,7 @@ measures the activations. Memory figures are estimates for one rank and say how 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,6 +32,32 @@ class Plan:
         width = max(len(k) for k, _ in self.lines)
         text = [f"{k:<{width}}  {v}" for k, v in self.lines]
         return "\n".join(text + [f"WARNING: {w}" for w in self.warnings])
+
+
+def training_plan(cfg: RunConfig, steps_per_epoch: int, world: int, accum: int) -> str:
+    """One line: length, global batch, LR after scaling and what the run saves (logged at every start).
+
+    ``steps_per_epoch`` counts optimizer steps (loader batches per rank // ``accum``).
+    """
+    global_batch = cfg.data.batch_size * world * accum
+    if cfg.train.max_steps is not None:
+        steps = cfg.train.max_steps
+        epochs = steps / steps_per_epoch if steps_per_epoch else float("inf")
+        length = f"{steps} steps (train.max_steps; {epochs:.3g} x {steps_per_epoch} steps/epoch)"
+    else:
+        steps = steps_per_epoch * cfg.train.epochs
+        length = f"{steps} steps = {cfg.train.epochs} x {steps_per_epoch} steps/epoch (train.epochs)"
+    optim = cfg.optim
+    lr = scaled_lr(optim, global_batch)
+    scaling = f"{optim.lr:g} x {global_batch}/256, " if optim.scale_lr else ""
+    warmup = f", {optim.warmup_steps} warm-up steps" if optim.warmup_steps else ""
+    every = f"every {cfg.train.ckpt_every} steps and " if cfg.train.ckpt_every else ""
+    return (
+        f"plan: {length}; global batch {global_batch} = {cfg.data.batch_size}/rank x {world} ranks x "
+        f"{accum} accumulation; lr {lr:.4g} ({optim.name}, {scaling}{optim.schedule}{warmup}); "
+        f"checkpoints {every}at the end, the last {cfg.train.keep_checkpoints} kept, in "
+        f"{Path(cfg.output_dir) / 'checkpoints'}; {Path(cfg.output_dir) / 'backbone.pt'}: the last step's backbone"
+    )
 
 
 def activation_bytes(model: MoCoILM, batch: int, image_size: int, bytes_per: int) -> int:
@@ -68,15 +95,16 @@ def build_plan(
     global_batch = batch * world * accum
     plan.add("world", f"{nodes} nodes x {gpus_per_node} ranks = {world} ranks")
     plan.add("batch", f"{batch}/rank x {world} ranks x {accum} accumulation = global {global_batch}")
-    plan.add("precision / ZeRO", f"{precision}, stage {stage}")
+    compute = f"{precision} autocast (fp32 weights, statistics, losses)" if precision != "fp32" else "fp32"
+    plan.add("precision / ZeRO", f"{compute}, stage {stage}")
     lr = scaled_lr(cfg.optim, global_batch)
     plan.add("learning rate", f"{lr:.4g} ({cfg.optim.name}, {cfg.optim.schedule})")
     _plan_queue(plan, cfg, batch * world)
-    _plan_data(plan, cfg, batch, world, num_samples, num_shards)
+    _plan_data(plan, cfg, batch, world, accum, num_samples, num_shards)
     with torch.device("meta"):
         model = MoCoILM(cfg)
-    _plan_memory(plan, cfg, model, precision, stage, world)
-    _plan_comm(plan, cfg, model, precision, stage, world, batch)
+    _plan_memory(plan, cfg, model, ds, precision, stage, world)
+    _plan_comm(plan, cfg, model, ds, precision, stage, world, batch)
     return plan
 
 
@@ -92,7 +120,7 @@ def _plan_queue(plan: Plan, cfg: RunConfig, keys_per_step: int) -> None:
 
 
 def _plan_data(
-    plan: Plan, cfg: RunConfig, batch: int, world: int, samples: int | None, shards: int | None
+    plan: Plan, cfg: RunConfig, batch: int, world: int, accum: int, samples: int | None, shards: int | None
 ) -> None:
     if samples is None:
         plan.add("data", "no manifest read (pass --num-samples or make data.shards reachable)")
@@ -102,47 +130,65 @@ def _plan_data(
     plan.add(
         "data", f"{samples} samples -> {steps} steps/epoch, {dropped} dropped per epoch (same on every rank)"
     )
+    plan.add("run", training_plan(cfg, steps // accum, world, accum).removeprefix("plan: "))
     if steps == 0:
         plan.warnings.append("fewer samples than one global batch: the job cannot take a step")
     if shards is not None:
         plan.add("shards", f"{shards} shards, {shards / world:.2f} per rank (readers split by sample index)")
 
 
-def _plan_memory(plan: Plan, cfg: RunConfig, model: MoCoILM, precision: str, stage: int, world: int) -> None:
-    params = count(model)
-    low = DTYPES[precision].itemsize
-    weights = params * low  # the engine's module copy
-    master = params * 4 if precision != "fp32" else 0  # fp32 master weights
-    optim_state = params * 4 * (2 if cfg.optim.name == "adamw" else 1)
-    grads = params * low
-    if stage >= 1:
-        master, optim_state = master / world, optim_state / world
-    if stage >= 2:
-        grads = grads / world
+# DeepSpeed's default torch_autocast.lower_precision_safe_modules (deepspeed/runtime/torch_autocast.py)
+LOWER_PRECISION_SAFE = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+
+
+def low_precision_params(model: nn.Module, ds: dict) -> int:
+    """Parameters of the modules autocast computes in 16 bits and ZeRO 1/2 reduce in 16 bits."""
+    names = ds.get("torch_autocast", {}).get("lower_precision_safe_modules")
+    if names is None:
+        names = [f"torch.nn.{n}" for n in LOWER_PRECISION_SAFE]
+    short = {n.rsplit(".", 1)[-1] for n in names}
+    return sum(count(m) for m in model.modules() if type(m).__name__ in short and not list(m.children()))
+
+
+def _plan_memory(
+    plan: Plan, cfg: RunConfig, model: MoCoILM, ds: dict, precision: str, stage: int, world: int
+) -> None:
+    """The engine's module stays fp32 (torch_autocast): it is the master under ZeRO 0, and ZeRO 1/2 add
+    an fp32 partition; autocast holds 16-bit copies of the conv/linear weights through forward + backward."""
+    params, low = count(model), DTYPES[precision].itemsize
+    weights = params * 4
+    casts = low_precision_params(model, ds) * low if precision != "fp32" else 0
+    master = params * 4 / world if stage >= 1 else 0
+    optim_state = params * 4 * (2 if cfg.optim.name == "adamw" else 1) / (world if stage >= 1 else 1)
+    grads = params * 4 / (world if stage >= 2 else 1)
     key_encoder = count(model.encoder) * 4  # fp32 EMA copy
     queue = cfg.moco.queue_size * cfg.moco.dim * 4
     acts = activation_bytes(model, cfg.data.batch_size, cfg.data.image_size, low)
-    total = weights + master + optim_state + grads + key_encoder + queue + acts
+    total = weights + casts + master + optim_state + grads + key_encoder + queue + acts
     plan.add(
         "parameters", f"{params / 1e6:.1f} M trainable (+ {count(model.encoder) / 1e6:.1f} M key encoder)"
     )
     plan.add(
         "memory / rank",
-        f"~{total / GIB:.1f} GiB = weights {weights / GIB:.2f} + master {master / GIB:.2f} + optimizer "
-        f"{optim_state / GIB:.2f} + grads {grads / GIB:.2f} + key encoder {key_encoder / GIB:.2f} + queue "
-        f"{queue / GIB:.3f} + activations {acts / GIB:.2f} (sum of leaf-module outputs of one query forward)",
+        f"~{total / GIB:.1f} GiB = fp32 weights {weights / GIB:.2f} + {precision} casts {casts / GIB:.2f} + "
+        f"ZeRO master {master / GIB:.2f} + optimizer {optim_state / GIB:.2f} + fp32 grads {grads / GIB:.2f} + "
+        f"key encoder {key_encoder / GIB:.2f} + queue {queue / GIB:.3f} + activations {acts / GIB:.2f} "
+        "(sum of leaf-module outputs of one query forward)",
     )
 
 
 def _plan_comm(
-    plan: Plan, cfg: RunConfig, model: MoCoILM, precision: str, stage: int, world: int, batch: int
+    plan: Plan, cfg: RunConfig, model: MoCoILM, ds: dict, precision: str, stage: int, world: int, batch: int
 ) -> None:
     """Bytes each rank sends per step: ring all-reduce 2(R-1)/R, all-gather (R-1)/R, all_to_all (R-1)/R."""
     if world == 1:
         plan.add("communication", "none (one rank)")
         return
     low, ring = DTYPES[precision].itemsize, (world - 1) / world
-    grads = 2 * ring * count(model) * low  # all-reduce, or reduce-scatter + all-gather under ZeRO 1/2
+    # all-reduce, or reduce-scatter + all-gather under ZeRO 1/2; ZeRO 1/2 reduce the autocast modules'
+    # gradients in 16 bits and the rest (BatchNorm) in fp32, ZeRO 0 reduces everything in fp32
+    low_params = low_precision_params(model, ds) if stage >= 1 and precision != "fp32" else 0
+    grads = 2 * ring * (low_params * low + (count(model) - low_params) * 4)
     keys = ring * world * batch * cfg.moco.dim * 4
     shuffle = 0.0
     if cfg.moco.shuffle_bn:  # all_to_all: images out, key features (embedding + reduced blocks) back

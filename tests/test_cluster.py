@@ -130,7 +130,8 @@ def test_dry_run_plans_a_32_gpu_job():
     elapsed = time.time() - start
     out = proc.stdout
     assert "4 nodes x 8 ranks = 32 ranks" in out
-    assert "32/rank x 32 ranks x 1 accumulation = global 1024" in out
-    assert "86524 samples -> 84 steps/epoch, 508 dropped per epoch" in out
+    assert "16/rank x 32 ranks x 1 accumulation = global 512" in out
+    assert "86524 samples -> 168 steps/epoch, 508 dropped per epoch" in out
+    assert "33600 steps = 200 x 168 steps/epoch (train.epochs); global batch 512" in out
     assert "memory / rank" in out and "communication / step" in out
     print(f"dry run took {elapsed:.1f} s")

@@ -7,8 +7,11 @@ import pytest
 
 from ilm_dist.config import ConfigError, absolute_overrides, load_config, save_config
 from ilm_dist.data.manifest import ManifestError
+from ilm_dist.plan import training_plan
 from ilm_dist.train.engine import resolve_deepspeed_config
 from ilm_dist.train.preflight import preflight
+
+RUNS = Path("runs").resolve()  # configs/ name ../../runs: the repository's runs/
 
 
 def write(path, text):
@@ -114,3 +117,32 @@ def test_relative_paths_are_relative_to_the_file_that_names_them(tmp_path, monke
         f"data.shards={tmp_path / 'x'}",
         "seed=3",
     ]
+
+
+def test_training_plan_line_states_length_batch_lr_and_what_is_saved():
+    nih = load_config(
+        "configs/nih/moco_bt.yaml", ["data.batch_size=16", "train.epochs=200", "train.ckpt_every=5000"]
+    )
+    assert training_plan(nih, steps_per_epoch=100, world=4, accum=2) == (
+        "plan: 20000 steps = 200 x 100 steps/epoch (train.epochs); global batch 128 = 16/rank x 4 ranks x "
+        "2 accumulation; lr 0.03 (sgd, constant); checkpoints every 5000 steps and at the end, the last 2 "
+        f"kept, in {RUNS}/nih/moco_bt/checkpoints; {RUNS}/nih/moco_bt/backbone.pt: the last step's backbone"
+    )
+    demo = load_config("configs/demo.yaml", ["train.max_steps=25", "train.ckpt_every=0"])
+    line = training_plan(demo, steps_per_epoch=50, world=2, accum=1)
+    assert line.startswith(
+        "plan: 25 steps (train.max_steps; 0.5 x 50 steps/epoch); global batch 64 = 32/rank"
+    )
+    assert (
+        "lr 0.3 (sgd, 1.2 x 64/256, cosine, 10 warm-up steps); checkpoints at the end, the last 2 kept"
+        in line
+    )
+
+
+def test_every_dataset_config_states_its_length():
+    """No dataset config falls back to the dataclass default of one epoch."""
+    paths = [p for d in ("nih", "idc", "dr") for p in sorted(Path("configs", d).glob("moco*.yaml"))]
+    assert len(paths) == 9
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.train.max_steps is None and cfg.train.epochs == 200, path

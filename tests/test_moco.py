@@ -19,11 +19,19 @@ def test_ema_update_matches_formula():
     with torch.no_grad():
         for p in query.parameters():
             p.add_(torch.randn_like(p))
-    key.update(query.to(torch.bfloat16), momentum=0.99)
+    key.update(query, momentum=0.99)
     for k_old, k_new, q in zip(before, key.encoder.parameters(), query.parameters(), strict=True):
-        expected = 0.99 * k_old + 0.01 * q.double().float()
+        expected = (0.99 * k_old.double() + 0.01 * q.double()).float()
         torch.testing.assert_close(k_new, expected, rtol=1e-6, atol=1e-6)
         assert k_new.dtype == torch.float32 and not k_new.requires_grad
+
+
+def test_ema_refuses_a_16_bit_copy_of_the_query():
+    """The EMA must average the fp32 master weights; a bf16 module copy would round every update away."""
+    query = torch.nn.Linear(5, 4)
+    key = KeyEncoder(query)
+    with pytest.raises(TypeError, match=r"\['torch.bfloat16'\], not the fp32 master weights"):
+        key.update(query.to(torch.bfloat16), momentum=0.99)
 
 
 def test_key_encoder_starts_as_copy_and_has_no_grad():

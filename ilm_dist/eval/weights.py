@@ -7,7 +7,8 @@ Accepted ``--weights`` values:
 - ``backbone.pt`` or any torchvision-format ``state_dict`` file (``fc.*`` is ignored);
 - a DeepSpeed checkpoint: ``<run>/checkpoints`` (its ``latest`` tag), ``<run>/checkpoints/step_N``, or the
   ``mp_rank_00_model_states.pt`` file in it. The query encoder's backbone (``encoder.backbone.*``) is read
-  in the dtype the engine kept the module in (bf16 for bf16 runs, the same precision as ``backbone.pt``).
+  as the engine kept it: fp32 (the 16-bit engine configs only compute under autocast), the values of
+  ``backbone.pt``.
 
 Weights that do not fit the architecture raise :class:`EvalError` naming the file and the first
 mismatching tensors (and the architecture the file looks like).

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ilm_dist.errors import ConfigError
 from ilm_dist.losses.intermediate import IntermediateLoss, register_intermediate_loss
+from ilm_dist.losses.precision import autocast_off
 from ilm_dist.ops import bt_xcorr_loss, bt_xcorr_loss_global
 
 
@@ -67,4 +68,5 @@ class BtIntermediateLoss(IntermediateLoss):
         on_weight = self.weights * bt.scale
         off_weight = on_weight * bt.off_diag_weight
         loss = bt_xcorr_loss_global if bt.global_batch else bt_xcorr_loss
-        return loss(z1, z2, on_weight, off_weight, eps=bt.eps, impl=bt.impl)
+        with autocast_off(z1):  # the projectors ran under autocast; the loss accumulates in fp32
+            return loss(z1, z2, on_weight, off_weight, eps=bt.eps, impl=bt.impl)

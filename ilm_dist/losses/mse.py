@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ilm_dist.errors import ConfigError
 from ilm_dist.losses.intermediate import IntermediateLoss, register_intermediate_loss
+from ilm_dist.losses.precision import autocast_off
 
 
 @dataclass
@@ -39,7 +40,8 @@ class MseIntermediateLoss(IntermediateLoss):
         ]
 
     def forward(self, q_reduced: list[Tensor], k_reduced: list[Tensor]) -> Tensor:
-        losses = torch.stack(
-            [F.mse_loss(q.float(), k.float()) for q, k in zip(q_reduced, k_reduced, strict=True)]
-        )
-        return self.weights * losses
+        with autocast_off(q_reduced[0]):
+            losses = torch.stack(
+                [F.mse_loss(q.float(), k.float()) for q, k in zip(q_reduced, k_reduced, strict=True)]
+            )
+            return self.weights * losses

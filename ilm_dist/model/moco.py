@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ilm_dist.config import RunConfig
 from ilm_dist.losses.contrastive import info_nce, moco_logits, top1_accuracy
 from ilm_dist.losses.intermediate import build_intermediate_loss
+from ilm_dist.losses.precision import autocast_off
 from ilm_dist.model.encoder import Encoder
 
 
@@ -39,8 +40,9 @@ class MoCoILM(nn.Module):
         """Loss terms for a query view given the key features of the other view and the queue."""
         out = self.encoder(view_q)
         q = F.normalize(out.embedding.float(), dim=1)
-        logits = moco_logits(q, keys[0], queue, self.temperature)
-        terms = {"moco": info_nce(logits)}
+        with autocast_off(q):
+            logits = moco_logits(q, keys[0], queue, self.temperature)
+            terms = {"moco": info_nce(logits)}
         total = terms["moco"]
         if self.intermediate is not None:
             per_block = self.intermediate(self.intermediate.reduce(out.blocks), keys[1:])

@@ -1,6 +1,15 @@
 """The DeepSpeed engine: config resolution, precision, wrapping the trainable module, checkpoint I/O.
 
 The process group it runs in is started by :func:`ilm_dist.distributed.init_process_group`.
+
+Mixed precision is DeepSpeed's ``torch_autocast`` mode: the module, and so the weights the optimizer
+updates, the BatchNorm running statistics and every loss constant, stay fp32; the forward runs under
+``torch.autocast`` (convolutions and matmuls in bf16/fp16). Under ZeRO 1/2 the module's fp32 weights are
+all-gathered copies of the fp32 master partitions, bit for bit, so the key encoder's EMA and the exported
+backbone read the master weights at no cost. DeepSpeed's ``bf16``/``fp16`` modes are refused: they cast
+the module to 16 bits, so the EMA would average a rounded copy, and BatchNorm either keeps bf16 weights
+with fp32 statistics (CPU ``batch_norm`` rejects the mix) or, with ``data_types.buffer_dtype``, keeps its
+running statistics in 16 bits (with momentum 0.1 a bf16 statistic near 1 cannot move by less than ~4%).
 """
 
 from __future__ import annotations
@@ -15,6 +24,12 @@ from ilm_dist.config import ConfigError
 from ilm_dist.serialization import load_tensors, save_tensors
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# the 16-bit torch_autocast.dtype spellings DeepSpeed accepts (its DtypeEnum), by precision
+AUTOCAST_NAMES = {
+    **dict.fromkeys(("bf16", "bfloat16", "torch.bfloat16"), "bf16"),
+    **dict.fromkeys(("fp16", "float16", "half", "torch.float16"), "fp16"),
+}
+AUTOCAST_SPELLING = {"bf16": "bfloat16", "fp16": "float16"}
 
 
 DEFAULT_DS_CONFIG = {"zero_optimization": {"stage": 0}, "gradient_clipping": 0.0}  # fp32, no ZeRO
@@ -35,8 +50,15 @@ def resolve_deepspeed_config(path: str | None, micro_batch: int) -> dict[str, An
             )
     if ds.get("zero_optimization", {}).get("stage", 0) not in (0, 1, 2):
         raise ConfigError(f"engine.deepspeed_config: {path}: ZeRO stage must be 0, 1 or 2")
-    if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
-        raise ConfigError(f"engine.deepspeed_config: {path} enables both bf16 and fp16")
+    for mode in ("bf16", "fp16"):
+        if ds.get(mode, {}).get("enabled"):
+            raise ConfigError(
+                f"engine.deepspeed_config: {path} enables DeepSpeed's {mode} mode, which casts the module to "
+                f"16 bits (rounded master copy for the key encoder's EMA, 16-bit BatchNorm statistics); use "
+                f'"torch_autocast": {{"enabled": true, "dtype": "{AUTOCAST_SPELLING[mode]}"}} instead, '
+                f"as configs/deepspeed/{mode}_zero1.json does"
+            )
+    precision_of(ds, path)  # a bad autocast dtype fails here, naming the file
     ds["train_micro_batch_size_per_gpu"] = micro_batch
     ds.setdefault("gradient_accumulation_steps", 1)
     ds["zero_allow_untested_optimizer"] = True  # our torch optimizer, deliberately
@@ -44,12 +66,21 @@ def resolve_deepspeed_config(path: str | None, micro_batch: int) -> dict[str, An
     return ds
 
 
-def precision_of(ds_config: dict[str, Any]) -> str:
-    """``bf16``, ``fp16`` or ``fp32``: the dtype DeepSpeed keeps the module and wants inputs in."""
-    for name in ("bf16", "fp16"):
-        if ds_config.get(name, {}).get("enabled"):
-            return name
-    return "fp32"
+def precision_of(ds_config: dict[str, Any], path: str | Path = "the DeepSpeed config") -> str:
+    """``bf16``, ``fp16`` or ``fp32``: the compute dtype of the forward (``torch_autocast.dtype``).
+
+    Weights, gradients, optimizer state and buffers are fp32 tensors whatever this returns.
+    """
+    autocast = ds_config.get("torch_autocast", {})
+    if not autocast.get("enabled"):
+        return "fp32"
+    name = str(autocast.get("dtype")).lower()
+    if name not in AUTOCAST_NAMES:
+        raise ConfigError(
+            f"engine.deepspeed_config: {path}: torch_autocast.dtype is {autocast.get('dtype')!r}; set one of "
+            f"{sorted(AUTOCAST_NAMES)} (unset, torch picks float16 on CUDA and bfloat16 on CPU)"
+        )
+    return AUTOCAST_NAMES[name]
 
 
 def wrap(model: torch.nn.Module, optimizer, scheduler, ds_config: dict[str, Any]):

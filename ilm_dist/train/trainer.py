@@ -29,6 +29,7 @@ from ilm_dist.moco.key_encoder import KeyEncoder
 from ilm_dist.moco.queue import KeyQueue
 from ilm_dist.moco.shuffle_bn import shuffled_forward
 from ilm_dist.model.moco import MoCoILM
+from ilm_dist.plan import training_plan
 from ilm_dist.serialization import save_tensors
 from ilm_dist.train import checkpoint, faults, run_dir
 from ilm_dist.train import engine as ds_engine
@@ -66,6 +67,9 @@ class Trainer:
         ds_config = ds_engine.resolve_deepspeed_config(cfg.engine.deepspeed_config, cfg.data.batch_size)
         self.grad_accum = ds_config["gradient_accumulation_steps"]
         self.total_steps = self._total_steps()
+        if self.info.is_main:
+            per_epoch = self.loader.steps_per_epoch // self.grad_accum
+            log.info("%s", training_plan(cfg, per_epoch, self.info.world_size, self.grad_accum))
         self.dtype = ds_engine.DTYPES[ds_engine.precision_of(ds_config)]
         model = self._build_model()
         self.key_encoder = KeyEncoder(model.encoder).to(self.device)
