@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from ilm_dist.config import ConfigError, load_config
+from ilm_dist.distributed import select_accelerator
 from ilm_dist.losses.contrastive import info_nce, moco_logits
 from ilm_dist.model.moco import MoCoILM
 from ilm_dist.ops.reference import bt_xcorr_loss_reference
-from ilm_dist.train.engine import precision_of, resolve_deepspeed_config, select_accelerator
+from ilm_dist.train.engine import precision_of, resolve_deepspeed_config
 from ilm_dist.train.metrics import read_metrics
 from tests.launcher import REPO, run_deepspeed
 
@@ -42,7 +43,7 @@ TINY = [
 
 def pretrain(out: Path, ds_config: str, steps: int, *extra: str, num_procs: int = 2):
     args = ["--config", "configs/demo.yaml", f"output_dir={out}", *TINY, f"train.max_steps={steps}"]
-    args += [f"engine.deepspeed_config=deepspeed/{ds_config}.json", *extra]
+    args += [f"engine.deepspeed_config=configs/deepspeed/{ds_config}.json", *extra]
     return run_deepspeed("launch/pretrain.py", args, num_procs=num_procs)
 
 
@@ -54,8 +55,10 @@ def pretrain(out: Path, ds_config: str, steps: int, *extra: str, num_procs: int 
     [("fp32", "fp32", 0), ("bf16_zero1", "bf16", 1), ("bf16_zero2", "bf16", 2), ("fp16_zero1", "fp16", 1)],
 )
 def test_shipped_engine_configs_keep_the_module_fp32(name, precision, stage):
-    cfg = load_config(REPO / "configs/demo.yaml", [f"engine.deepspeed_config=deepspeed/{name}.json"])
-    ds = resolve_deepspeed_config(cfg)
+    cfg = load_config(
+        REPO / "configs/demo.yaml", [f"engine.deepspeed_config={REPO}/configs/deepspeed/{name}.json"]
+    )
+    ds = resolve_deepspeed_config(cfg.engine.deepspeed_config, cfg.data.batch_size)
     assert precision_of(ds) == precision
     assert ds["zero_optimization"]["stage"] == stage
     assert not ds.get("bf16", {}).get("enabled") and not ds.get("fp16", {}).get("enabled")
@@ -76,7 +79,7 @@ def test_engine_configs_that_would_lose_precision_are_refused(tmp_path, section,
     path.write_text(json.dumps({"zero_optimization": {"stage": 1}, **section}))
     cfg = load_config(REPO / "configs/demo.yaml", [f"engine.deepspeed_config={path}"])
     with pytest.raises(ConfigError, match=rf"engine.deepspeed_config: {path}.*{message}"):
-        resolve_deepspeed_config(cfg)
+        resolve_deepspeed_config(cfg.engine.deepspeed_config, cfg.data.batch_size)
 
 
 # --------------------------------------------------------------------------- losses under autocast
