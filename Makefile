@@ -32,7 +32,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m data_tools.synthetic_dataset $(DEMO)/data --overwrite
 	DS_ACCELERATOR=cpu $(VENV)/bin/deepspeed --num_gpus 2 launch/pretrain.py --config configs/demo.yaml --overwrite
-	$(PY) launch/quick_probe.py --run $(DEMO)/pretrain
+	$(PY) launch/knn_check.py --run $(DEMO)/pretrain
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra

@@ -37,6 +37,19 @@ EXTRAS_REQUIRE = {
     "dicom": ["pydicom"],  # .dcm input to data_tools.pack
     "dev": ["pytest", "pytest-timeout", "ruff"],
 }
+# The commands of an installed package (no source checkout needed); launch/*.py are the same commands.
+CONSOLE_SCRIPTS = [
+    "ilm-pretrain = ilm_dist.pretrain:pretrain_main",
+    "ilm-dry-run = ilm_dist.plan:dry_run_main",
+    "ilm-finetune = ilm_dist.eval.commands:finetune_main",
+    "ilm-probe = ilm_dist.eval.commands:probe_main",
+    "ilm-analyse = ilm_dist.eval.commands:analyse_main",
+    "ilm-knn-check = ilm_dist.eval.knn_check:main",
+    "ilm-tune = ilm_dist.tune.command:tune_main",
+    "ilm-pack = data_tools.pack:main",
+    "ilm-verify = data_tools.verify:main",
+    "ilm-synthetic = data_tools.synthetic_dataset:main",
+]
 EXTRAS_REQUIRE["all"] = sorted({dep for deps in EXTRAS_REQUIRE.values() for dep in deps})
 
 # --- C++/CUDA extension ilm_dist._C (csrc/) ---------------------------------------------------------
@@ -126,6 +139,7 @@ setup(
     packages=find_packages(include=["ilm_dist*", "data_tools*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
 )

@@ -25,13 +25,36 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from common import ROOT, source_commit, write_result
+from torch import Tensor
 
-from ilm_dist.moco.shuffle_bn import all_gather_shuffled_forward, route, shuffled_forward, step_permutation
+from ilm_dist import distributed as D
+from ilm_dist.moco.shuffle_bn import route, shuffled_forward, step_permutation
+
+
+@torch.no_grad()
+def all_gather_shuffled_forward(
+    fn: Callable[[Tensor], list[Tensor]], images: Tensor, seed: int, step: int
+) -> list[Tensor]:
+    """The implementation before ``all_to_all``, same results: every rank gathers the whole global batch
+    and every rank's outputs, ``(R-1) * B`` samples of each. The baseline of this benchmark and the
+    reference of the shuffle test (tests/dist_scripts/shuffle_bn.py)."""
+    world, rank = D.world_size(), D.rank()
+    if world == 1:
+        return fn(images)
+    batch = images.shape[0]
+    gathered = D.all_gather_no_grad(images)
+    perm = step_permutation(gathered.shape[0], seed, step, images.device)
+    mine = perm[rank * batch : (rank + 1) * batch]
+    outputs = fn(gathered[mine])
+    inverse = torch.argsort(perm)[rank * batch : (rank + 1) * batch]
+    return [D.all_gather_no_grad(out.contiguous())[inverse] for out in outputs]
+
 
 IMPLS = {"all_gather": all_gather_shuffled_forward, "all_to_all": shuffled_forward}
 

@@ -6,8 +6,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ilm_dist.errors import InputError
 
-class PackError(ValueError):
+
+class PackError(InputError):
     """Bad input or arguments; the message names the offending file (and line/column) and what was expected."""
 
 

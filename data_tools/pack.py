@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from data_tools import dicom
-from data_tools.cli import add_common_args, comma_list, positive_int, run
+from data_tools.command import add_common_args, comma_list, positive_int, run
 from data_tools.errors import BadImage, PackError
 from data_tools.imaging import IMAGE_MODES, probe
 from data_tools.labelfiles import CsvLayout, csv_source, nih_csv_source, nih_source, parse_nih_list
@@ -56,10 +56,11 @@ from data_tools.splits import (
 )
 from data_tools.writer import Staging, build_manifest, write_splits
 from ilm_dist.data.shard_format import LabelSpace
+from ilm_dist.errors import ArgumentParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m data_tools.pack",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from data_tools import dicom
-from data_tools.cli import comma_list
+from data_tools.command import comma_list
 from data_tools.errors import PackError
 from data_tools.records import SPLITS, ArrayRef, FileRef, Record, natural_key, npz_array
 

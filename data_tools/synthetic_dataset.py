@@ -27,13 +27,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_tools.cli import add_common_args, positive_int, run
+from data_tools.command import add_common_args, positive_int, run
 from data_tools.errors import PackError
 from data_tools.records import Record
 from data_tools.shard_writer import EncodeOptions
 from data_tools.splits import DEFAULT_FRACTIONS, parse_fractions, shuffled, stratified_split
 from data_tools.writer import Staging, build_manifest, write_splits
 from ilm_dist.data.shard_format import LabelSpace
+from ilm_dist.errors import ArgumentParser
 
 SHAPES = ("disk", "ring", "square", "frame", "triangle", "plus", "cross", "two_dots")
 RADIUS = (0.28, 0.36)  # shape half-extent, fraction of the image side
@@ -161,7 +162,7 @@ def generate(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m data_tools.synthetic_dataset",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -14,7 +14,6 @@ splits; no unlisted files.  Exit status 0 when everything agrees, 1 otherwise.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -26,11 +25,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from data_tools.cli import positive_int
+from data_tools.command import positive_int
 from data_tools.parallel import parallel_map
 from data_tools.shard_writer import sha256_file
 from ilm_dist.data.manifest import Manifest, ManifestError, ShardInfo, load_manifest
 from ilm_dist.data.shard_format import COMPONENTS, LabelSpace, index_text, is_sample_key, iter_samples
+from ilm_dist.errors import ArgumentParser
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ def check_disjoint_groups(splits: list[str], checks: list[ShardCheck]) -> list[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_tools.verify", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m data_tools.verify", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", type=Path, help="a directory written by data_tools.pack")
     parser.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

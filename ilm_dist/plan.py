@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ilm_dist.config import RunConfig
+from ilm_dist.config import RunConfig, load_config
+from ilm_dist.data.manifest import load_manifest
+from ilm_dist.errors import ArgumentParser, exit_on_input_error, fail
 from ilm_dist.model.moco import MoCoILM
 from ilm_dist.train.engine import DTYPES, precision_of, resolve_deepspeed_config
 from ilm_dist.train.optim import scaled_lr
@@ -207,3 +209,29 @@ def _plan_comm(
         f"~{total / 1e6:.1f} MB/rank = gradients {grads / 1e6:.1f} + keys {keys / 1e6:.2f} + shuffle-BN "
         f"{shuffle / 1e6:.1f} + BT global batch {bt / 1e6:.2f}",
     )
+
+
+def dry_run_main(argv: list[str] | None = None) -> None:
+    """Validate a configuration for a cluster shape and print the plan, without a cluster."""
+    parser = ArgumentParser(description="plan a distributed pretraining job without running it")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument(
+        "--num-samples", type=int, default=None, help="split size when the shards are not reachable"
+    )
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args(argv)
+    with exit_on_input_error():
+        cfg = load_config(args.config, args.overrides)
+        samples, shards = args.num_samples, None
+        if cfg.data.backend != "synthetic" and samples is None:
+            split = load_manifest(cfg.data.shards).split(cfg.data.split)
+            samples, shards = split.num_samples, len(split.shards)
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        fail("--nodes and --gpus-per-node must be >= 1")
+    print(build_plan(cfg, args.nodes, args.gpus_per_node, samples, shards).render())
+
+
+if __name__ == "__main__":
+    dry_run_main()

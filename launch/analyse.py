@@ -6,7 +6,7 @@ python launch/analyse.py evals/idc/idc_moco evals/idc/idc_moco_mse --out report/
 It only reads saved files and runs in one process; under the deepspeed launcher rank 0 does the work.
 """
 
-from ilm_dist.eval.cli import analyse_main
+from ilm_dist.eval.commands import analyse_main
 
 if __name__ == "__main__":
     analyse_main()

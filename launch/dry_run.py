@@ -3,7 +3,7 @@
 python launch/dry_run.py --config configs/nih/moco_bt.yaml --nodes 4 --gpus-per-node 8 --num-samples 86524
 """
 
-from ilm_dist.cli import dry_run_main
+from ilm_dist.plan import dry_run_main
 
 if __name__ == "__main__":
     dry_run_main()

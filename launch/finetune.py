@@ -6,7 +6,7 @@ deepspeed launch/finetune.py --weights runs/idc/moco --out evals/idc        # da
 DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/finetune.py --weights runs/idc/moco --out evals/idc
 """
 
-from ilm_dist.eval.cli import finetune_main
+from ilm_dist.eval.commands import finetune_main
 
 if __name__ == "__main__":
     finetune_main()

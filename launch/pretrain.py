@@ -5,7 +5,7 @@ python launch/pretrain.py --config configs/demo.yaml            # one process
 python launch/pretrain.py --config configs/idc/moco_bt.yaml --resume
 """
 
-from ilm_dist.cli import pretrain_main
+from ilm_dist.pretrain import pretrain_main
 
 if __name__ == "__main__":
     pretrain_main()

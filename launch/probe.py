@@ -5,7 +5,7 @@ deepspeed launch/probe.py --weights runs/idc/moco --out evals/idc      # feature
 DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/probe.py --weights runs/idc/moco --out evals/idc
 """
 
-from ilm_dist.eval.cli import probe_main
+from ilm_dist.eval.commands import probe_main
 
 if __name__ == "__main__":
     probe_main()

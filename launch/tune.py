@@ -6,7 +6,7 @@ python launch/tune.py --config configs/sweeps/idc.yaml --resume         # after 
 python launch/tune.py --config configs/sweeps/idc.yaml --address auto   # an existing Ray cluster
 """
 
-from ilm_dist.tune.cli import tune_main
+from ilm_dist.tune.command import tune_main
 
 if __name__ == "__main__":
     tune_main()

@@ -15,8 +15,7 @@ import time
 import pytest
 import torch
 
-from ilm_dist.train.metrics import read_metrics
-from tests.launcher import REPO, cpu_env, free_port, run_deepspeed
+from tests.launcher import REPO, cpu_env, free_port, read_metrics, run_deepspeed
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from ilm_dist.errors import InputError
-from ilm_dist.eval.cli import finetune_main, probe_main
+from ilm_dist.eval.commands import finetune_main, probe_main
 from ilm_dist.eval.finetune import FinetuneSettings
 from ilm_dist.eval.probe import ProbeSettings
 from ilm_dist.options import add_options, check_bounds, from_args, option

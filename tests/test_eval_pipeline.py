@@ -16,7 +16,7 @@ import torchvision
 from ilm_dist.config import AugConfig, MonitorConfig
 from ilm_dist.data.manifest import load_manifest
 from ilm_dist.eval import probe as probe_module
-from ilm_dist.eval.cli import analyse_main, finetune_main, probe_main
+from ilm_dist.eval.commands import analyse_main, finetune_main, probe_main
 from ilm_dist.eval.context import EvalTarget, init_test_features, open_context
 from ilm_dist.eval.monitor import KnnMonitor
 from ilm_dist.eval.probe import ProbeSettings, probe

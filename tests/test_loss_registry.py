@@ -12,11 +12,10 @@ from torch import Tensor
 from ilm_dist import distributed as D
 from ilm_dist.config import ConfigError, load_config, save_config
 from ilm_dist.losses import INTERMEDIATE_LOSSES, IntermediateLoss, register_intermediate_loss
-from ilm_dist.train.metrics import read_metrics
 from ilm_dist.train.trainer import Trainer
 from ilm_dist.tune import results
 from ilm_dist.tune.spec import Sweep, SweepSettings
-from tests.launcher import REPO
+from tests.launcher import REPO, read_metrics
 
 
 @dataclass

@@ -20,8 +20,7 @@ from ilm_dist.losses.contrastive import info_nce, moco_logits
 from ilm_dist.model.moco import MoCoILM
 from ilm_dist.ops.reference import bt_xcorr_loss_reference
 from ilm_dist.train.engine import precision_of, resolve_deepspeed_config
-from ilm_dist.train.metrics import read_metrics
-from tests.launcher import REPO, run_deepspeed
+from tests.launcher import REPO, read_metrics, run_deepspeed
 
 BF16_UNIT_ROUNDOFF = 2.0**-8  # bf16 keeps 8 significant bits
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from ilm_dist.serialization import load_tensors
-from ilm_dist.train.metrics import read_metrics
-from tests.launcher import run_deepspeed
+from tests.launcher import read_metrics, run_deepspeed
 
 pytestmark = pytest.mark.slow
 

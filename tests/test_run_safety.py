@@ -17,8 +17,7 @@ import torch
 from ilm_dist.errors import InputError
 from ilm_dist.eval.weights import load_state, resolve_init
 from ilm_dist.serialization import load_tensors
-from ilm_dist.train.metrics import read_metrics
-from tests.launcher import REPO, cpu_env, run_deepspeed
+from tests.launcher import REPO, cpu_env, read_metrics, run_deepspeed
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ilm_dist.config import ConfigError, load_config
-from ilm_dist.tune.cli import tune_main
+from ilm_dist.tune.command import tune_main
 from ilm_dist.tune.space import parse_space
 from ilm_dist.tune.spec import format_overrides, load_sweep
 from tests.launcher import REPO

@@ -134,21 +134,3 @@ def shuffled_forward(
     result = torch.empty_like(back)
     result[send_index] = back
     return _unpack(result, meta)
-
-
-@torch.no_grad()
-def all_gather_shuffled_forward(
-    fn: Callable[[Tensor], list[Tensor]], images: Tensor, seed: int, step: int
-) -> list[Tensor]:
-    """The implementation before ``all_to_all``, same results: every rank gathers the whole global batch
-    and every rank's outputs, ``(R-1) * B`` samples of each. Kept for ``bench/shuffle_bn.py``."""
-    world, rank = D.world_size(), D.rank()
-    if world == 1:
-        return fn(images)
-    batch = images.shape[0]
-    gathered = D.all_gather_no_grad(images)
-    perm = step_permutation(gathered.shape[0], seed, step, images.device)
-    mine = perm[rank * batch : (rank + 1) * batch]
-    outputs = fn(gathered[mine])
-    inverse = torch.argsort(perm)[rank * batch : (rank + 1) * batch]
-    return [D.all_gather_no_grad(out.contiguous())[inverse] for out in outputs]

@@ -29,7 +29,7 @@ RUN_FILES = (
     "heartbeat",
     "backbone.pt",
     "final_state.json",
-    "quick_probe.json",
+    "knn_check.json",
 )
 
 

@@ -26,7 +26,6 @@ from ilm_dist.distributed import free_port
 from ilm_dist.eval.monitor import is_monitor_record
 from ilm_dist.tune.spec import ResourcesConfig, Sweep
 
-REPO = Path(__file__).resolve().parents[2]
 POLL_S = 1.0
 TAIL_LINES = 6
 STOP_GRACE_S = 10.0
@@ -67,15 +66,15 @@ def command(run_yaml: Path, resources: ResourcesConfig) -> tuple[list[str], dict
     """The pretraining command and environment for one trial on the GPUs Ray assigned (if any)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["OMP_NUM_THREADS"] = str(max(1, int(resources.cpus // resources.num_ranks)))
-    script = [str(REPO / "launch" / "pretrain.py"), "--config", str(run_yaml)]
+    module = ["ilm_dist.pretrain", "--config", str(run_yaml)]  # the installed package, no checkout needed
     if resources.num_ranks == 1:
-        cmd = [sys.executable, *script]
+        cmd = [sys.executable, "-m", *module]
     else:
         deepspeed = [str(Path(sys.executable).with_name("deepspeed")), "--master_port", str(free_port())]
         if resources.gpus == 0:  # with GPUs, deepspeed takes Ray's CUDA_VISIBLE_DEVICES as is
             env["DS_ACCELERATOR"] = "cpu"
             deepspeed += ["--num_gpus", str(resources.num_ranks)]
-        cmd = [*deepspeed, *script]
+        cmd = [*deepspeed, "--module", *module]
     if shutil.which("setpriv"):  # the run dies with the trial even when Ray kills the worker outright
         cmd = ["setpriv", "--pdeathsig", "TERM", "--", *cmd]
     return cmd, env
@@ -86,7 +85,7 @@ def launch(run_yaml: Path, resources: ResourcesConfig, log: IO[bytes]) -> Iterat
     """Run the trial's pretraining in its own process group; terminate the group on the way out."""
     cmd, env = command(run_yaml, resources)
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        cmd, cwd=run_yaml.parent, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
         yield proc

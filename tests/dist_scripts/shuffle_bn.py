@@ -11,6 +11,7 @@ sub-batch and in which order.
 import argparse
 import copy
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -18,8 +19,11 @@ import torch.distributed as dist
 
 from ilm_dist import distributed as D
 from ilm_dist.config import load_config
-from ilm_dist.moco.shuffle_bn import all_gather_shuffled_forward, route, shuffled_forward, step_permutation
+from ilm_dist.moco.shuffle_bn import route, shuffled_forward, step_permutation
 from ilm_dist.model.moco import MoCoILM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from shuffle_bn import all_gather_shuffled_forward
 
 BATCH, SIZE, SEED = 6, 32, 11
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from ilm_dist.config import ConfigError, load_config
 from ilm_dist.data.manifest import ManifestError, load_manifest
+from ilm_dist.errors import ArgumentParser, fail
 from ilm_dist.eval.features import extract_block_features
 from ilm_dist.eval.knn import knn_accuracy
 from ilm_dist.model.encoder import build_resnet, load_backbone_into_resnet
@@ -28,7 +27,7 @@ def block_knn_accuracies(resnet, manifest, cfg, bank_split: str, split: str) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--run", required=True, help="pretraining output_dir (config.yaml + backbone.pt)")
     parser.add_argument("--bank-split", default="train", help="labelled split the neighbours come from")
     parser.add_argument("--split", default="test", help="held-out split to classify")
@@ -39,13 +38,13 @@ def main(argv: list[str] | None = None) -> None:
         manifest = load_manifest(cfg.data.shards)
         if manifest.task == "multilabel":
             raise ManifestError(
-                f"{cfg.data.shards}: quick_probe's kNN needs single-label data, task is multilabel"
+                f"{cfg.data.shards}: knn_check's kNN needs single-label data, task is multilabel"
             )
         trained = load_backbone_into_resnet(
             cfg.model.arch, load_tensors(run / "backbone.pt", "exported backbone")
         )
     except (ConfigError, ManifestError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+        fail(str(err))
     torch.manual_seed(cfg.seed + 1)
     results = {
         "trained": block_knn_accuracies(trained, manifest, cfg, args.bank_split, args.split),
@@ -53,9 +52,9 @@ def main(argv: list[str] | None = None) -> None:
             build_resnet(cfg.model.arch), manifest, cfg, args.bank_split, args.split
         ),
     }
-    (run / "quick_probe.json").write_text(json.dumps(results | vars(args), indent=2))
+    (run / "knn_check.json").write_text(json.dumps(results | vars(args), indent=2))
     print(f"kNN accuracy (k=20) on '{args.split}', neighbours from '{args.bank_split}' of {cfg.data.shards}:")
     print(f"{'block':>8} {'trained':>9} {'random':>9}")
     for i, (a, b) in enumerate(zip(results["trained"], results["random_init"], strict=True), start=1):
         print(f"{i:>8} {a:>9.3f} {b:>9.3f}")
-    print(f"chance: {1 / manifest.num_classes:.3f}; written to {run / 'quick_probe.json'}")
+    print(f"chance: {1 / manifest.num_classes:.3f}; written to {run / 'knn_check.json'}")

@@ -1,4 +1,9 @@
-"""Command-line entry points; ``launch/*.py`` are thin wrappers around these."""
+"""The pretraining command: ``launch/pretrain.py``, ``python -m ilm_dist.pretrain`` and ``ilm-pretrain``.
+
+Checks the config and its data before any process group exists, builds the trainer (with the kNN monitor
+when ``monitor.every`` is set) and turns every failure into one line and an exit status: 2 bad input or
+a full disk, 3 a non-finite loss, 4 a lost rank.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,6 @@ import logging
 import signal
 import sys
 
-from ilm_dist.config import load_config
-from ilm_dist.data.manifest import load_manifest
 from ilm_dist.distributed import shutdown
 from ilm_dist.errors import EXIT_INPUT_ERROR, ArgumentParser, InputError, exit_on_input_error, fail
 from ilm_dist.serialization import CheckpointWriteError
@@ -100,25 +103,5 @@ def run_guarded(trainer) -> int:
     return 0
 
 
-def dry_run_main(argv: list[str] | None = None) -> None:
-    """Validate a configuration for a cluster shape and print the plan, without a cluster."""
-    parser = ArgumentParser(description="plan a distributed pretraining job without running it")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument(
-        "--num-samples", type=int, default=None, help="split size when the shards are not reachable"
-    )
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_intermixed_args(argv)
-    from ilm_dist.plan import build_plan
-
-    with exit_on_input_error():
-        cfg = load_config(args.config, args.overrides)
-        samples, shards = args.num_samples, None
-        if cfg.data.backend != "synthetic" and samples is None:
-            split = load_manifest(cfg.data.shards).split(cfg.data.split)
-            samples, shards = split.num_samples, len(split.shards)
-    if args.nodes < 1 or args.gpus_per_node < 1:
-        fail("--nodes and --gpus-per-node must be >= 1")
-    print(build_plan(cfg, args.nodes, args.gpus_per_node, samples, shards).render())
+if __name__ == "__main__":
+    pretrain_main()

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from ilm_dist.config import ConfigError
+from ilm_dist.errors import ArgumentParser
 from ilm_dist.tune import results
 from ilm_dist.tune.spec import Sweep, load_sweep
 from ilm_dist.tune.sweep import EXPERIMENT, init_ray, run_sweep
@@ -15,7 +16,7 @@ log = logging.getLogger("ilm_dist.tune")
 
 
 def tune_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Ray Tune sweep over run-config keys (see configs/sweeps/)")
+    parser = ArgumentParser(description="Ray Tune sweep over run-config keys (see configs/sweeps/)")
     parser.add_argument("--config", required=True, help="sweep YAML")
     parser.add_argument("--output-dir", help="replaces the sweep's output_dir")
     parser.add_argument("--num-samples", type=int, help="replaces the sweep's num_samples")

@@ -1,9 +1,9 @@
 """Quick representation check: kNN accuracy of a run's backbone next to a random-init one.
 
-python launch/quick_probe.py --run runs/demo/pretrain [--split test]
+python launch/knn_check.py --run runs/demo/pretrain [--split test]
 """
 
-from ilm_dist.eval.quick_probe import main
+from ilm_dist.eval.knn_check import main
 
 if __name__ == "__main__":
     main()

@@ -33,7 +33,3 @@ class MetricsLogger:
         if self.enabled:
             self.file.close()
             self.tb.close()
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

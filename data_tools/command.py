@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from data_tools.errors import PackError
+from ilm_dist.errors import EXIT_INPUT_ERROR
 
 
 def positive_int(text: str) -> int:
@@ -41,14 +42,14 @@ def run(job: Callable[[argparse.Namespace], dict], args: argparse.Namespace) -> 
         manifest = job(args)
     except PackError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT_ERROR
     except OSError as err:  # one the packer did not expect (its writes name their file themselves)
         where = f"{err.filename}: " if err.filename else ""
         print(f"error: {where}{err.strerror or err}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
         print(f"interrupted: nothing was written, {args.out_dir} is as it was", file=sys.stderr)
-        return 2
+        return EXIT_INPUT_ERROR
     print(summary(manifest, args.out_dir, time.perf_counter() - start))
     return 0
 
