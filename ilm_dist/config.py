@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     arch: str = "resnet50"  # any torchvision ResNet
     zero_init_residual: bool = True  # official code (Kaku et al.) and Goyal et al. 2017
-    channels_last: bool = False  # NHWC inputs (convolutions follow the input's layout); weights stay NCHW
+    channels_last: bool = False  # NHWC inputs, loader layout and key encoder; the engine's weights stay NCHW
 
 
 @dataclass

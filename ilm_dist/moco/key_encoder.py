@@ -23,8 +23,16 @@ class KeyEncoder(nn.Module):
     def update(self, query: nn.Module, momentum: float) -> None:
         """k <- m * k + (1 - m) * q for every parameter (buffers such as BN statistics stay the key's own)."""
         k_params = list(self.encoder.parameters())
-        q_params = [p.detach().to(torch.float32) for p in query.parameters()]
+        q_params = [_as_key(q.detach(), k) for q, k in zip(query.parameters(), k_params, strict=True)]
         torch._foreach_lerp_(k_params, q_params, 1.0 - momentum)
 
     def forward(self, images: torch.Tensor):
         return self.encoder(images)
+
+
+def _as_key(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q in k's dtype (fp32) and strides: a channels-last key encoder beside the engine's contiguous weights
+    keeps ``_foreach_lerp_`` on its fused multi-tensor path, which needs matching strides."""
+    if q.dtype == k.dtype and q.stride() == k.stride():
+        return q
+    return torch.empty_like(k).copy_(q)

@@ -37,7 +37,8 @@ log = logging.getLogger("ilm_dist")
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: bool = False):
+    def __init__(self, cfg: RunConfig, resume: bool = False, timer: StepTimer | None = None):
+        """``timer``: per-phase step timing for a benchmark (default: a disabled StepTimer, which is free)."""
         self.cfg = cfg
         self.info, self.device = ds_engine.init_distributed(cfg)
         torch.manual_seed(cfg.seed)
@@ -53,7 +54,7 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.dtype = ds_engine.DTYPES[ds_engine.precision_of(ds_config)]
         model = self._build_model()
-        self.key_encoder = KeyEncoder(model.encoder).to(self.device)
+        self.key_encoder = KeyEncoder(model.encoder).to(self.device, memory_format=self._memory_format())
         global_batch = cfg.data.batch_size * self.info.world_size * self.grad_accum
         optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim, global_batch))
         scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
@@ -66,7 +67,7 @@ class Trainer:
         self.nan_watch = NanWatch(self.engine.module.term_names())
         self.heartbeat = Heartbeat(self.out, self.info.rank, self.info.world_size)
         self.monitor = self._build_monitor()
-        self.timer = StepTimer()  # per-phase step timing: off (free) unless a benchmark enables it
+        self.timer = timer or StepTimer()
         if self.info.world_size == 1 and cfg.moco.shuffle_bn:
             log.warning(
                 "one rank: shuffle-BN has no other rank to shuffle with (see ilm_dist/moco/shuffle_bn.py)"
@@ -87,9 +88,14 @@ class Trainer:
         model = MoCoILM(self.cfg)
         if self.cfg.moco.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        # model.channels_last only changes the inputs' layout: convolutions follow the input's memory
-        # format, and DeepSpeed's flat parameter buffers need the weights contiguous.
+        # The engine's weights stay contiguous even with model.channels_last: DeepSpeed 0.19.8's
+        # _broadcast_model views every parameter as bytes (p.data.view(torch.uint8)), which fails on a
+        # channels-last conv weight. Convolutions follow their input's layout, so channels-last inputs
+        # (train_step), loader layout (data backends) and key encoder (__init__) are enough.
         return model.to(self.device)
+
+    def _memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
 
     def _build_monitor(self):
         """The online kNN monitor (rank 0 only; the other ranks wait at the next collective)."""
