@@ -228,6 +228,8 @@ def cmd_install_wheels(args: argparse.Namespace) -> None:
         pip += ["--target", str(args.work / "site")]
     start = time.perf_counter()
     subprocess.run([*pip, *wheels], check=True)
+    if not args.verify_only:
+        join_nvidia_namespace(args.work / "site")
     report |= {"status": "verified" if args.verify_only else "installed", "wheels": expected}
     report["install_s"] = round(time.perf_counter() - start, 1)
     shutil.rmtree(unpacked)
@@ -241,6 +243,18 @@ def cmd_install_wheels(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2))
     if not report.get("imports_ok", True):
         sys.exit("installed wheels do not import: " + report["imports"])
+
+
+def join_nvidia_namespace(site: Path) -> None:
+    """Make ``site/nvidia`` and the node's own ``nvidia/`` (its CUDA library wheels) one package.
+
+    nvImageCodec's wheel ships ``nvidia/__init__.py``, which makes ``site/nvidia`` (first on PYTHONPATH) a
+    regular package that would hide ``nvidia.cudnn`` & co.; where the node's ``nvidia/`` is the regular one,
+    it would hide ``nvidia.dali``. ``pkgutil.extend_path`` joins every ``nvidia/`` folder on sys.path.
+    """
+    init = site / "nvidia" / "__init__.py"
+    if init.parent.is_dir():
+        init.write_text('__path__ = __import__("pkgutil").extend_path(__path__, __name__)\n')
 
 
 # --------------------------------------------------------------------------- NCCL

@@ -21,12 +21,13 @@ import gpu_check
 import gpu_wheels
 
 
-def fake_wheel(folder: Path, name: str, version: str) -> Path:
-    """A minimal valid pure-Python wheel."""
+def fake_wheel(folder: Path, name: str, version: str, package: str | None = None) -> Path:
+    """A minimal valid pure-Python wheel holding ``package`` (default: ``name``) with an empty __init__."""
     path = folder / f"{name}-{version}-py3-none-any.whl"
     dist = f"{name}-{version}.dist-info"
+    package = package or name
     files = {
-        f"{name}/__init__.py": "",
+        **{f"{'/'.join(package.split('.')[: i + 1])}/__init__.py": "" for i in range(package.count(".") + 1)},
         f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
         f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
@@ -41,6 +42,7 @@ def fake_wheel(folder: Path, name: str, version: str) -> Path:
 def wheel_parts(tmp_path, monkeypatch):
     """Three fake wheels packed as make gpu-wheels packs them, in parts of at most 4 KiB."""
     wheels = [fake_wheel(tmp_path, f"pkg{i}", "1.0") for i in range(3)]
+    wheels.append(fake_wheel(tmp_path, "nvcodec", "1.0", package="nvidia.codec"))  # ships nvidia/__init__.py
     monkeypatch.setattr(gpu_wheels, "MIB", 1024)  # PART_MIB "MiB" of 1 KiB: parts of <= 58 KiB
     monkeypatch.setattr(gpu_wheels, "PART_MIB", 2)
     parts = tmp_path / "parts"
@@ -52,7 +54,7 @@ def wheel_parts(tmp_path, monkeypatch):
         "platforms": list(gpu_wheels.PLATFORMS),
         "tar": {"file": tar.name, "bytes": tar.stat().st_size, "sha256": gpu_wheels.sha256(tar)},
         "parts": gpu_wheels.split(tar, parts),
-        "wheels": [{"file": w.name, "name": w.name.split("-")[0], "version": "1.0"} for w in wheels],
+        "wheels": [{"file": w.name, "name": w.name.split("-")[0], "version": "1.0"} for w in sorted(wheels)],
     }
     (parts / "manifest.json").write_text(json.dumps(manifest))
     return parts, tar.read_bytes()
@@ -83,6 +85,7 @@ def test_install_wheels_verifies_installs_and_reports_missing_or_corrupt_parts(w
     report = json.loads((tmp_path / "w2/results/wheels.json").read_text())
     assert report["status"] == "installed" and installed.returncode == (0 if report["imports_ok"] else 1)
     assert (tmp_path / "w2/site/pkg0/__init__.py").is_file()
+    assert "extend_path" in (tmp_path / "w2/site/nvidia/__init__.py").read_text()  # joins the node's nvidia/
     first = parts / "gpu-wheels.tar.00"
     first.write_bytes(b"x" + first.read_bytes()[1:])
     (parts / "gpu-wheels.tar.01").unlink()
