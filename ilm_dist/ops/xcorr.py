@@ -2,7 +2,7 @@
 
 ``torch.ops.ilm_dist.bt_xcorr_loss`` (csrc/) computes, for all layers of stacked ``z1, z2: [L, N, D]`` at
 once, the batch standardisation, ``diag(C)`` with a fused per-feature dot product, and ``||C||_F^2``
-either from the N x N Gram matrices (when ``2N < D``; nothing saved for the backward) or from the D x D
+either from the N x N Gram matrices (when ``2N <= D``; nothing saved for the backward) or from the D x D
 cross-correlation ``N C``, which the op returns as its second output ``xcorr`` and the backward reuses.
 The backward (``bt_xcorr_loss_backward``) recomputes the standardisation from ``z1, z2``.
 
@@ -114,7 +114,7 @@ def _log_fallback() -> None:
 
 # --------------------------------------------------------------------------- self-check
 
-# (L, N, D) of the self-check: the Gram form (2N < D) and the D x D form, D not a multiple of 32.
+# (L, N, D) of the self-check: the Gram form (2N <= D) and the D x D form, D not a multiple of 32.
 _CHECK_SHAPES = ((2, 12, 40), (2, 40, 20))
 _CHECKED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Largest relative error (Frobenius norm, against float64 on the same rounded inputs) of the loss and of
@@ -217,7 +217,7 @@ def _fake_loss(
     )
     layers, n, d = z1.shape
     dtype = compute_dtype(z1.dtype)
-    xcorr = (layers, 0, 0) if 2 * n < d else (layers, d, d)  # csrc/xcorr.h: use_gram
+    xcorr = (layers, 0, 0) if 2 * n <= d else (layers, d, d)  # csrc/xcorr.h: use_gram
     return z1.new_empty((layers,), dtype=dtype), z1.new_empty(xcorr, dtype=dtype)
 
 
