@@ -12,7 +12,9 @@ Usage::
 ``full``: L = 4, N in {64, 256, 1024, 4096}, D in {512, 2048, 8192}; ``small``: N up to 1024 and without
 D = 8192, for CPUs (on 2 cores the official loop at D = 8192 takes tens of seconds per step); ``tiny``: a
 smoke test of both formulations. Times are medians over
-``--repeats`` runs after one warm-up, with the op and the reference interleaved. Each case records the
+``--repeats`` runs after one warm-up, with the op and the reference interleaved; on a CPU also the medians of
+the process's CPU time (``*_cpu_ms``, ``speedup_cpu_time``), which other jobs on a shared machine disturb
+far less than wall time. Each case records the
 formulation the op chose by cost (``gram``: N x N Gram matrices, ``xcorr``: the D x D cross-correlation,
 saved for the backward) and the JSON the op's self-check verdict per dtype. Peak memory is the peak
 of the bytes allocated during one forward+backward above what was allocated before it:
@@ -25,6 +27,7 @@ scratch space of BLAS libraries (null if the profiler gives no events). Writes
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -116,12 +119,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(step: Callable[[], None], device: str) -> float:
+def time_ms(step: Callable[[], None], device: str) -> tuple[float, float]:
+    """Wall and process CPU milliseconds of one step (CPU time: all of the process's threads)."""
     sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     step()
     sync(device)
-    return (time.perf_counter() - start) * 1e3
+    return (time.perf_counter() - start) * 1e3, (time.process_time() - cpu_start) * 1e3
 
 
 def peak_bytes(step: Callable[[], None], device: str) -> int | None:
@@ -154,7 +158,7 @@ def run_case(n: int, d: int, dtype: torch.dtype, args: argparse.Namespace) -> di
         name: make_step(fn, n, d, dtype, args.device)
         for name, fn in (("ref", official_loss), ("op", op_loss))
     }
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
     for step in steps.values():
         step()  # warm-up
     for _ in range(args.repeats):
@@ -162,10 +166,15 @@ def run_case(n: int, d: int, dtype: torch.dtype, args: argparse.Namespace) -> di
             times[name].append(time_ms(step, args.device))
     case = {"L": LAYERS, "N": n, "D": d, "dtype": str(dtype).removeprefix("torch.")}
     case["formulation"] = formulation(n, d, dtype, args.device)
+    cpu = not args.device.startswith("cuda")
     for name, step in steps.items():
-        case[f"{name}_ms"] = round(statistics.median(times[name]), 3)
+        case[f"{name}_ms"] = round(statistics.median(wall for wall, _ in times[name]), 3)
+        if cpu:
+            case[f"{name}_cpu_ms"] = round(statistics.median(c for _, c in times[name]), 3)
         case[f"{name}_peak_bytes"] = peak_bytes(step, args.device)
     case["speedup"] = round(case["ref_ms"] / case["op_ms"], 2)
+    if cpu:  # robust to other jobs on a shared machine (with --threads 1, wall time on an idle one)
+        case["speedup_cpu_time"] = round(case["ref_cpu_ms"] / case["op_cpu_ms"], 2)
     if case["ref_peak_bytes"] and case["op_peak_bytes"]:
         case["memory_ratio"] = round(case["ref_peak_bytes"] / case["op_peak_bytes"], 2)
     return case
@@ -187,10 +196,11 @@ def main() -> None:
         name: check_extension(device, getattr(torch, name)) or "passed" for name in args.dtypes
     }  # before any timing; op_loss would raise on a failed check
     ns, ds = SIZES[args.sizes]
+    load_before = os.getloadavg()  # other work on the machine skews the wall times
     cases = []
     print(
         f"{'dtype':>8} {'N':>5} {'D':>5} {'form':>5} {'ref ms':>9} {'op ms':>9} {'speedup':>8} "
-        f"{'ref MiB':>9} {'op MiB':>9}"
+        f"{'cpu-time':>8} {'ref MiB':>9} {'op MiB':>9}"
     )
     for dtype_name in args.dtypes:
         for n in ns:
@@ -203,8 +213,8 @@ def main() -> None:
                 ]
                 print(
                     f"{dtype_name:>8} {n:>5} {d:>5} {case['formulation']:>5} {case['ref_ms']:9.1f} "
-                    f"{case['op_ms']:9.1f} "
-                    f"{case['speedup']:7.2f}x {mib[0]} {mib[1]}",
+                    f"{case['op_ms']:9.1f} {case['speedup']:7.2f}x "
+                    f"{case.get('speedup_cpu_time', float('nan')):7.2f}x {mib[0]} {mib[1]}",
                     flush=True,
                 )
     device_name = (
@@ -215,6 +225,7 @@ def main() -> None:
         "commit": source_commit("csrc", "ilm_dist/ops", "bench/xcorr.py", "setup.py"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "torch": torch.__version__,
+        "load_average_before": [round(load, 2) for load in load_before],
         "tf32_matmul": torch.get_float32_matmul_precision() != "highest",
         "self_check": self_check,
         "peak_memory": "torch.cuda.max_memory_allocated"
