@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO := runs/demo
 export MAX_JOBS ?= 2
 
-.PHONY: help install demo test test-fast lint format bench clean
+.PHONY: help install demo test test-fast lint format bench gpu-wheels gpu-check-dry-run clean
 
 help:
 	@echo "make demo      set up .venv, pack a synthetic set, pretrain on 2 CPU ranks, probe"
@@ -16,6 +16,8 @@ help:
 	@echo "make lint      ruff check + format check"
 	@echo "make format    ruff format + autofix"
 	@echo "make bench     CPU-sized benchmarks (writes bench/results/)"
+	@echo "make gpu-wheels         wheels a registry-less GPU node lacks, split into parts (.whl/)"
+	@echo "make gpu-check-dry-run  every stage of bench/gpu_check.sh at CPU size, and the GPU commands"
 
 # --system-site-packages: a machine that already has torch/torchvision (a GPU node image) keeps
 # them; elsewhere torchvision pulls the torch build it matches. The editable install builds the
@@ -51,6 +53,12 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/xcorr.py --sizes small
 	$(PY) bench/data_pipeline.py --samples 256
+
+gpu-wheels: $(STAMP)
+	$(PY) bench/gpu_wheels.py --out .whl
+
+gpu-check-dry-run: $(STAMP)
+	PYTHON=$(PY) bash bench/gpu_check.sh --dry-run runs/gpu_check_dry_run
 
 clean:
 	rm -rf build *.egg-info runs .pytest_cache .ruff_cache

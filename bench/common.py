@@ -1,8 +1,10 @@
-"""What every benchmark script records: the device's name and the commit its numbers belong to."""
+"""What every benchmark script shares: the device's name, the commit its numbers belong to, result files."""
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -19,11 +21,15 @@ def device_slug(device: torch.device) -> str:
 
 
 def source_commit(*paths: str) -> str | None:
-    """HEAD's hash; "uncommitted" when one of ``paths`` (the benchmarked sources) differs from HEAD."""
+    """HEAD's hash; "uncommitted" when one of ``paths`` (the benchmarked sources) differs from HEAD.
+
+    In a copy without git history (a GPU node receives the working tree only), ``$ILM_DIST_COMMIT`` as
+    the sender set it (bench/gpu_check.py plan), else None.
+    """
     git = ["git", "-C", str(ROOT)]
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
     if head.returncode != 0:
-        return None
+        return os.environ.get("ILM_DIST_COMMIT")
     if paths:
         dirty = subprocess.run([*git, "status", "--porcelain", "--", *paths], capture_output=True, text=True)
         if dirty.returncode != 0 or dirty.stdout.strip():
@@ -35,3 +41,10 @@ def write_result(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def release(device: torch.device) -> None:
+    """Free what the last variant left behind before the next one is measured."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -129,18 +129,33 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def run_variants(args: argparse.Namespace, shards: Path, device: torch.device) -> dict[str, dict]:
-    from ilm_dist.data.dali_backend import DaliLoader
+def dali_loader() -> tuple[type | None, str | None]:
+    """DaliLoader, or None and why it cannot be imported (the torch variant still runs)."""
+    try:
+        from ilm_dist.data.dali_backend import DaliLoader
+    except ImportError as err:
+        return None, f"DALI not importable ({err})"
+    return DaliLoader, None
 
+
+def run_variants(args: argparse.Namespace, shards: Path, device: torch.device) -> dict[str, dict]:
+    dali, no_dali = dali_loader()
+    cpu, cuda = torch.device("cpu"), device if device.type == "cuda" else None
     plans = {
-        "dali_gpu": (DaliLoader, "dali", device if device.type == "cuda" else None),
-        "dali_cpu": (DaliLoader, "dali", torch.device("cpu")),
-        "torch": (TorchLoader, "torch", torch.device("cpu")),
+        "dali_gpu": (dali, "dali", cuda),
+        "dali_cpu": (dali, "dali", cpu),
+        "torch": (TorchLoader, "torch", cpu),
     }
+    skipped = {}
+    for name, (factory, _, where) in plans.items():
+        if factory is None:
+            skipped[name] = no_dali
+        elif where is None:
+            skipped[name] = "no CUDA device on this machine"
     loaders = {
         name: factory(make_cfg(args, shards, backend), 0, 1, where)
         for name, (factory, backend, where) in plans.items()
-        if where is not None
+        if name not in skipped
     }
     runs: dict[str, list[float]] = {name: [] for name in loaders}
     for _ in range(args.repeats):  # interleaved, so a busy moment on a shared machine hits every variant
@@ -149,8 +164,8 @@ def run_variants(args: argparse.Namespace, shards: Path, device: torch.device) -
             print(f"{name:9s} {runs[name][-1]:9.1f} two-view samples/s", flush=True)
     results = {}
     for name in plans:
-        if name not in loaders:
-            results[name] = {"samples_per_s": None, "reason": "no CUDA device on this machine"}
+        if name in skipped:
+            results[name] = {"samples_per_s": None, "reason": skipped[name]}
             continue
         rates = [round(rate, 1) for rate in runs[name]]
         results[name] = {

@@ -3,33 +3,26 @@
 Variants, run one after the other in one process on the same packed shards, for each ``--losses`` type
 (MoCo v2 + Barlow Twins or MSE on blocks 1-4; the losses' weights are those of configs/*/moco_{bt,mse}.yaml):
 
-- ``baseline``, implemented here as the official code / facebookresearch/moco / solo-learn do it without
-  DALI: a plain Dataset over the shards (PIL decode, torchvision v2 MoCo v2 views) in a DataLoader with one
-  worker per core; a torchvision ResNet run block by block; fp32 weights under ``torch.autocast`` (fp16 with
-  a GradScaler on CUDA, bf16 on CPU); the per-layer Barlow Twins loss of the official code
-  (``bench/xcorr.py:official_loss``: per-block projector, BatchNorm1d(affine=False), D x D matmul,
-  diagonal / off-diagonal) or the pooled MSE; a per-parameter Python loop for the momentum update; the
-  official queue (its pointer read back with ``int()``); plain ``torch.optim.SGD``; ``cudnn.benchmark`` as
-  in the official code; one process, no DDP.
+- ``baseline``: bench/moco_baseline.py, MoCo v2 + the loss as the official code / facebookresearch/moco /
+  solo-learn train it without DALI (DataLoader with one worker per core, torchvision ResNet block by block,
+  torch.autocast, the official per-layer loss, Python EMA loop, torch.optim.SGD, ``cudnn.benchmark`` on).
 - ``ilm_dist``: ``ilm_dist.train.trainer.Trainer.train_step`` built from a RunConfig: DALI (nvJPEG decode,
   GPU augmentations) on CUDA, the torch backend on CPU (no GPU to decode on); DeepSpeed with
   ``--ds-config`` (bf16 autocast ZeRO-1 on CUDA; fp32 on CPU, where bf16 convolutions are emulated unless the
-  CPU has AVX-512 BF16 or AMX); the csrc op (``loss.bt.impl=ext`` when built); the
-  fused fp32 EMA; channels-last inputs (``--channels-last``).
+  CPU has AVX-512 BF16 or AMX); the csrc op (``loss.bt.impl=ext`` when built); the fused fp32 EMA;
+  ``model.channels_last`` (``--channels-last``, on by default), which the Trainer applies to the inputs,
+  the loader's layout and the key encoder.
 - ``synthetic``: the same step on ``data.backend=synthetic`` (batches already on the device): the bound.
 
 Both sides use the same RunConfig (``--config`` plus the overrides above and ``--set``), with a constant
 learning rate. Per variant: two-view samples/s (batch / median wall time of ``--steps`` steps after
-``--warmup``, data wait included), the median milliseconds per phase (``ilm_dist.train.timing.StepTimer``:
-CUDA events on the GPU, no sync inside a step), peak memory and model FLOP utilisation (MFU: the FLOPs of
-one query forward + backward, key forward and loss of the baseline's reference formulation, counted with
-``torch.utils.flop_counter.FlopCounterMode``, over ``--peak-tflops`` or the bf16 dense peak of an H100/H200).
+``--warmup``, data wait included), the median milliseconds per phase (``ilm_dist.train.timing.StepTimer``,
+passed to the Trainer: CUDA events on the GPU, no sync inside a step), peak memory and model FLOP
+utilisation (MFU: the FLOPs of one query forward + backward, key forward and loss of the baseline's
+reference formulation, counted with ``torch.utils.flop_counter.FlopCounterMode``, over ``--peak-tflops`` or
+the bf16 dense peak of an H100/H200).
 
-``--curve-steps N`` also trains the baseline and ilm_dist from the same initial weights and queue on the
-same N batches, the baseline in ilm_dist's precision (bf16 autocast against DeepSpeed bf16; fp32 against
-fp32, where the curves agree to rounding), and reports the mean absolute difference of each loss term
-relative to its mean magnitude, next to the noise reference: the same difference between the baseline and
-the baseline from seed + 1 (other initial weights, queue, batch order and augmentations).
+``--curve-steps N`` also runs the loss-curve parity check of bench/loss_parity.py over N steps.
 
 Usage (GPU: ResNet-50, 224 px, batch 256 halved on OOM; CPU: give small sizes)::
 
@@ -46,9 +39,6 @@ Writes ``bench/results/pretrain_throughput_<device>.json``: top-level ``device``
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
-import gc
 import os
 import statistics
 import subprocess
@@ -56,28 +46,19 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from common import ROOT, device_slug, source_commit, write_result
+from common import ROOT, device_slug, release, source_commit, write_result
 from data_pipeline import pack_synthetic
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.flop_counter import FlopCounterMode
-from xcorr import official_loss
+from loss_parity import loss_curve
+from moco_baseline import Baseline, baseline_batches, baseline_dtype, baseline_precision
 
 from ilm_dist.config import RunConfig, load_config
-from ilm_dist.data import PretrainLoader, TwoViewBatch, build_pretrain_loader
-from ilm_dist.data.augment import moco_view_transform
-from ilm_dist.data.manifest import load_manifest
-from ilm_dist.data.shard_reader import ShardReader
-from ilm_dist.losses.barlow_twins import bt_projector
-from ilm_dist.model.encoder import block_channels, build_resnet, projection_head
+from ilm_dist.data import PretrainLoader, TwoViewBatch
 from ilm_dist.ops import extension_available
-from ilm_dist.train.optim import scaled_lr
 from ilm_dist.train.timing import StepTimer
 from ilm_dist.train.trainer import Trainer
 
@@ -89,7 +70,9 @@ LOSSES = {  # Kaku et al. 2021, official code (configs/*/moco_bt.yaml, configs/*
 }
 MSE_POOL, BLOCK_STRIDES = (16, 16, 4, 4), (4, 8, 16, 32)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # bf16/fp16 dense tensor-core peak
-GOALS = {"ilm_dist/baseline": 3.0, "ilm_dist/synthetic": 0.9, "ilm_dist_samples_per_s": 3000.0}
+# Issue #17's goals for MoCo + BT, ResNet-50, 224 px, bf16 on one H100/H200: MLPerf Training v3.0's ResNet-50
+# runs at about 7,000 images/s per H100, and an asymmetric MoCo step costs about 4/3 of a supervised one.
+GOALS = {"ilm_dist/baseline": 3.0, "ilm_dist/synthetic": 0.9, "ilm_dist_samples_per_s": 4500.0}
 NOTES = {
     "samples_per_s": "two-view samples per second: batch / median wall time of a step (data wait included)",
     "phases_ms": "median ms per phase over the timed steps; CPU: perf_counter at phase boundaries; CUDA: "
@@ -152,6 +135,7 @@ def bench_config(args: argparse.Namespace, loss: str, backend: str, batch: int, 
         f"data.synthetic.num_samples={batch * (args.warmup + args.steps)}",
         f"engine.deepspeed_config={args.ds_config}",
         "optim.schedule=constant",
+        f"model.channels_last={str(args.channels_last).lower()}",
         "optim.warmup_steps=0",
         f"train.max_steps={args.warmup + args.steps + args.curve_steps}",
         f"seed={args.seed}",
@@ -167,202 +151,7 @@ def batch_candidates(batch: str, device: torch.device) -> list[int]:
     return [256 >> i for i in range(8)] if device.type == "cuda" else [8]
 
 
-# --------------------------------------------------------------------------- baseline
-
-
-class ViewPairs(Dataset):
-    """A plain map-style dataset over the packed shards: PIL decode, two torchvision MoCo v2 views."""
-
-    def __init__(self, cfg: RunConfig):
-        self.reader = ShardReader(load_manifest(cfg.data.shards), cfg.data.split)
-        self.transform = moco_view_transform(cfg.aug, cfg.data.image_size)
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        image = self.reader.image(index)
-        return self.transform(image), self.transform(image)
-
-
-def baseline_batches(cfg: RunConfig, device: torch.device) -> Iterator[list[Tensor]]:
-    """Endless shuffled batches from a DataLoader with one worker per core (as the official code)."""
-    loader = DataLoader(
-        ViewPairs(cfg),
-        batch_size=cfg.data.batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=os.cpu_count() or 1,
-        pin_memory=device.type == "cuda",
-        persistent_workers=True,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    while True:
-        yield from loader
-
-
-class BaselineEncoder(nn.Module):
-    """A torchvision ResNet run block by block (returning the block outputs) and the MoCo head."""
-
-    def __init__(self, cfg: RunConfig):
-        super().__init__()
-        self.backbone = build_resnet(cfg.model.arch, cfg.model.zero_init_residual)
-        self.head = projection_head(self.backbone.fc.in_features, cfg.moco.dim, cfg.moco.mlp)
-        self.backbone.fc = nn.Identity()
-
-    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        r = self.backbone
-        x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
-        blocks = []
-        for layer in (r.layer1, r.layer2, r.layer3, r.layer4):
-            x = layer(x)
-            blocks.append(x)
-        return self.head(torch.flatten(r.avgpool(x), 1)), blocks
-
-
-class Baseline:
-    """MoCo v2 + an intermediate-layer loss trained the usual way (see the module docstring)."""
-
-    def __init__(self, cfg: RunConfig, device: torch.device, dtype: torch.dtype):
-        self.cfg, self.device, self.dtype = cfg, device, dtype
-        self.loss, self.blocks = cfg.loss, cfg.loss.blocks
-        self.model = nn.ModuleDict({"encoder": BaselineEncoder(cfg)})
-        if self.loss.type == "bt":
-            channels = block_channels(self.model.encoder.backbone)
-            dims = self.loss.bt.proj_dims
-            self.model["projectors"] = nn.ModuleList(bt_projector(channels[b - 1], dims) for b in self.blocks)
-        self.model.to(device)
-        self.key_encoder = copy.deepcopy(self.model.encoder).requires_grad_(False)
-        self.queue = F.normalize(torch.randn(cfg.moco.dim, cfg.moco.queue_size, device=device), dim=0)
-        self.queue_ptr = torch.zeros(1, dtype=torch.long, device=device)
-        self.weights = torch.tensor(self.loss.weights, device=device)
-        lr = scaled_lr(cfg.optim, cfg.data.batch_size)
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
-        )
-        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        self.timer = StepTimer()
-
-    def autocast(self) -> AbstractContextManager[None]:
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-
-    def load_from(self, trainer: Trainer) -> None:
-        """Start from ilm_dist's state: the engine's weights, its key encoder and its queue."""
-        state = trainer.engine.module.state_dict()
-        self.model.load_state_dict({k.replace("intermediate.", "", 1): v for k, v in state.items()})
-        self.key_encoder.load_state_dict(trainer.key_encoder.encoder.state_dict())
-        self.queue.copy_(trainer.queue.keys.T)
-
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        m = self.cfg.moco.momentum
-        for param_q, param_k in zip(
-            self.model.encoder.parameters(), self.key_encoder.parameters(), strict=True
-        ):
-            param_k.data = param_k.data * m + param_q.data * (1.0 - m)
-
-    def reduce(self, blocks: list[Tensor]) -> list[Tensor]:
-        if self.loss.type == "bt":
-            return [F.adaptive_avg_pool2d(blocks[b - 1], 1).flatten(1) for b in self.blocks]
-        sizes = self.loss.mse.pool_sizes
-        return [F.adaptive_avg_pool2d(blocks[b - 1], sizes[b - 1]) for b in self.blocks]
-
-    @torch.no_grad()
-    def keys(self, view2: Tensor) -> list[Tensor]:
-        with self.autocast():
-            embedding, blocks = self.key_encoder(view2)
-            return [F.normalize(embedding, dim=1), *self.reduce(blocks)]
-
-    def terms(self, view1: Tensor, keys: list[Tensor]) -> dict[str, Tensor]:
-        with self.timer.phase("forward"), self.autocast():
-            embedding, blocks = self.model.encoder(view1)
-        with self.timer.phase("loss"), self.autocast():
-            q = F.normalize(embedding, dim=1)
-            l_pos = torch.einsum("nc,nc->n", q, keys[0]).unsqueeze(-1)
-            l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())
-            logits = torch.cat([l_pos, l_neg], dim=1) / self.cfg.moco.temperature
-            moco = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=self.device))
-            per_block = self.intermediate(self.reduce(blocks), keys[1:])
-        names = [f"{self.loss.type}_block{b}" for b in self.blocks]
-        return {"loss": moco + per_block.sum(), "moco": moco, **dict(zip(names, per_block, strict=True))}
-
-    def intermediate(self, q_reduced: list[Tensor], k_reduced: list[Tensor]) -> Tensor:
-        if self.loss.type == "mse":
-            losses = [F.mse_loss(q, k) for q, k in zip(q_reduced, k_reduced, strict=True)]
-            return self.weights * torch.stack(losses)
-        projectors, bt = self.model.projectors, self.loss.bt
-        z1 = torch.stack([proj(q) for proj, q in zip(projectors, q_reduced, strict=True)])
-        z2 = torch.stack([proj(k) for proj, k in zip(projectors, k_reduced, strict=True)])
-        on_weight = self.weights * bt.scale
-        return official_loss(z1, z2, on_weight, on_weight * bt.off_diag_weight)
-
-    @torch.no_grad()
-    def enqueue(self, keys: Tensor) -> None:
-        ptr = int(self.queue_ptr)  # the official code's host read of the pointer (a sync on CUDA)
-        assert self.queue.shape[1] % len(keys) == 0, "the official queue needs K % batch == 0"
-        self.queue[:, ptr : ptr + len(keys)] = keys.T
-        self.queue_ptr[0] = (ptr + len(keys)) % self.queue.shape[1]
-
-    def step(self, batch: list[Tensor]) -> dict[str, Tensor]:
-        phase = self.timer.phase
-        with phase("to_device"):
-            view1, view2 = (v.to(self.device, non_blocking=True) for v in batch)
-        with phase("ema"):
-            self.momentum_update()
-        with phase("key_forward"):
-            keys = self.keys(view2)
-        terms = self.terms(view1, keys)
-        with phase("backward"):
-            self.optimizer.zero_grad()
-            self.scaler.scale(terms["loss"]).backward()
-        with phase("optimizer"):
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        with phase("queue"):
-            self.enqueue(keys[0])
-        return terms
-
-    def model_flops(self, batch: list[Tensor]) -> int:
-        """FLOPs of one query forward + backward, key forward and loss (no optimizer step)."""
-        view1, view2 = (v.to(self.device) for v in batch)
-        with FlopCounterMode(display=False) as counter:
-            self.terms(view1, self.keys(view2))["loss"].backward()
-        self.optimizer.zero_grad()
-        return counter.get_total_flops()
-
-
-def baseline_dtype(device: torch.device) -> torch.dtype:
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
-
-
-def baseline_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32:
-        return "fp32, no autocast"
-    scaler = " + GradScaler" if dtype == torch.float16 else ""
-    return f"fp32 weights, torch.autocast {str(dtype).removeprefix('torch.')}{scaler}"
-
-
 # --------------------------------------------------------------------------- ilm_dist
-
-
-def build_trainer(cfg: RunConfig, channels_last: bool) -> Trainer:
-    trainer = Trainer(cfg)
-    if channels_last:
-        use_channels_last(trainer)
-    return trainer
-
-
-def use_channels_last(trainer: Trainer) -> None:
-    """Channels-last inputs, key encoder and loader layout on a Trainer built without them.
-
-    ``model.channels_last=true`` makes ``deepspeed.initialize`` fail (its parameter broadcast views every
-    weight as bytes, which needs a unit last stride), and ZeRO's flat buffers keep the engine's weights
-    contiguous anyway; cuDNN and oneDNN run a convolution channels-last when its input is.
-    """
-    trainer.cfg.model.channels_last = True
-    trainer.key_encoder.to(memory_format=torch.channels_last)
-    info = trainer.info
-    trainer.loader = build_pretrain_loader(trainer.cfg, info.rank, info.world_size, trainer.device)
 
 
 def endless(loader: PretrainLoader) -> Iterator[TwoViewBatch]:
@@ -443,19 +232,12 @@ def cudnn_benchmark(enabled: bool) -> Iterator[None]:
         torch.backends.cudnn.benchmark = before
 
 
-def release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def run_baseline(args: argparse.Namespace, cfg: RunConfig, device: torch.device) -> tuple[dict, dict]:
-    dtype = baseline_dtype(device)
-    baseline, batches = Baseline(cfg, device, dtype), baseline_batches(cfg, device)
+    dtype, timer = baseline_dtype(device), StepTimer(device, enabled=True)
+    baseline, batches = Baseline(cfg, device, dtype, timer), baseline_batches(cfg, device)
     with cudnn_benchmark(True):  # the official code sets it
         flops = baseline.model_flops(next(batches))
-        baseline.timer = StepTimer(device, enabled=True)
-        result = measure(baseline.step, batches, baseline.timer, args, cfg.data.batch_size)
+        result = measure(baseline.step, batches, timer, args, cfg.data.batch_size)
     info = {
         "description": f"DataLoader ({os.cpu_count()} workers, PIL + torchvision v2), per-layer reference "
         "loss, Python EMA loop, torch.optim.SGD",
@@ -465,15 +247,15 @@ def run_baseline(args: argparse.Namespace, cfg: RunConfig, device: torch.device)
 
 
 def run_ilm_dist(args: argparse.Namespace, cfg: RunConfig, device: torch.device) -> tuple[dict, dict]:
-    trainer = build_trainer(cfg, args.channels_last)
-    timer = trainer.timer = StepTimer(device, enabled=True)
+    timer = StepTimer(device, enabled=True)
+    trainer = Trainer(cfg, timer=timer)
     hook = timer.split_after(trainer.engine.module.encoder, "loss")  # the loss after the query encoder
     result = measure(trainer.train_step, endless(trainer.loader), timer, args, cfg.data.batch_size)
     hook.remove()
     info = {
         "description": f"{trainer.loader.description}; loss.bt.impl={cfg.loss.bt.impl}, fused EMA, "
-        f"channels-last {'on' if args.channels_last else 'off'}",
-        "precision": f"DeepSpeed {args.ds_config} ({str(trainer.dtype).removeprefix('torch.')} compute, fp32 weights)",
+        f"channels-last {'on' if cfg.model.channels_last else 'off'}",
+        "precision": f"DeepSpeed {args.ds_config} ({str(trainer.dtype).removeprefix('torch.')} weights)",
     }
     return result, info
 
@@ -501,78 +283,16 @@ def run_losses(args: argparse.Namespace, device: torch.device, batch: int, tmp: 
 
 
 def loss_curves(args: argparse.Namespace, device: torch.device, batch: int, tmp: Path) -> dict[str, dict]:
-    """Baseline and ilm_dist from the same state on the same batches: per-term relative differences."""
+    """Baseline and ilm_dist from the same state on the same batches (bench/loss_parity.py), per loss."""
     return {
-        loss: loss_curve(args, bench_config(args, loss, "torch", batch, tmp / f"curve_{loss}"), device)
+        loss: loss_curve(
+            bench_config(args, loss, "torch", batch, tmp / f"curve_{loss}"),
+            device,
+            args.curve_steps,
+            args.curve_tol,
+        )
         for loss in args.losses
     }
-
-
-def loss_curve(args: argparse.Namespace, cfg: RunConfig, device: torch.device) -> dict:
-    curves, precision, dtype = side_by_side(args, cfg, device)
-    release(device)
-    curves["baseline_other_seed"] = other_seed_curve(args, cfg, device, dtype)
-    release(device)
-    terms = {term: compare(values, curves["ilm_dist"][term]) for term, values in curves["baseline"].items()}
-    noise = {
-        term: compare(values, curves["baseline_other_seed"][term])
-        for term, values in curves["baseline"].items()
-    }
-    return {
-        "steps": args.curve_steps,
-        "precision": precision,
-        "relative": terms["loss"]["relative"],
-        "match": terms["loss"]["relative"] <= args.curve_tol,
-        "tolerance": args.curve_tol,
-        "terms": terms,
-        "noise": noise,
-        "noise_definition": "the same comparison between the baseline and the baseline run again with seed + 1 "
-        "(other initial weights and queue, other batch order and augmentations)",
-        "within_noise": all(terms[t]["mean_abs_diff"] <= noise[t]["mean_abs_diff"] for t in terms),
-        "loss": {name: [round(v, 5) for v in curve["loss"]] for name, curve in curves.items()},
-    }
-
-
-def side_by_side(
-    args: argparse.Namespace, cfg: RunConfig, device: torch.device
-) -> tuple[dict[str, dict[str, list[float]]], str, torch.dtype]:
-    """Per-step loss terms of the baseline (in ilm_dist's precision) and ilm_dist on the same batches."""
-    trainer = build_trainer(cfg, args.channels_last)
-    baseline = Baseline(cfg, device, trainer.dtype)
-    baseline.load_from(trainer)
-    batches = baseline_batches(cfg, device)
-    curves: dict[str, dict[str, list[float]]] = {"baseline": {}, "ilm_dist": {}}
-    for _ in range(args.curve_steps):
-        view1, view2 = next(batches)
-        index = torch.arange(len(view1))
-        runs = {
-            "baseline": baseline.step([view1, view2]),
-            "ilm_dist": trainer.train_step(TwoViewBatch(view1, view2, torch.zeros_like(index), index)),
-        }
-        for name, terms in runs.items():
-            for term, value in terms.items():
-                curves[name].setdefault(term, []).append(float(value.detach()))
-    return curves, baseline_precision(trainer.dtype), trainer.dtype
-
-
-def other_seed_curve(
-    args: argparse.Namespace, cfg: RunConfig, device: torch.device, dtype: torch.dtype
-) -> dict[str, list[float]]:
-    """The noise reference: the baseline's loss terms from seed + 1, an equally valid run of the same method."""
-    other = dataclasses.replace(cfg, seed=cfg.seed + 1)
-    torch.manual_seed(other.seed)
-    baseline, batches = Baseline(other, device, dtype), baseline_batches(other, device)
-    curve: dict[str, list[float]] = {}
-    for _ in range(args.curve_steps):
-        for term, value in baseline.step(next(batches)).items():
-            curve.setdefault(term, []).append(float(value.detach()))
-    return curve
-
-
-def compare(reference: list[float], other: list[float]) -> dict[str, float]:
-    mad = statistics.fmean(abs(a - b) for a, b in zip(reference, other, strict=True))
-    scale = statistics.fmean(abs(a) for a in reference)
-    return {"mean_abs_diff": mad, "scale": scale, "relative": mad / scale if scale else float("nan")}
 
 
 # --------------------------------------------------------------------------- report
@@ -606,11 +326,14 @@ def ratios(variants: dict) -> dict[str, dict[str, float]]:
 
 
 def goals(args: argparse.Namespace, device: torch.device, result: dict) -> dict:
-    """The issue's targets (MoCo + BT, ResNet-50, 224 px, bf16, one H100) against this run."""
+    """The GOALS (MoCo + BT, ResNet-50, 224 px, bf16, one H100 or H200) against this run."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     setup = args.arch == "resnet50" and args.size == 224 and "bf16" in args.ds_config
-    if not ("H100" in name and setup and "bt" in result["ratios"]):
-        return {"applies": False, "note": "targets are for MoCo + BT, ResNet-50, 224 px, bf16 on one H100"}
+    if not (any(gpu in name for gpu in PEAK_TFLOPS) and setup and "bt" in result["ratios"]):
+        return {
+            "applies": False,
+            "note": "targets are for MoCo + BT, ResNet-50, 224 px, bf16 on one H100/H200",
+        }
     measured = result["ratios"]["bt"] | {
         "ilm_dist_samples_per_s": result["variants"]["ilm_dist"]["by_loss"]["bt"]["samples_per_s"]
     }

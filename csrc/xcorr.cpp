@@ -2,6 +2,9 @@
 #include <Python.h>
 
 #include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -53,33 +56,77 @@ void check_inputs(const at::Tensor& z1, const at::Tensor& z2, const at::Tensor& 
 
 at::ScalarType compute_dtype(const at::Tensor& z) { return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Multiply-adds of the big products: forward 2 N^2 D (two Grams) vs N D^2 (C);
-// backward 4 N^2 D (two Grams, two Gram x [N, D]) vs 3 N D^2 (C, b C^T, a C).
-bool gram_forward(int64_t n, int64_t d) { return 2 * n < d; }
-bool gram_backward(int64_t n, int64_t d) { return 4 * n < 3 * d; }
+// The kernels of one device run only its tensors; the guard makes z1's device current (CUDA streams).
+c10::OptionalDeviceGuard device_guard(const Kernels& kernels, const at::Tensor& z1) {
+  TORCH_CHECK(z1.device().type() == kernels.device,
+              "bt_xcorr_loss: all tensor arguments must be on the same device, got z1 on ", z1.device(),
+              " and another argument on ", kernels.device);
+  return z1.is_cpu() ? c10::OptionalDeviceGuard() : c10::OptionalDeviceGuard(z1.device());
+}
+
+// The batched products x @ y: operands cast to `operand`, the dtype the standardisation wrote a and b in
+// (on CUDA fp16/bf16 for such inputs, multiplied on tensor cores, accumulated in fp32 and returned in fp32
+// through at::bmm's out_dtype overload), results in the compute dtype `out`. fp32 operands follow torch's
+// matmul precision (TF32 when torch.backends.cuda.matmul allows it), as the reference's matmul does; the
+// fused kernels are always fp32, and the loss never subtracts a fused-kernel diagonal from a TF32 one in
+// the D x D form (layer_loss's xcorr_form).
+struct Products {
+  at::ScalarType operand;
+  at::ScalarType out;
+  int64_t n;
+
+  at::Tensor operator()(const at::Tensor& x, const at::Tensor& y) const {
+    const auto xo = x.to(operand), yo = y.to(operand);
+    return operand == out ? at::bmm(xo, yo) : at::bmm(xo, yo, out);
+  }
+
+  // A product with a Gram matrix or N C (entries up to D and N) as operand x (left) or y: as an fp16
+  // operand it is divided by N first (|C_ij| <= 1, within fp16's range) and the product multiplied back.
+  at::Tensor with_matrix(const at::Tensor& x, const at::Tensor& y, bool matrix_is_x) const {
+    if (operand != at::kHalf) return (*this)(x, y);
+    const double inv = 1.0 / static_cast<double>(n);
+    return (*this)(matrix_is_x ? at::mul(x, inv) : x, matrix_is_x ? y : at::mul(y, inv)).mul_(static_cast<double>(n));
+  }
+};
+
+void check_xcorr(const at::Tensor& xcorr, const at::Tensor& z1) {
+  const int64_t L = z1.size(0), d = z1.size(2);
+  TORCH_CHECK(xcorr.dim() == 3 && xcorr.size(0) == L && xcorr.size(1) == d && xcorr.size(2) == d,
+              "bt_xcorr_loss_backward: xcorr must be the forward's [L, D, D] = [", L, ", ", d, ", ", d,
+              "] output or empty, got shape ", xcorr.sizes());
+  TORCH_CHECK(xcorr.scalar_type() == compute_dtype(z1) && xcorr.device() == z1.device(),
+              "bt_xcorr_loss_backward: xcorr must be ", compute_dtype(z1), " on ", z1.device(), ", got ",
+              xcorr.scalar_type(), " on ", xcorr.device());
+}
 
 }  // namespace
 
-at::Tensor xcorr_forward(const Kernels& kernels, const at::Tensor& z1, const at::Tensor& z2,
-                         const at::Tensor& on_weight, const at::Tensor& off_weight, double eps) {
+std::tuple<at::Tensor, at::Tensor> xcorr_forward(const Kernels& kernels, const at::Tensor& z1,
+                                                 const at::Tensor& z2, const at::Tensor& on_weight,
+                                                 const at::Tensor& off_weight, double eps) {
   check_inputs(z1, z2, on_weight, off_weight, eps);
+  const auto guard = device_guard(kernels, z1);
   const auto dtype = compute_dtype(z1);
   const auto on = on_weight.to(dtype).contiguous();
   const auto off = off_weight.to(dtype).contiguous();
-  const int64_t n = z1.size(1), d = z1.size(2);
+  const int64_t L = z1.size(0), n = z1.size(1), d = z1.size(2);
   const double scale = 1.0 / (static_cast<double>(n) * static_cast<double>(n));
   const Standardized st = kernels.standardize(z1, z2, eps);
-  if (gram_forward(n, d)) {
-    const auto g1 = at::bmm(st.a, st.a.transpose(1, 2));
-    const auto g2 = at::bmm(st.b, st.b.transpose(1, 2));
-    return kernels.layer_loss(g1, g2, scale, st.diag, on, off);
+  const Products product{st.a.scalar_type(), dtype, n};
+  if (use_gram(n, d)) {
+    const auto g1 = product(st.a, st.a.transpose(1, 2));
+    const auto g2 = product(st.b, st.b.transpose(1, 2));
+    auto loss = kernels.layer_loss(g1, g2, scale, st.diag, on, off, /*xcorr_form=*/false);
+    return {loss, at::empty({L, 0, 0}, st.diag.options())};
   }
-  const auto c = at::bmm(st.a.transpose(1, 2), st.b);  // N * C
-  return kernels.layer_loss(c, c, scale, st.diag, on, off);
+  auto c = product(st.a.transpose(1, 2), st.b);  // N C
+  auto loss = kernels.layer_loss(c, c, scale, st.diag, on, off, /*xcorr_form=*/true);
+  return {loss, c};
 }
 
 std::tuple<at::Tensor, at::Tensor> xcorr_backward(const Kernels& kernels, const at::Tensor& grad_loss,
                                                   const at::Tensor& z1, const at::Tensor& z2,
+                                                  const std::optional<at::Tensor>& xcorr,
                                                   const at::Tensor& on_weight, const at::Tensor& off_weight,
                                                   double eps) {
   check_inputs(z1, z2, on_weight, off_weight, eps);
@@ -87,22 +134,26 @@ std::tuple<at::Tensor, at::Tensor> xcorr_backward(const Kernels& kernels, const 
               "bt_xcorr_loss_backward: grad_loss must have shape [L] = [", z1.size(0), "], got ", grad_loss.sizes());
   TORCH_CHECK(grad_loss.device() == z1.device(), "bt_xcorr_loss_backward: grad_loss must be on ", z1.device(),
               ", got ", grad_loss.device());
+  const bool saved = xcorr.has_value() && xcorr->numel() > 0;
+  if (saved) check_xcorr(*xcorr, z1);
+  const auto guard = device_guard(kernels, z1);
   const auto dtype = compute_dtype(z1);
   const int64_t n = z1.size(1), d = z1.size(2);
   Standardized st = kernels.standardize(z1, z2, eps);
+  const Products product{st.a.scalar_type(), dtype, n};
   // The products need the standardised a, b; the fused backward recomputes them from z, so a and b are
   // released as soon as the products no longer need them.
   at::Tensor pa, pb;  // G_b a, G_a b
-  if (gram_backward(n, d)) {
-    const auto ga = at::bmm(st.a, st.a.transpose(1, 2));
-    pa = at::bmm(at::bmm(st.b, st.b.transpose(1, 2)), st.a);
+  if (!saved && use_gram(n, d)) {
+    const auto ga = product(st.a, st.a.transpose(1, 2));
+    pa = product.with_matrix(product(st.b, st.b.transpose(1, 2)), st.a, true);
     st.a.reset();
-    pb = at::bmm(ga, st.b);
-  } else {
-    const auto c = at::bmm(st.a.transpose(1, 2), st.b);  // a^T b = N C: G_b a = b c^T, G_a b = a c
-    pb = at::bmm(st.a, c);
+    pb = product.with_matrix(ga, st.b, true);
+  } else {  // N C = a^T b: G_b a = b (N C)^T, G_a b = a (N C); recomputed if the caller did not save it
+    const auto c = saved ? *xcorr : product(st.a.transpose(1, 2), st.b);
+    pb = product.with_matrix(st.a, c, false);
     st.a.reset();
-    pa = at::bmm(st.b, c.transpose(1, 2));
+    pa = product.with_matrix(st.b, c.transpose(1, 2), false);
   }
   st.b.reset();
   const auto grad = grad_loss.to(dtype).contiguous();
@@ -115,11 +166,13 @@ std::tuple<at::Tensor, at::Tensor> xcorr_backward(const Kernels& kernels, const 
 }
 
 TORCH_LIBRARY(ilm_dist, m) {
-  m.def("bt_xcorr_loss(Tensor z1, Tensor z2, Tensor on_weight, Tensor off_weight, float eps) -> Tensor",
-        {at::Tag::pt2_compliant_tag});
   m.def(
-      "bt_xcorr_loss_backward(Tensor grad_loss, Tensor z1, Tensor z2, Tensor on_weight, Tensor off_weight, "
-      "float eps) -> (Tensor, Tensor)",
+      "bt_xcorr_loss(Tensor z1, Tensor z2, Tensor on_weight, Tensor off_weight, float eps) "
+      "-> (Tensor loss, Tensor xcorr)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "bt_xcorr_loss_backward(Tensor grad_loss, Tensor z1, Tensor z2, Tensor? xcorr, Tensor on_weight, "
+      "Tensor off_weight, float eps) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }
 

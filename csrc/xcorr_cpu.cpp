@@ -1,12 +1,16 @@
 // CPU kernels of the batched Barlow Twins loss: one task per (layer, block of kBlock features), the
 // inner loops run over contiguous features so they vectorise; reductions are deterministic.
+//
+// The block kernels are compiled twice (GCC target_clones, picked at load time by the CPU's features):
+// for x86-64-v3 (AVX2, FMA) and for the baseline x86-64 a portable build targets, which has only SSE2.
+// Each column's sums run over the rows in the same order in both (vectorised across columns, and ISO C++
+// forbids contracting a * b + c into an FMA), so both give the same bits.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <array>
@@ -18,7 +22,13 @@
 namespace ilm_dist {
 namespace {
 
-constexpr int64_t kBlock = 64;          // features per task
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define ILM_DIST_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define ILM_DIST_CPU_CLONES
+#endif
+
+constexpr int64_t kBlock = 512;  // features per task: whole rows up to 512 features stream best
 constexpr int64_t kChunk = int64_t{1} << 14;  // elements per partial sum in layer_loss
 
 // Column block [n, w] of a row-major [n, ld] matrix.
@@ -61,29 +71,32 @@ struct StandardizedBlock {
   opmath_t* diag;
 };
 
-// a = standardise(z1), b = standardise(z2), their statistics, and diag[j] = sum_i a[i, j] b[i, j] / n.
+// a = standardise(z1), b = standardise(z2), their statistics, and diag[j] = sum_i a[i, j] b[i, j] / n
+// (statistics and sums in acc_t, the element-wise standardisation in opmath_t).
 template <typename scalar_t, typename opmath_t, typename acc_t>
-void standardize_block(const scalar_t* __restrict__ z1, const scalar_t* __restrict__ z2,
-                       StandardizedBlock<opmath_t> out, Block blk, double eps) {
+ILM_DIST_CPU_CLONES void standardize_block(const scalar_t* __restrict__ z1, const scalar_t* __restrict__ z2,
+                                           StandardizedBlock<opmath_t> out, Block blk, double eps) {
   const ColumnStats<scalar_t, acc_t> s1(z1, blk, eps), s2(z2, blk, eps);
+  std::array<opmath_t, kBlock> mean1{}, rstd1{}, mean2{}, rstd2{};
+  for (int64_t j = 0; j < blk.w; ++j) {
+    out.mean1[j] = mean1[j] = static_cast<opmath_t>(s1.mean[j]);
+    out.rstd1[j] = rstd1[j] = static_cast<opmath_t>(s1.rstd[j]);
+    out.mean2[j] = mean2[j] = static_cast<opmath_t>(s2.mean[j]);
+    out.rstd2[j] = rstd2[j] = static_cast<opmath_t>(s2.rstd[j]);
+  }
   std::array<acc_t, kBlock> dot{};
   for (int64_t i = 0; i < blk.n; ++i) {
+    const scalar_t* __restrict__ x1 = z1 + i * blk.ld;
+    const scalar_t* __restrict__ x2 = z2 + i * blk.ld;
+    opmath_t* __restrict__ a = out.a + i * blk.ld;
+    opmath_t* __restrict__ b = out.b + i * blk.ld;
     for (int64_t j = 0; j < blk.w; ++j) {
-      const int64_t k = i * blk.ld + j;
-      const opmath_t x = static_cast<opmath_t>((static_cast<acc_t>(z1[k]) - s1.mean[j]) * s1.rstd[j]);
-      const opmath_t y = static_cast<opmath_t>((static_cast<acc_t>(z2[k]) - s2.mean[j]) * s2.rstd[j]);
-      out.a[k] = x;
-      out.b[k] = y;
-      dot[j] += static_cast<acc_t>(x) * static_cast<acc_t>(y);
+      a[j] = (static_cast<opmath_t>(x1[j]) - mean1[j]) * rstd1[j];
+      b[j] = (static_cast<opmath_t>(x2[j]) - mean2[j]) * rstd2[j];
+      dot[j] += static_cast<acc_t>(a[j]) * static_cast<acc_t>(b[j]);
     }
   }
-  for (int64_t j = 0; j < blk.w; ++j) {
-    out.mean1[j] = static_cast<opmath_t>(s1.mean[j]);
-    out.rstd1[j] = static_cast<opmath_t>(s1.rstd[j]);
-    out.mean2[j] = static_cast<opmath_t>(s2.mean[j]);
-    out.rstd2[j] = static_cast<opmath_t>(s2.rstd[j]);
-    out.diag[j] = static_cast<opmath_t>(dot[j] / blk.n);
-  }
+  for (int64_t j = 0; j < blk.w; ++j) out.diag[j] = static_cast<opmath_t>(dot[j] / blk.n);
 }
 
 template <typename scalar_t>
@@ -123,7 +136,7 @@ Standardized standardize_cpu(const at::Tensor& z1, const at::Tensor& z2, double 
 
 template <typename opmath_t>
 at::Tensor layer_loss_typed(const at::Tensor& x, const at::Tensor& y, double scale, const at::Tensor& diag,
-                            const at::Tensor& on_weight, const at::Tensor& off_weight) {
+                            const at::Tensor& on_weight, const at::Tensor& off_weight, bool xcorr_form) {
   using acc_t = at::acc_type<opmath_t, false>;
   const int64_t L = x.size(0), m = x.numel() / L, d = diag.size(1);
   const int64_t chunks = ceil_div(m, kChunk);
@@ -150,7 +163,9 @@ at::Tensor layer_loss_typed(const at::Tensor& x, const at::Tensor& y, double sca
     for (int64_t i = 0; i < d; ++i) {
       const acc_t v = dp[l * d + i];
       on_sum += (v - 1) * (v - 1);
-      diag_sq += v * v;
+      // the D x D form subtracts the product's own diagonal, the Gram form the fused kernel's diag
+      const int64_t k = l * m + i * (d + 1);
+      diag_sq += xcorr_form ? scale * static_cast<acc_t>(xp[k]) * static_cast<acc_t>(yp[k]) : v * v;
     }
     lp[l] = static_cast<opmath_t>(onp[l] * on_sum + offp[l] * (scale * frob - diag_sq));
   }
@@ -158,9 +173,9 @@ at::Tensor layer_loss_typed(const at::Tensor& x, const at::Tensor& y, double sca
 }
 
 at::Tensor layer_loss_cpu(const at::Tensor& x, const at::Tensor& y, double scale, const at::Tensor& diag,
-                          const at::Tensor& on_weight, const at::Tensor& off_weight) {
+                          const at::Tensor& on_weight, const at::Tensor& off_weight, bool xcorr_form) {
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bt_xcorr_layer_loss", [&] {
-    return layer_loss_typed<scalar_t>(x, y, scale, diag, on_weight, off_weight);
+    return layer_loss_typed<scalar_t>(x, y, scale, diag, on_weight, off_weight, xcorr_form);
   });
 }
 
@@ -184,35 +199,49 @@ struct InputBlock {
 
 // dz = rstd * (ga - mean(ga) - s * mean(ga * s)) for the w columns of the block, where
 // ga = p_coef * P + diag_coef * t and s, t are the standardised self and partner (recomputed from z).
+// Element-wise terms in opmath_t, the sums over rows in acc_t (double for fp32 inputs); the per-column
+// constants are copied into local arrays so that the row loops vectorise.
 template <typename scalar_t, typename opmath_t, typename acc_t>
-void backward_block(InputBlock<scalar_t, opmath_t> self, InputBlock<scalar_t, opmath_t> partner,
-                    const opmath_t* __restrict__ p, const opmath_t* __restrict__ diag, GradCoef<acc_t> coef,
-                    scalar_t* __restrict__ out, Block blk) {
-  std::array<acc_t, kBlock> cd{}, sum_g{}, sum_gs{};
-  for (int64_t j = 0; j < blk.w; ++j) cd[j] = coef.diag_coef(diag[j]);
-  const auto s = [&](int64_t k, int64_t j) {
-    return (static_cast<acc_t>(self.z[k]) - self.mean[j]) * static_cast<acc_t>(self.rstd[j]);
+ILM_DIST_CPU_CLONES void backward_block(InputBlock<scalar_t, opmath_t> self, InputBlock<scalar_t, opmath_t> partner,
+                                        const opmath_t* __restrict__ p, const opmath_t* __restrict__ diag,
+                                        GradCoef<acc_t> coef, scalar_t* __restrict__ out, Block blk) {
+  std::array<opmath_t, kBlock> cd{}, s_mean{}, s_rstd{}, t_mean{}, t_rstd{}, mean_g{}, mean_gs{};
+  std::array<acc_t, kBlock> sum_g{}, sum_gs{};
+  for (int64_t j = 0; j < blk.w; ++j) {
+    cd[j] = static_cast<opmath_t>(coef.diag_coef(diag[j]));
+    s_mean[j] = self.mean[j];
+    s_rstd[j] = self.rstd[j];
+    t_mean[j] = partner.mean[j];
+    t_rstd[j] = partner.rstd[j];
+  }
+  const opmath_t pc = static_cast<opmath_t>(coef.p_coef);
+  const auto ga = [&](const scalar_t* zt, const opmath_t* pr, int64_t j) {
+    return pc * pr[j] + cd[j] * ((static_cast<opmath_t>(zt[j]) - t_mean[j]) * t_rstd[j]);
   };
-  const auto ga = [&](int64_t k, int64_t j) {
-    const acc_t t = (static_cast<acc_t>(partner.z[k]) - partner.mean[j]) * static_cast<acc_t>(partner.rstd[j]);
-    return coef.p_coef * p[k] + cd[j] * t;
+  const auto standardized = [&](const scalar_t* zs, int64_t j) {
+    return (static_cast<opmath_t>(zs[j]) - s_mean[j]) * s_rstd[j];
   };
   for (int64_t i = 0; i < blk.n; ++i) {
+    const scalar_t* __restrict__ zs = self.z + i * blk.ld;
+    const scalar_t* __restrict__ zt = partner.z + i * blk.ld;
+    const opmath_t* __restrict__ pr = p + i * blk.ld;
     for (int64_t j = 0; j < blk.w; ++j) {
-      const int64_t k = i * blk.ld + j;
-      const acc_t g = ga(k, j);
+      const opmath_t g = ga(zt, pr, j);
       sum_g[j] += g;
-      sum_gs[j] += g * s(k, j);
+      sum_gs[j] += g * standardized(zs, j);
     }
   }
   for (int64_t j = 0; j < blk.w; ++j) {
-    sum_g[j] /= blk.n;
-    sum_gs[j] /= blk.n;
+    mean_g[j] = static_cast<opmath_t>(sum_g[j] / blk.n);
+    mean_gs[j] = static_cast<opmath_t>(sum_gs[j] / blk.n);
   }
   for (int64_t i = 0; i < blk.n; ++i) {
+    const scalar_t* __restrict__ zs = self.z + i * blk.ld;
+    const scalar_t* __restrict__ zt = partner.z + i * blk.ld;
+    const opmath_t* __restrict__ pr = p + i * blk.ld;
+    scalar_t* __restrict__ o = out + i * blk.ld;
     for (int64_t j = 0; j < blk.w; ++j) {
-      const int64_t k = i * blk.ld + j;
-      out[k] = static_cast<scalar_t>(self.rstd[j] * (ga(k, j) - sum_g[j] - s(k, j) * sum_gs[j]));
+      o[j] = static_cast<scalar_t>(s_rstd[j] * (ga(zt, pr, j) - mean_g[j] - standardized(zs, j) * mean_gs[j]));
     }
   }
 }
@@ -256,24 +285,10 @@ at::Tensor standardize_backward_cpu(const SideInputs& in) {
                                          [&] { return standardize_backward_typed<scalar_t>(in); });
 }
 
-const Kernels kCpuKernels{&standardize_cpu, &layer_loss_cpu, &standardize_backward_cpu};
-
-at::Tensor bt_xcorr_loss_cpu(const at::Tensor& z1, const at::Tensor& z2, const at::Tensor& on_weight,
-                             const at::Tensor& off_weight, double eps) {
-  return xcorr_forward(kCpuKernels, z1, z2, on_weight, off_weight, eps);
-}
-
-std::tuple<at::Tensor, at::Tensor> bt_xcorr_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& z1,
-                                                              const at::Tensor& z2, const at::Tensor& on_weight,
-                                                              const at::Tensor& off_weight, double eps) {
-  return xcorr_backward(kCpuKernels, grad_loss, z1, z2, on_weight, off_weight, eps);
-}
+const Kernels kCpuKernels{c10::DeviceType::CPU, &standardize_cpu, &layer_loss_cpu, &standardize_backward_cpu};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ilm_dist, CPU, m) {
-  m.impl("bt_xcorr_loss", &bt_xcorr_loss_cpu);
-  m.impl("bt_xcorr_loss_backward", &bt_xcorr_loss_backward_cpu);
-}
+TORCH_LIBRARY_IMPL(ilm_dist, CPU, m) { register_kernels<kCpuKernels>(m); }
 
 }  // namespace ilm_dist

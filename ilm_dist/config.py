@@ -31,7 +31,7 @@ BLOCKS = (1, 2, 3, 4)
 class ModelConfig:
     arch: str = "resnet50"  # any torchvision ResNet
     zero_init_residual: bool = True  # official code (Kaku et al.) and Goyal et al. 2017
-    channels_last: bool = False  # NHWC inputs (convolutions follow the input's layout); weights stay NCHW
+    channels_last: bool = False  # NHWC inputs, loader layout and key encoder; the engine's weights stay NCHW
 
 
 @dataclass

@@ -34,6 +34,24 @@ def test_ema_refuses_a_16_bit_copy_of_the_query():
         key.update(query.to(torch.bfloat16), momentum=0.99)
 
 
+def test_ema_update_of_a_channels_last_key_encoder_matches_formula():
+    """model.channels_last: the key encoder is channels-last, the engine's (query) weights contiguous."""
+    query = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+    key = KeyEncoder(query).to(memory_format=torch.channels_last)
+    before = [p.clone() for p in key.encoder.parameters()]
+    with torch.no_grad():
+        for p in query.parameters():
+            p.add_(torch.randn_like(p))
+    for _ in range(2):
+        q = query
+        key.update(q, momentum=0.9)
+        for k_old, k_new, q_param in zip(before, key.encoder.parameters(), q.parameters(), strict=True):
+            torch.testing.assert_close(k_new, 0.9 * k_old + 0.1 * q_param.float(), rtol=1e-6, atol=1e-6)
+            k_old.copy_(k_new)
+    assert key.encoder[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not key.encoder[0].weight.is_contiguous()
+
+
 def test_key_encoder_starts_as_copy_and_has_no_grad():
     query = Encoder("resnet18", dim=16, mlp=True)
     key = KeyEncoder(query)

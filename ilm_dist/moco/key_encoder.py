@@ -32,7 +32,16 @@ class KeyEncoder(nn.Module):
                 f"KeyEncoder.update: the query weights are {sorted(low)}, not the fp32 master weights "
                 "(the engine must keep the module fp32: torch_autocast, not DeepSpeed's bf16/fp16 mode)"
             )
+        q_params = [_as_key(q, k) for q, k in zip(q_params, k_params, strict=True)]
         torch._foreach_lerp_(k_params, q_params, 1.0 - momentum)
 
     def forward(self, images: torch.Tensor):
         return self.encoder(images)
+
+
+def _as_key(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q in k's dtype (fp32) and strides: a channels-last key encoder beside the engine's contiguous weights
+    keeps ``_foreach_lerp_`` on its fused multi-tensor path, which needs matching strides."""
+    if q.dtype == k.dtype and q.stride() == k.stride():
+        return q
+    return torch.empty_like(k).copy_(q)

@@ -2,6 +2,13 @@
 
 from ilm_dist.ops._extension import extension_available
 from ilm_dist.ops.reference import bt_xcorr_loss_reference
-from ilm_dist.ops.xcorr import Impl, bt_xcorr_loss, bt_xcorr_loss_global
+from ilm_dist.ops.xcorr import Impl, bt_xcorr_loss, bt_xcorr_loss_global, check_extension
 
-__all__ = ["Impl", "bt_xcorr_loss", "bt_xcorr_loss_global", "bt_xcorr_loss_reference", "extension_available"]
+__all__ = [
+    "Impl",
+    "bt_xcorr_loss",
+    "bt_xcorr_loss_global",
+    "bt_xcorr_loss_reference",
+    "check_extension",
+    "extension_available",
+]

@@ -2,8 +2,8 @@
 
 ``Trainer.train_step`` wraps each phase in ``self.timer.phase(name)``. The trainer's timer is disabled:
 ``phase`` then returns one shared ``nullcontext`` (no clock read, no allocation, no sync), so the step
-computes exactly what it computes without the hooks. A benchmark enables it
-(``trainer.timer = StepTimer(device, enabled=True)``) and calls :meth:`StepTimer.finish_step` after
+computes exactly what it computes without the hooks. A benchmark passes an enabled one
+(``Trainer(cfg, timer=StepTimer(device, enabled=True))``) and calls :meth:`StepTimer.finish_step` after
 each step.
 
 How phases are timed when enabled:

@@ -44,7 +44,9 @@ log = logging.getLogger("ilm_dist")
 
 class Trainer:
     """One pretraining run. ``resume``: continue from ``output_dir``'s latest checkpoint; ``overwrite``: start
-    over in an ``output_dir`` that holds an earlier run, deleting its files (otherwise that is refused)."""
+    over in an ``output_dir`` that holds an earlier run, deleting its files (otherwise that is refused). ``validators``: builders of the components run every few
+    steps (:mod:`ilm_dist.train.validation`); ``timer``: per-phase step timing for a benchmark (default: a
+    disabled StepTimer, which is free)."""
 
     def __init__(
         self,
@@ -52,6 +54,7 @@ class Trainer:
         resume: bool = False,
         overwrite: bool = False,
         validators: Sequence[ValidatorBuilder] = (),
+        timer: StepTimer | None = None,
     ):
         self.cfg = cfg
         self.info, self.device = D.init_process_group(
@@ -72,7 +75,7 @@ class Trainer:
             log.info("%s", training_plan(cfg, per_epoch, self.info.world_size, self.grad_accum))
         self.dtype = ds_engine.DTYPES[ds_engine.precision_of(ds_config)]
         model = self._build_model()
-        self.key_encoder = KeyEncoder(model.encoder).to(self.device)
+        self.key_encoder = KeyEncoder(model.encoder).to(self.device, memory_format=self._memory_format())
         global_batch = cfg.data.batch_size * self.info.world_size * self.grad_accum
         optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim, global_batch))
         scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
@@ -90,7 +93,7 @@ class Trainer:
             for v in (build(self.device) for build in validators)
             if self.info.is_main or not v.main_rank_only
         ]
-        self.timer = StepTimer()  # per-phase step timing: off (free) unless a benchmark enables it
+        self.timer = timer or StepTimer()
         if self.info.world_size == 1 and cfg.moco.shuffle_bn:
             log.warning(
                 "one rank: shuffle-BN has no other rank to shuffle with (see ilm_dist/moco/shuffle_bn.py)"
@@ -121,9 +124,14 @@ class Trainer:
         model = MoCoILM(self.cfg)
         if self.cfg.moco.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        # model.channels_last only changes the inputs' layout: convolutions follow the input's memory
-        # format, and DeepSpeed's flat parameter buffers need the weights contiguous.
+        # The engine's weights stay contiguous even with model.channels_last: DeepSpeed 0.19.8's
+        # _broadcast_model views every parameter as bytes (p.data.view(torch.uint8)), which fails on a
+        # channels-last conv weight. Convolutions follow their input's layout, so channels-last inputs
+        # (train_step), loader layout (data backends) and key encoder (__init__) are enough.
         return model.to(self.device)
+
+    def _memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
 
     def _validate(self, step: int) -> None:
         models = Models(self.engine.module, self.key_encoder, self.queue.keys)
