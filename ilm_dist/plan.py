@@ -104,7 +104,7 @@ def build_plan(
     _plan_queue(plan, cfg, batch * world)
     _plan_data(plan, cfg, batch, world, accum, num_samples, num_shards)
     with torch.device("meta"):
-        model = MoCoILM(cfg)
+        model = MoCoILM(cfg.model, cfg.moco, cfg.loss)
     _plan_memory(plan, cfg, model, ds, precision, stage, world)
     _plan_comm(plan, cfg, model, ds, precision, stage, world, batch)
     return plan

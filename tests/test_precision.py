@@ -91,7 +91,7 @@ def test_losses_are_fp32_inside_a_bf16_autocast_forward():
         ["loss.type=bt", "loss.bt.impl=torch", "loss.bt.proj_dims=[64, 64]", "loss.weights=[1, 1, 1, 1]"],
     )
     torch.manual_seed(0)
-    model = MoCoILM(cfg)
+    model = MoCoILM(cfg.model, cfg.moco, cfg.loss)
     captured = {}
     model.encoder.head.register_forward_hook(lambda m, i, out: captured.update(embedding=out))
     for i, proj in enumerate(model.intermediate.projectors):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ilm_dist import distributed as D
 from ilm_dist.config import RunConfig, save_config
-from ilm_dist.data import TwoViewBatch, build_pretrain_loader
+from ilm_dist.data import Placement, TwoViewBatch, build_pretrain_loader
 from ilm_dist.errors import InputError
 from ilm_dist.moco.key_encoder import KeyEncoder
 from ilm_dist.moco.queue import KeyQueue
@@ -66,7 +66,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.loader = build_pretrain_loader(cfg, self.info.rank, self.info.world_size, self.device)
+        where = Placement(
+            self.info.rank, self.info.world_size, self.device, cfg.seed, cfg.model.channels_last
+        )
+        self.loader = build_pretrain_loader(cfg.data, cfg.aug, where)
         ds_config = ds_engine.resolve_deepspeed_config(cfg.engine.deepspeed_config, cfg.data.batch_size)
         self.grad_accum = ds_config["gradient_accumulation_steps"]
         self.total_steps = self._total_steps()
@@ -121,7 +124,7 @@ class Trainer:
         return self.cfg.train.max_steps or per_epoch * self.cfg.train.epochs
 
     def _build_model(self) -> MoCoILM:
-        model = MoCoILM(self.cfg)
+        model = MoCoILM(self.cfg.model, self.cfg.moco, self.cfg.loss)
         if self.cfg.moco.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         # The engine's weights stay contiguous even with model.channels_last: DeepSpeed 0.19.8's
