@@ -156,7 +156,10 @@ def _plan_memory(
     plan: Plan, cfg: RunConfig, model: MoCoILM, ds: dict, precision: str, stage: int, world: int
 ) -> None:
     """The engine's module stays fp32 (torch_autocast): it is the master under ZeRO 0, and ZeRO 1/2 add
-    an fp32 partition; autocast holds 16-bit copies of the conv/linear weights through forward + backward."""
+    an fp32 partition; autocast holds 16-bit copies of the conv/linear weights through forward + backward.
+
+    (DeepSpeed's ``estimate_zero2_model_states_mem_needs`` does not apply: it assumes 16-bit module weights
+    and Adam's two fp32 states, where this engine keeps the module fp32 and MoCo's SGD keeps one.)"""
     params, low = count(model), DTYPES[precision].itemsize
     weights = params * 4
     casts = low_precision_params(model, ds) * low if precision != "fp32" else 0
