@@ -7,9 +7,9 @@ import pytest
 
 from ilm_dist.config import ConfigError, absolute_overrides, load_config, save_config
 from ilm_dist.data.manifest import ManifestError
-from ilm_dist.plan import training_plan
 from ilm_dist.train.engine import resolve_deepspeed_config
 from ilm_dist.train.preflight import preflight
+from ilm_dist.train.run_plan import training_plan
 
 RUNS = Path("runs").resolve()  # configs/ name ../../runs: the repository's runs/
 

@@ -29,13 +29,13 @@ from ilm_dist.moco.key_encoder import KeyEncoder
 from ilm_dist.moco.queue import KeyQueue
 from ilm_dist.moco.shuffle_bn import shuffled_forward
 from ilm_dist.model.moco import MoCoILM
-from ilm_dist.plan import training_plan
 from ilm_dist.serialization import save_tensors
 from ilm_dist.train import checkpoint, faults, run_dir
 from ilm_dist.train import engine as ds_engine
 from ilm_dist.train.health import Heartbeat, NanWatch
 from ilm_dist.train.metrics_log import MetricsLogger
 from ilm_dist.train.optim import build_optimizer, build_scheduler, scaled_lr
+from ilm_dist.train.run_plan import training_plan
 from ilm_dist.train.timing import StepTimer
 from ilm_dist.train.validation import Models, ValidatorBuilder
 
