@@ -6,7 +6,7 @@ import re
 import pytest
 import yaml
 
-from ilm_dist.config import RunConfig, load_config
+from ilm_dist.config import RunConfig, load_config, section_fields
 from tests.launcher import REPO
 
 DATASETS = ("nih", "idc", "dr")
@@ -26,16 +26,14 @@ def table_rows() -> list[list[str]]:
 
 
 def run_config_key(key: str) -> bool:
-    """Whether ``key`` names a field of :class:`RunConfig` (``section.field[.field]``)."""
+    """Whether ``key`` names a leaf of :class:`RunConfig` (``section.field[.field]``; loss sections included)."""
     node = RunConfig
     for part in key.split("."):
-        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        fields = section_fields(node) if dataclasses.is_dataclass(node) else {}
         if part not in fields:
             return False
-        node = (
-            fields[part].default_factory if fields[part].default_factory is not dataclasses.MISSING else None
-        )
-    return True
+        node = fields[part]
+    return not dataclasses.is_dataclass(node)
 
 
 def checked_rows() -> list[tuple[str, object]]:
