@@ -8,12 +8,12 @@ the median over rounds of the per-round ratio to the reference variant.
 
 Step variants (in-memory batches made once by the torch backend, so no data loading is timed):
 
-- ``deepspeed``: ``Trainer.train_step`` as the trainer runs it (the reference);
-- ``no_reduce``: the same with DeepSpeed's gradient all-reduce turned off
-  (``engine.enable_backward_allreduce = False``). At world size 1 with ZeRO stage 0, DeepSpeed 0.19.8
-  still runs ``DeepSpeedEngine._backward_epilogue -> allreduce_gradients -> buffered_allreduce_fallback``:
-  it flattens every gradient into one buffer, scales it by 1/world, all-reduces it over gloo and copies it
-  back. At world size 1 that changes nothing;
+- ``deepspeed``: ``Trainer.train_step`` with DeepSpeed's default gradient reduction on (the reference);
+- ``no_reduce``: what the trainer runs: DeepSpeed's gradient all-reduce turned off at world size 1
+  (``engine.enable_backward_allreduce = False``, set by ``ilm_dist.train.engine.wrap``). With it on,
+  DeepSpeed 0.19.8 at world size 1 and ZeRO stage 0 still runs ``DeepSpeedEngine._backward_epilogue ->
+  allreduce_gradients -> buffered_allreduce_fallback``: it flattens every gradient into one buffer, scales
+  it by 1/world, all-reduces it over gloo and copies it back, which changes nothing;
 - ``no_reduce_channels_last``: ``no_reduce`` with NHWC inputs and key encoder (the trainer's weights stay
   NCHW: DeepSpeed's flat buffers need them contiguous);
 - ``no_reduce_bf16_autocast``: ``no_reduce`` under ``torch.autocast("cpu", torch.bfloat16)``, fp32
@@ -60,10 +60,10 @@ from common import ROOT, device_slug, source_commit, write_result
 from torch.profiler import ProfilerActivity, profile
 
 from ilm_dist.config import AugConfig, RunConfig, load_config
-from ilm_dist.data import TwoViewBatch, build_pretrain_loader
+from ilm_dist.data import Placement, TwoViewBatch, build_pretrain_loader
 from ilm_dist.data.augment import moco_view_transform
 from ilm_dist.data.manifest import load_manifest
-from ilm_dist.data.shards import ShardReader
+from ilm_dist.data.shard_reader import ShardReader
 from ilm_dist.eval.fit import torch_threads
 from ilm_dist.train.trainer import Trainer
 
@@ -103,7 +103,7 @@ def bench_config(args: argparse.Namespace, out: Path, extra: list[str] = ()) -> 
         "data.batch_size=64",
         "data.num_workers=0",
         "moco.queue_size=4096",
-        "engine.deepspeed_config=deepspeed/fp32.json",
+        f"engine.deepspeed_config={ROOT / 'configs/deepspeed/fp32.json'}",
         "optim.schedule=constant",
         "train.max_steps=1000000",
         "train.ckpt_every=0",
@@ -142,30 +142,22 @@ class StepVariant:
         return times
 
 
-def without_reduce(trainer: Trainer) -> Trainer:
-    """Turn off DeepSpeed's gradient all-reduce (a no-op at world size 1; see the module docstring)."""
-    trainer.engine.enable_backward_allreduce = False
-    return trainer
-
-
-def with_channels_last(trainer: Trainer) -> Trainer:
-    trainer.cfg.model.channels_last = True
-    trainer.key_encoder.to(memory_format=torch.channels_last)
+def with_reduce(trainer: Trainer) -> Trainer:
+    """DeepSpeed's default: the gradient all-reduce runs even at world size 1 (the trainer turns it off)."""
+    trainer.engine.enable_backward_allreduce = True
     return trainer
 
 
 def build_variants(args: argparse.Namespace, tmp: Path) -> dict[str, StepVariant]:
-    def trainer(name: str) -> Trainer:
-        return Trainer(bench_config(args, tmp / name))
+    def trainer(name: str, *extra: str) -> Trainer:
+        return Trainer(bench_config(args, tmp / name, list(extra)))
 
     return {
-        REFERENCE: StepVariant(trainer(REFERENCE), None, False),
-        "no_reduce": StepVariant(without_reduce(trainer("no_reduce")), None, False),
-        "no_reduce_channels_last": StepVariant(
-            with_channels_last(without_reduce(trainer("cl"))), None, False
-        ),
-        "no_reduce_bf16_autocast": StepVariant(without_reduce(trainer("bf16")), None, True),
-        "no_reduce_threads1": StepVariant(without_reduce(trainer("t1")), 1, False),
+        REFERENCE: StepVariant(with_reduce(trainer(REFERENCE)), None, False),
+        "no_reduce": StepVariant(trainer("no_reduce"), None, False),
+        "no_reduce_channels_last": StepVariant(trainer("cl", "model.channels_last=true"), None, False),
+        "no_reduce_bf16_autocast": StepVariant(trainer("bf16"), None, True),
+        "no_reduce_threads1": StepVariant(trainer("t1"), 1, False),
     }
 
 
@@ -254,7 +246,7 @@ def bf16_accuracy(trainer: Trainer, batch: TwoViewBatch) -> dict:
 
 def loader_rate(cfg: RunConfig, batches: int) -> float:
     """Two-view samples/s of the torch backend's loader alone (worker start-up included)."""
-    loader = build_pretrain_loader(cfg, 0, 1, torch.device("cpu"))
+    loader = build_pretrain_loader(cfg.data, cfg.aug, Placement(0, 1, torch.device("cpu"), cfg.seed))
     start, seen = time.perf_counter(), 0
     for i, batch in enumerate(loader.epoch(0)):
         seen += len(batch.view1)
@@ -318,7 +310,7 @@ def end_to_end(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
         threads, workers = (int(x) for x in combo.split(":"))
         for label, extra in (("config_aug", []), ("crop_flips_only", LIGHT_AUG)):
             cfg = bench_config(args, tmp / f"e2e_{combo}_{label}", [*extra, f"data.num_workers={workers}"])
-            trainer = without_reduce(Trainer(cfg))
+            trainer = Trainer(cfg)
             with torch_threads(threads):
                 start, seen = None, 0
                 for i, batch in enumerate(trainer.loader.epoch(0)):
