@@ -136,6 +136,8 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_checkpoints: int = 2
     deterministic: bool = False  # torch deterministic algorithms (CPU tests; slower on GPU)
+    # backbone.pt: the last step's backbone, or the one with the best validation value (needs val.every)
+    export: Literal["last", "best"] = "last"
 
 
 @dataclass
@@ -161,6 +163,25 @@ class MonitorConfig:
 
 
 @dataclass
+class ValConfig:
+    """Validation loss during pretraining (``ilm_dist.train.validation.ValidationLoss``), on every rank.
+
+    The loss of the training objective on ``split``, read from the query encoder, the key encoder and the
+    queue in eval mode without changing any of them; the best value's backbone is kept (``train.export``).
+    """
+
+    every: int = 0  # optimizer steps between checks, and a check at the last step; 0: off
+    split: str = "val"
+    max_samples: int | None = None  # a seeded draw of this many samples; None: the whole split
+    # augmented: two training views, seeded per sample (the same at every check); eval: the evaluation
+    # view as both query and key (the official code's validation transform)
+    views: Literal["augmented", "eval"] = "augmented"
+    # the value that selects the best backbone: the total loss (official val_loss) or InfoNCE alone
+    select: Literal["loss", "moco"] = "loss"
+    num_workers: int = 0
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     seed: int = 0
@@ -174,6 +195,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    val: ValConfig = field(default_factory=ValConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
@@ -393,6 +415,7 @@ def validate(cfg: RunConfig) -> None:
     _validate_aug(cfg.aug)
     _validate_data(cfg.data)
     _validate_monitor(cfg.monitor, cfg.data)
+    _validate_val(cfg.val, cfg.data, cfg.train)
     _check(cfg.optim.lr > 0, "optim.lr", "must be positive")
     _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _check(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
@@ -487,6 +510,28 @@ def _validate_monitor(mon: MonitorConfig, data: DataConfig) -> None:
         "monitor.every",
         "the kNN monitor needs labelled packed shards; data.backend=synthetic has none (set monitor.every=0)",
     )
+
+
+def _validate_val(val: ValConfig, data: DataConfig, train: TrainConfig) -> None:
+    _check(val.every >= 0, "val.every", "must be >= 0 (0: off)")
+    _check(val.max_samples is None or val.max_samples >= 1, "val.max_samples", "must be >= 1 (or null)")
+    _check(val.num_workers >= 0, "val.num_workers", "must be >= 0")
+    _check(
+        train.export == "last" or val.every > 0,
+        "train.export",
+        "'best' selects by the validation loss: set val.every=N (optimizer steps between checks)",
+    )
+    if val.every:
+        _check(
+            data.backend != "synthetic",
+            "val.every",
+            "the validation loss needs packed shards with a val split; data.backend=synthetic has none",
+        )
+        _check(
+            val.split != data.split,
+            "val.split",
+            f"must differ from data.split ({data.split!r}): the loss would be measured on training images",
+        )
 
 
 def _check(ok: bool, key: str, message: str) -> None:
