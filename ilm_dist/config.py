@@ -13,6 +13,7 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -211,7 +212,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     relative to the config file that names it; in an override or a default, to the working directory.
     The loaded config holds absolute paths, so its saved copy means the same wherever it is read.
     """
-    raw = _load_yaml_chain(Path(path)) if path else {}
+    raw = load_yaml_chain(Path(path)) if path else {}
     for item in overrides:
         key, value = _parse_override(item)
         _set_dotted(raw, key, value)
@@ -225,7 +226,12 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def load_yaml_chain(
+    path: Path, path_keys: Sequence[str] | None = None, seen: tuple[Path, ...] = ()
+) -> dict[str, Any]:
+    """The mapping in the YAML file ``path`` merged over its ``base:`` files (relative to it, recursively);
+    the values of ``path_keys`` (dotted; default: the run config's :data:`PATH` fields) are made absolute
+    against the folder of the file that names them."""
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: circular 'base' chain")
@@ -238,10 +244,10 @@ def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     bases = data.pop("base", []) or []
-    _resolve_paths(data, path.parent)
+    _resolve_paths(data, path.parent, path_keys)
     merged: dict[str, Any] = {}
     for base in [bases] if isinstance(bases, str) else bases:
-        _deep_merge(merged, _load_yaml_chain(path.parent / base, (*seen, path)))
+        _deep_merge(merged, load_yaml_chain(path.parent / base, path_keys, (*seen, path)))
     _deep_merge(merged, data)
     return merged
 
@@ -277,9 +283,10 @@ def absolute_overrides(overrides: list[str], directory: Path) -> list[str]:
     return out
 
 
-def _resolve_paths(raw: dict[str, Any], directory: Path) -> None:
-    """Make the relative path values in ``raw`` absolute, against ``directory``."""
-    for key in path_keys():
+def _resolve_paths(raw: dict[str, Any], directory: Path, keys: Sequence[str] | None = None) -> None:
+    """Make the relative path values of ``keys`` (default: the run config's) in ``raw`` absolute, against
+    ``directory``."""
+    for key in path_keys() if keys is None else keys:
         *parents, leaf = key.split(".")
         node = raw
         for part in parents:
@@ -412,7 +419,7 @@ def validate(cfg: RunConfig) -> None:
         "SyncBN and shuffle-BN are alternatives; set moco.shuffle_bn=false to use SyncBN",
     )
     _validate_loss(cfg.loss)
-    _validate_aug(cfg.aug)
+    validate_aug(cfg.aug)
     _validate_data(cfg.data)
     _validate_monitor(cfg.monitor, cfg.data)
     _validate_val(cfg.val, cfg.data, cfg.train)
@@ -448,7 +455,7 @@ def _validate_loss(loss: LossConfig) -> None:
             options.check()
 
 
-def _validate_aug(aug: AugConfig) -> None:
+def validate_aug(aug: AugConfig) -> None:
     if aug.crop_scale is not None:
         _check(
             len(aug.crop_scale) == 2 and 0 < aug.crop_scale[0] <= aug.crop_scale[1] <= 1,
