@@ -110,13 +110,22 @@ def check_comparable(methods: list[MethodResults]) -> None:
             first, other, "fine-tuning (mode, fraction)", sorted(first.finetune), sorted(other.finetune)
         )
         _check_same(first, other, "probe fractions", sorted(first.probe), sorted(other.probe))
-        for key, record in first.finetune.items():
-            if other.finetune[key]["subset"]["digest"] != record["subset"]["digest"]:
-                raise EvalError(
-                    f"mismatched label subsets at fraction {key[1]}: {first.path} and {other.path} were fine-tuned "
-                    f"on different images (subset digests {record['subset']['digest']} vs "
-                    f"{other.finetune[key]['subset']['digest']}); evaluate both into the same EVAL_DIR"
-                )
+        finetuned = [(key[1], record, other.finetune[key]) for key, record in first.finetune.items()]
+        _check_subsets(first, other, "fine-tuned", finetuned)
+        _check_subsets(first, other, "probed", [(f, r, other.probe[f]) for f, r in first.probe.items()])
+
+
+def _check_subsets(
+    a: MethodResults, b: MethodResults, verb: str, records: list[tuple[float, dict, dict]]
+) -> None:
+    """Each ``(fraction, record of a, record of b)`` pair was trained on the same labelled images."""
+    for fraction, record_a, record_b in records:
+        digest_a, digest_b = record_a["subset"]["digest"], record_b["subset"]["digest"]
+        if digest_a != digest_b:
+            raise EvalError(
+                f"mismatched label subsets at fraction {fraction}: {a.path} and {b.path} were {verb} on "
+                f"different images (subset digests {digest_a} vs {digest_b}); evaluate both into the same EVAL_DIR"
+            )
 
 
 def _check_same(a: MethodResults, b: MethodResults, what: str, values_a: list, values_b: list) -> None:
