@@ -2,7 +2,8 @@
 
 Methods are comparable when they were evaluated on the same packed dataset and test images, with the
 same label fractions drawn as the same subsets. CKA (per fine-tuning result, before vs after, per
-block) is cached in the result's ``cka.json`` with its parameters; KS is cheap and recomputed.
+block) is cached in the result's ``cka.json`` with its parameters and the digests of the features it was
+computed from (a result fine-tuned again with ``--force`` gets new CKA); KS is cheap and recomputed.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from ilm_dist.eval.cka import NUM_SUBSETS, RBF_SIGMA, SUBSET_SIZE, linear_cka, s
 from ilm_dist.eval.context import SOURCE
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.ks import ks_per_class
-from ilm_dist.eval.store import load_npz, read_json, write_json
+from ilm_dist.eval.store import arrays_digest, load_npz, read_json, write_json
 from ilm_dist.options import check_bounds, option
 
 log = logging.getLogger("ilm_dist")
 
-CKA_FORMAT = 1  # bump when cka.json's contents change, so older files are recomputed
+CKA_FORMAT = 2  # bump when cka.json's contents change, so older files are recomputed
 
 
 @dataclass(frozen=True)
@@ -139,11 +140,12 @@ def cka_for(
     """``{"block<i>": {"linear", "rbf_mean", "rbf_std"}}`` between init and fine-tuned test features."""
     out = method.result_dir(mode, fraction)
     path = out / "cka.json"
-    header = {"format": CKA_FORMAT, "params": asdict(params)}
+    before, after = load_npz(method.path / "init_features_test.npz"), load_npz(out / "features_test.npz")
+    features = {"init": arrays_digest(before), "finetuned": arrays_digest(after)}
+    header = {"format": CKA_FORMAT, "params": asdict(params), "features": features}
     if path.is_file() and not force and (saved := read_json(path)) | header == saved:
         return saved["blocks"]
     log.info("CKA: %s %s fraction %g", method.name, mode, fraction)
-    before, after = load_npz(method.path / "init_features_test.npz"), load_npz(out / "features_test.npz")
     blocks = {}
     for block in sorted(k for k in after if k.startswith("block")):
         x, y = before[block], after[block]
