@@ -31,6 +31,9 @@ def interval(record: dict, name: str) -> tuple[float, float, float]:
 
 
 def with_ci(record: dict, name: str) -> str:
+    """``value [low, high]``, or ``value`` alone where no bootstrap computed an interval."""
+    if name not in record.get("ci95", {}):
+        return f"{record['metrics'][name]:.3f}"
     value, low, high = interval(record, name)
     return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
@@ -207,10 +210,16 @@ def plot_ks(ks: dict, path: Path) -> None:
 def finetune_section(methods: list[MethodResults], task: str) -> str:
     metric = PRIMARY[task]
     settings = next(iter(methods[0].finetune.values()))["settings"]
+    if settings["n_boot"]:
+        title = f"test {metric}, 95% bootstrap CI"
+        intervals = (
+            f"Intervals: 2.5/97.5 percentiles over {settings['n_boot']} resamples of the test split "
+            f"(seed {settings['seed']})."
+        )
+    else:
+        title, intervals = f"test {metric}", "No intervals: evaluated with --bootstrap 0."
     parts = [
-        f"## Fine-tuning (test {metric}, 95% bootstrap CI)\n\n"
-        f"Intervals: 2.5/97.5 percentiles over {settings['n_boot']} resamples of the test split "
-        f"(seed {settings['seed']}). Labelled images per fraction are the same for every method.\n"
+        f"## Fine-tuning ({title})\n\n{intervals} Labelled images per fraction are the same for every method.\n"
     ]
     for mode in sorted({mode for m in methods for mode, _ in m.finetune}):
         fractions = sorted({f for m in methods for md, f in m.finetune if md == mode})
