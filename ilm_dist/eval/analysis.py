@@ -2,8 +2,9 @@
 
 Methods are comparable when they were evaluated on the same packed dataset and test images, under the
 same evaluation protocol (``protocol.json``) and settings, with the same label fractions drawn as the same
-subsets. CKA (per fine-tuning result, before vs after, per
-block) is cached in the result's ``cka.json`` with its parameters; KS is cheap and recomputed.
+subsets. CKA (per fine-tuning result, before vs after, per block) is cached in the result's ``cka.json``
+with its parameters and the digests of the features it was computed from (a result fine-tuned again with
+``--force`` gets new CKA); KS is cheap and recomputed.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from ilm_dist.eval.context import PROTOCOL, SOURCE
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.ks import ks_per_class
 from ilm_dist.eval.protocol import EvalProtocol, load_protocol, recorded_protocol
-from ilm_dist.eval.store import load_npz, read_json, write_json
+from ilm_dist.eval.store import arrays_digest, load_npz, read_json, write_json
 from ilm_dist.options import check_bounds, option
 
 log = logging.getLogger("ilm_dist")
 
-CKA_FORMAT = 1  # bump when cka.json's contents change, so older files are recomputed
+CKA_FORMAT = 2  # bump when cka.json's contents change, so older files are recomputed
 
 
 @dataclass(frozen=True)
@@ -127,13 +128,22 @@ def check_comparable(methods: list[MethodResults]) -> None:
         ):
             for key, record in a.items():
                 _check_same_settings(first, other, f"{kind} {key}", record["settings"], b[key]["settings"])
-        for key, record in first.finetune.items():
-            if other.finetune[key]["subset"]["digest"] != record["subset"]["digest"]:
-                raise EvalError(
-                    f"mismatched label subsets at fraction {key[1]}: {first.path} and {other.path} were fine-tuned "
-                    f"on different images (subset digests {record['subset']['digest']} vs "
-                    f"{other.finetune[key]['subset']['digest']}); evaluate both into the same EVAL_DIR"
-                )
+        finetuned = [(key[1], record, other.finetune[key]) for key, record in first.finetune.items()]
+        _check_subsets(first, other, "fine-tuned", finetuned)
+        _check_subsets(first, other, "probed", [(f, r, other.probe[f]) for f, r in first.probe.items()])
+
+
+def _check_subsets(
+    a: MethodResults, b: MethodResults, verb: str, records: list[tuple[float, dict, dict]]
+) -> None:
+    """Each ``(fraction, record of a, record of b)`` pair was trained on the same labelled images."""
+    for fraction, record_a, record_b in records:
+        digest_a, digest_b = record_a["subset"]["digest"], record_b["subset"]["digest"]
+        if digest_a != digest_b:
+            raise EvalError(
+                f"mismatched label subsets at fraction {fraction}: {a.path} and {b.path} were {verb} on "
+                f"different images (subset digests {digest_a} vs {digest_b}); evaluate both into the same EVAL_DIR"
+            )
 
 
 def _describe(protocol: dict) -> str:
@@ -191,11 +201,12 @@ def cka_for(
     """``{"block<i>": {"linear", "rbf_mean", "rbf_std"}}`` between init and fine-tuned test features."""
     out = method.result_dir(mode, fraction)
     path = out / "cka.json"
-    header = {"format": CKA_FORMAT, "params": asdict(params)}
+    before, after = load_npz(method.path / "init_features_test.npz"), load_npz(out / "features_test.npz")
+    features = {"init": arrays_digest(before), "finetuned": arrays_digest(after)}
+    header = {"format": CKA_FORMAT, "params": asdict(params), "features": features}
     if path.is_file() and not force and (saved := read_json(path)) | header == saved:
         return saved["blocks"]
     log.info("CKA: %s %s fraction %g", method.name, mode, fraction)
-    before, after = load_npz(method.path / "init_features_test.npz"), load_npz(out / "features_test.npz")
     blocks = {}
     for block in sorted(k for k in after if k.startswith("block")):
         x, y = before[block], after[block]

@@ -33,6 +33,9 @@ def interval(record: dict, name: str) -> tuple[float, float, float]:
 
 
 def with_ci(record: dict, name: str) -> str:
+    """``value [low, high]``, or ``value`` alone where no bootstrap computed an interval."""
+    if name not in record.get("ci95", {}):
+        return f"{record['metrics'][name]:.3f}"
     value, low, high = interval(record, name)
     return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
@@ -233,8 +236,9 @@ def plot_ks(ks: dict, path: Path) -> None:
 def finetune_section(methods: list[MethodResults]) -> str:
     first = next(iter(methods[0].finetune.values()))
     metric, settings = first["primary"], first["settings"]
+    title = f"test {metric}, 95% bootstrap CI" if settings["n_boot"] else f"test {metric}, no intervals"
     parts = [
-        f"## Fine-tuning (test {metric}, 95% bootstrap CI)\n\n"
+        f"## Fine-tuning ({title})\n\n"
         f"Intervals: {intervals_text(settings)} (seed {settings['seed']}). The model tested is the best on "
         f"val by {first.get('selected_by', metric)}. Labelled images per fraction are the same for every method.\n"
     ]
