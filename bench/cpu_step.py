@@ -312,11 +312,12 @@ def end_to_end(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
             cfg = bench_config(args, tmp / f"e2e_{combo}_{label}", [*extra, f"data.num_workers={workers}"])
             trainer = Trainer(cfg)
             with torch_threads(threads):
-                start, seen = None, 0
+                start = time.perf_counter() if args.warmup == 0 else None
+                seen = 0
                 for i, batch in enumerate(trainer.loader.epoch(0)):
                     trainer.train_step(batch)
                     if i + 1 == args.warmup:
-                        start = time.perf_counter()
+                        start = time.perf_counter()  # timing starts after the warm-up steps
                     elif start is not None:
                         seen += len(batch.view1)
                     if i + 1 == args.warmup + args.data_batches:
