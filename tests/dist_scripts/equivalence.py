@@ -46,8 +46,11 @@ def run(name: str, out: Path, shards: str, batch: int) -> None:
         ],
     )
     trainer = Trainer(cfg)
-    trainer.engine.module.eval()
-    trainer.key_encoder.eval()
+    # BatchNorm on its running statistics, so a batch of 2B and two of B normalise alike; the losses stay in
+    # training mode (in eval mode, as in the validation loss, Barlow Twins statistics are per batch).
+    for module in [*trainer.engine.module.modules(), *trainer.key_encoder.modules()]:
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
     losses = []
     for _, batch_data in zip(range(STEPS), trainer.loader.epoch(0), strict=False):
         terms = trainer.train_step(batch_data)

@@ -23,7 +23,7 @@ from ilm_dist.train.validation import Models, ValidationLoss
 
 def fixed_models(cfg, device: torch.device) -> Models:
     torch.manual_seed(0)
-    query = MoCoILM(cfg).to(device)
+    query = MoCoILM(cfg.model, cfg.moco, cfg.loss).to(device)
     key = KeyEncoder(query.encoder)
     with torch.no_grad():
         for _ in range(3):  # BN running statistics that differ from the initial 0 / 1
