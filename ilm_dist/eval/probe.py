@@ -2,7 +2,8 @@
 
 The backbone runs once per split in eval mode (no augmentation) and its pooled block features are
 cached (``features_<split>.npz``); each block's linear layer is then trained on standardised features
-with Adam (lr 1e-3, official probing code), selected on validation, scored on test. The backbone's
+with Adam (lr 1e-3, official probing code), selected on validation, scored on test (the test
+probabilities of every block are saved in ``predictions.npz``). The backbone's
 full ``state_dict`` (weights and BatchNorm statistics) is hashed before and after; any change fails.
 Outputs in ``EVAL_DIR/<method>/probe/f<fraction>/``.
 
@@ -26,14 +27,16 @@ from torch.utils.data import DataLoader, TensorDataset
 from ilm_dist.distributed import on_main
 from ilm_dist.eval.context import SPLITS, EvalContext, saved_or_computed
 from ilm_dist.eval.fit import ADAM_LR, fit, fit_option, predict, torch_threads, val_score
-from ilm_dist.eval.metrics import evaluate_predictions
-from ilm_dist.eval.store import fraction_tag, read_json, write_json
+from ilm_dist.eval.metrics import evaluate_predictions, probabilities
+from ilm_dist.eval.store import probe_result_dir, read_json, save_npz, write_json
 from ilm_dist.eval.subsets import load_or_draw_subset
 from ilm_dist.eval.weights import assert_unchanged, fingerprint
 from ilm_dist.model.encoder import BLOCK_NODES
 from ilm_dist.options import check_bounds, option
 
 log = logging.getLogger("ilm_dist")
+
+PREDICTIONS = "predictions.npz"  # test labels and each block's test probabilities (block<i>_probs)
 
 
 @dataclass
@@ -57,7 +60,7 @@ class ProbeSettings:
 
 
 def probe_dir(ctx: EvalContext, fraction: float) -> Path:
-    return ctx.method_dir / "probe" / fraction_tag(fraction)
+    return probe_result_dir(ctx.method_dir, fraction)
 
 
 def cached_features(
@@ -78,7 +81,10 @@ def _tensors(x: np.ndarray, labels: np.ndarray, mean: np.ndarray, std: np.ndarra
     return TensorDataset(torch.from_numpy((x - mean) / std).float(), torch.from_numpy(labels))
 
 
-def probe_block(ctx: EvalContext, feats: dict, block: str, settings: ProbeSettings) -> dict:
+def probe_block(
+    ctx: EvalContext, feats: dict, block: str, settings: ProbeSettings
+) -> tuple[dict, np.ndarray]:
+    """The block's test metrics record and its test logits."""
     train = feats["train"][block]
     mean, std = train.mean(axis=0), train.std(axis=0)
     std[std < 1e-6] = 1.0  # dead (constant) features stay zero after centring
@@ -107,10 +113,11 @@ def probe_block(ctx: EvalContext, feats: dict, block: str, settings: ProbeSettin
         settings.lr,
     )
     logits, labels = predict(head, test, ctx.device)
-    return {
+    record = {
         "fit": asdict(result),
         **evaluate_predictions(ctx.task, labels, logits, ctx.class_names, settings.n_boot, settings.seed),
     }
+    return record, logits
 
 
 def probe(ctx: EvalContext, settings: ProbeSettings, force: bool = False) -> dict:
@@ -127,11 +134,12 @@ def probe(ctx: EvalContext, settings: ProbeSettings, force: bool = False) -> dic
     backbone = ctx.classifier()
     before = fingerprint(backbone)
     feats = cached_features(ctx, backbone, out, subset["indices"], force)
-    blocks = {}
+    blocks, probs = {}, {}
     with torch_threads(1):
         for i in range(1, len(BLOCK_NODES) + 1):
             log.info("%s: probing block %d", ctx.name, i)
-            blocks[f"block{i}"] = probe_block(ctx, feats, f"block{i}", settings)
+            blocks[f"block{i}"], logits = probe_block(ctx, feats, f"block{i}", settings)
+            probs[f"block{i}_probs"] = probabilities(ctx.task, logits)
     assert_unchanged(backbone, before, f"probing {ctx.name}")
     record = {
         "method": ctx.name,
@@ -147,5 +155,6 @@ def probe(ctx: EvalContext, settings: ProbeSettings, force: bool = False) -> dic
         "settings": asdict(settings),
         "blocks": blocks,
     }
+    on_main(lambda: save_npz(out / PREDICTIONS, labels=feats["test"]["labels"], **probs))
     on_main(lambda: write_json(path, record))
     return record
