@@ -71,7 +71,8 @@ def _cuda_home() -> str | None:
     """The CUDA toolkit root: $CUDA_HOME/$CUDA_PATH, else the toolkit of ``nvcc`` on PATH or /usr/local/cuda.
 
     ``nvcc`` may be a wrapper script outside the toolkit (e.g. /usr/local/bin/nvcc), so a candidate must
-    hold both bin/nvcc and include/cuda_runtime_api.h.
+    hold both bin/nvcc and include/cuda_runtime_api.h. (``torch.utils.cpp_extension.CUDA_HOME`` takes the
+    parent of ``nvcc``'s folder without that check: /usr/local on such a machine, where the headers are not.)
     """
     env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if env:

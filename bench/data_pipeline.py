@@ -31,6 +31,7 @@ import torch
 from common import ROOT, device_slug, source_commit, write_result
 
 from ilm_dist.config import DataConfig, RunConfig
+from ilm_dist.data.batch import Placement
 from ilm_dist.data.torch_backend import TorchLoader
 
 NUM_CLASSES = 8
@@ -153,9 +154,10 @@ def run_variants(args: argparse.Namespace, shards: Path, device: torch.device) -
         elif where is None:
             skipped[name] = "no CUDA device on this machine"
     loaders = {
-        name: factory(make_cfg(args, shards, backend), 0, 1, where)
+        name: factory(cfg.data, cfg.aug, Placement(rank=0, world_size=1, device=where, seed=cfg.seed))
         for name, (factory, backend, where) in plans.items()
         if name not in skipped
+        for cfg in [make_cfg(args, shards, backend)]
     }
     runs: dict[str, list[float]] = {name: [] for name in loaders}
     for _ in range(args.repeats):  # interleaved, so a busy moment on a shared machine hits every variant

@@ -261,16 +261,14 @@ def join_nvidia_namespace(site: Path) -> None:
 
 
 def cmd_nccl(args: argparse.Namespace) -> None:
-    """One rank through ilm_dist's process-group start-up (engine.dist_backend=auto: NCCL on CUDA)."""
+    """One rank through ilm_dist's process-group start-up (backend auto: NCCL on CUDA)."""
     import torch
     import torch.distributed as dist
 
     from ilm_dist import distributed as D
-    from ilm_dist.config import RunConfig
-    from ilm_dist.train import engine
 
     start = time.perf_counter()
-    info, device = engine.init_distributed(RunConfig())
+    info, device = D.init_process_group("auto")
     init_s = time.perf_counter() - start
     backend = dist.get_backend()
     x = torch.arange(4, dtype=torch.float32, device=device) + info.rank

@@ -106,7 +106,7 @@ if [[ $DRY_RUN -eq 1 ]]; then
   run_stage op_bench "$PY" bench/xcorr.py --sizes tiny --dtypes float32 --repeats 1 --device cpu --threads 1 \
     --out "$R/xcorr.json"
   run_stage nccl "$PY" bench/gpu_check.py nccl --out "$R/nccl.json"
-  run_stage data "$PY" -m data_tools.synthetic "$WORK/data" --num-classes 4 --per-class 10 --size 40 \
+  run_stage data "$PY" -m data_tools.synthetic_dataset "$WORK/data" --num-classes 4 --per-class 10 --size 40 \
     --shard-size 16 --workers 1 --quiet
   run_stage throughput "$PY" bench/pretrain_throughput.py --shards "$WORK/data" --arch resnet18 --size 32 \
     --batch 2 --steps 1 --warmup 0 --losses mse --threads 1 --set moco.queue_size=16 --out "$R/pretrain_throughput.json"
@@ -124,7 +124,7 @@ else
   run_stage op_bench "$PY" bench/xcorr.py --sizes full --repeats 5 --out "$R/xcorr.json"
   run_stage nccl "$PY" bench/gpu_check.py nccl --out "$R/nccl.json"
   # 5,120 images of 256 px: 4,096 train samples, 16 batches of 256 per epoch.
-  run_stage data "$PY" -m data_tools.synthetic "$WORK/data" --num-classes 8 --per-class 640 --size 256 \
+  run_stage data "$PY" -m data_tools.synthetic_dataset "$WORK/data" --num-classes 8 --per-class 640 --size 256 \
     --workers "$CORES" --quiet --overwrite
   run_stage throughput "$PY" bench/pretrain_throughput.py --shards "$WORK/data" --batch 256 --steps 15 \
     --warmup 5 --losses bt mse --curve-steps 20 --out "$R/pretrain_throughput.json"

@@ -13,6 +13,7 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -136,6 +137,8 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_checkpoints: int = 2
     deterministic: bool = False  # torch deterministic algorithms (CPU tests; slower on GPU)
+    # backbone.pt: the last step's backbone, or the one with the best validation value (needs val.every)
+    export: Literal["last", "best"] = "last"
 
 
 @dataclass
@@ -161,6 +164,25 @@ class MonitorConfig:
 
 
 @dataclass
+class ValConfig:
+    """Validation loss during pretraining (``ilm_dist.train.validation.ValidationLoss``), on every rank.
+
+    The loss of the training objective on ``split``, read from the query encoder, the key encoder and the
+    queue in eval mode without changing any of them; the best value's backbone is kept (``train.export``).
+    """
+
+    every: int = 0  # optimizer steps between checks, and a check at the last step; 0: off
+    split: str = "val"
+    max_samples: int | None = None  # a seeded draw of this many samples; None: the whole split
+    # augmented: two training views, seeded per sample (the same at every check); eval: the evaluation
+    # view as both query and key (the official code's validation transform)
+    views: Literal["augmented", "eval"] = "augmented"
+    # the value that selects the best backbone: the total loss (official val_loss) or InfoNCE alone
+    select: Literal["loss", "moco"] = "loss"
+    num_workers: int = 0
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     seed: int = 0
@@ -174,6 +196,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    val: ValConfig = field(default_factory=ValConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
@@ -189,7 +212,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     relative to the config file that names it; in an override or a default, to the working directory.
     The loaded config holds absolute paths, so its saved copy means the same wherever it is read.
     """
-    raw = _load_yaml_chain(Path(path)) if path else {}
+    raw = load_yaml_chain(Path(path)) if path else {}
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
@@ -203,7 +226,12 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def load_yaml_chain(
+    path: Path, path_keys: Sequence[str] | None = None, seen: tuple[Path, ...] = ()
+) -> dict[str, Any]:
+    """The mapping in the YAML file ``path`` merged over its ``base:`` files (relative to it, recursively);
+    the values of ``path_keys`` (dotted; default: the run config's :data:`PATH` fields) are made absolute
+    against the folder of the file that names them."""
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: circular 'base' chain")
@@ -216,10 +244,10 @@ def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     bases = data.pop("base", []) or []
-    _resolve_paths(data, path.parent)
+    _resolve_paths(data, path.parent, path_keys)
     merged: dict[str, Any] = {}
     for base in [bases] if isinstance(bases, str) else bases:
-        _deep_merge(merged, _load_yaml_chain(path.parent / base, (*seen, path)))
+        _deep_merge(merged, load_yaml_chain(path.parent / base, path_keys, (*seen, path)))
     _deep_merge(merged, data)
     return merged
 
@@ -255,9 +283,10 @@ def absolute_overrides(overrides: list[str], directory: Path) -> list[str]:
     return out
 
 
-def _resolve_paths(raw: dict[str, Any], directory: Path) -> None:
-    """Make the relative path values in ``raw`` absolute, against ``directory``."""
-    for key in path_keys():
+def _resolve_paths(raw: dict[str, Any], directory: Path, keys: Sequence[str] | None = None) -> None:
+    """Make the relative path values of ``keys`` (default: the run config's) in ``raw`` absolute, against
+    ``directory``."""
+    for key in path_keys() if keys is None else keys:
         *parents, leaf = key.split(".")
         node = raw
         for part in parents:
@@ -390,9 +419,10 @@ def validate(cfg: RunConfig) -> None:
         "SyncBN and shuffle-BN are alternatives; set moco.shuffle_bn=false to use SyncBN",
     )
     _validate_loss(cfg.loss)
-    _validate_aug(cfg.aug)
+    validate_aug(cfg.aug)
     _validate_data(cfg.data)
     _validate_monitor(cfg.monitor, cfg.data)
+    _validate_val(cfg.val, cfg.data, cfg.train)
     _check(cfg.optim.lr > 0, "optim.lr", "must be positive")
     _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _check(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
@@ -425,7 +455,7 @@ def _validate_loss(loss: LossConfig) -> None:
             options.check()
 
 
-def _validate_aug(aug: AugConfig) -> None:
+def validate_aug(aug: AugConfig) -> None:
     if aug.crop_scale is not None:
         _check(
             len(aug.crop_scale) == 2 and 0 < aug.crop_scale[0] <= aug.crop_scale[1] <= 1,
@@ -487,6 +517,28 @@ def _validate_monitor(mon: MonitorConfig, data: DataConfig) -> None:
         "monitor.every",
         "the kNN monitor needs labelled packed shards; data.backend=synthetic has none (set monitor.every=0)",
     )
+
+
+def _validate_val(val: ValConfig, data: DataConfig, train: TrainConfig) -> None:
+    _check(val.every >= 0, "val.every", "must be >= 0 (0: off)")
+    _check(val.max_samples is None or val.max_samples >= 1, "val.max_samples", "must be >= 1 (or null)")
+    _check(val.num_workers >= 0, "val.num_workers", "must be >= 0")
+    _check(
+        train.export == "last" or val.every > 0,
+        "train.export",
+        "'best' selects by the validation loss: set val.every=N (optimizer steps between checks)",
+    )
+    if val.every:
+        _check(
+            data.backend != "synthetic",
+            "val.every",
+            "the validation loss needs packed shards with a val split; data.backend=synthetic has none",
+        )
+        _check(
+            val.split != data.split,
+            "val.split",
+            f"must differ from data.split ({data.split!r}): the loss would be measured on training images",
+        )
 
 
 def _check(ok: bool, key: str, message: str) -> None:

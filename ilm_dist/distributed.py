@@ -49,13 +49,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def shm_allreduce_segment(rank: int) -> Path:
-    """The /dev/shm segment DeepSpeed's CPU backend creates for ``rank`` (name as in its ``shm.cpp``)."""
-    addr, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+def shm_allreduce_segment(rank: int, addr: str | None = None, port: str | None = None) -> Path:
+    """The /dev/shm segment DeepSpeed's CPU backend creates for ``rank`` (name as in its ``shm.cpp``);
+    ``addr``/``port`` default to the rendezvous in the environment."""
+    addr, port = addr or os.environ["MASTER_ADDR"], port or os.environ["MASTER_PORT"]
     return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 
-def _unlink_shm_allreduce_segment(rank: int) -> None:
+def _unlink_shm_allreduce_segment(segment: Path) -> None:
     """Unlink this rank's DeepSpeed shared-memory all-reduce segment once every rank has mapped it.
 
     On the CPU accelerator DeepSpeed maps a ~66 MiB segment per rank (for ``inference_all_reduce``,
@@ -65,7 +66,7 @@ def _unlink_shm_allreduce_segment(rank: int) -> None:
     the last rank exits, however it exits.
     """
     barrier()
-    shm_allreduce_segment(rank).unlink(missing_ok=True)
+    segment.unlink(missing_ok=True)
 
 
 def init_process_group(
@@ -74,21 +75,31 @@ def init_process_group(
     """Join the launcher's process group (or make a world of one) and return this rank and its device.
 
     ``backend="auto"``: NCCL on GPUs, gloo on CPUs. ``timeout_s``: how long a collective waits for a rank
-    that stopped answering before it fails the job.
+    that stopped answering before it fails the job. Without a launcher (no ``WORLD_SIZE`` and
+    ``MASTER_PORT``) the world of one gets a fresh rendezvous port, which is removed from the environment
+    again once the group exists, so a process started later from this one (a subprocess, a test) does not
+    inherit a port in use.
     """
     accelerator = select_accelerator()
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    import deepspeed
+    launched = "WORLD_SIZE" in os.environ and "MASTER_PORT" in os.environ
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    if not launched:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", **rendezvous})
+    segment = shm_allreduce_segment(int(os.environ.get("RANK", "0")))
+    try:
+        import deepspeed
 
-    if backend == "auto":
-        backend = "nccl" if accelerator == "cuda" else "gloo"
-    timeout = datetime.timedelta(seconds=timeout_s)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+        if backend == "auto":
+            backend = "nccl" if accelerator == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+    finally:
+        if not launched:
+            for key in rendezvous:
+                os.environ.pop(key, None)
     info = dist_info()
     if accelerator == "cpu":
-        _unlink_shm_allreduce_segment(info.rank)
+        _unlink_shm_allreduce_segment(segment)
         return info, torch.device("cpu")
     torch.cuda.set_device(info.local_rank)
     return info, torch.device("cuda", info.local_rank)

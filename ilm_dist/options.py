@@ -1,8 +1,10 @@
 """Command-line options declared once, on the settings dataclasses they fill.
 
 A settings dataclass describes each option in its field's metadata (:func:`option`: help text, flag name,
-bounds); :func:`add_options` turns the fields into ``argparse`` options with the dataclass defaults, and
-:func:`from_args` builds the dataclass back from the parsed arguments by name. :func:`check_bounds`, called
+bounds); :func:`add_options` turns the fields into ``argparse`` options (their help shows the dataclass
+defaults; an option not given stays out of the parsed namespace), :func:`given_options` returns the
+options given on the command line, and :func:`from_args` builds the dataclass back from them by name,
+over the dataclass defaults or other defaults (an evaluation protocol's). :func:`check_bounds`, called
 from the dataclass's ``__post_init__``, rejects an out-of-range value with a one-line
 :class:`~ilm_dist.errors.InputError` naming the flag, whether the value came from the command line or
 from code.
@@ -41,12 +43,17 @@ def _cli_fields(cls: type) -> list[dataclasses.Field]:
 
 
 def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type) -> None:
-    """One option per field of ``cls`` that has :func:`option` metadata."""
+    """One option per field of ``cls`` that has :func:`option` metadata; one not given is left out of the
+    namespace (``argparse.SUPPRESS``), so :func:`given_options` can tell it from a given default."""
     hints = typing.get_type_hints(cls)
     for field in _cli_fields(cls):
         tp = hints[field.name]
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        kwargs: dict[str, Any] = {"dest": field.name, "default": default, "help": field.metadata["help"]}
+        default = _default(field)
+        kwargs: dict[str, Any] = {
+            "dest": field.name,
+            "default": argparse.SUPPRESS,
+            "help": field.metadata["help"],
+        }
         if field.metadata["required"]:
             kwargs["required"] = True
         if tp is bool:
@@ -55,9 +62,13 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: 
             kwargs["choices"] = typing.get_args(tp)
         else:
             kwargs["type"] = _scalar_type(tp)
-        if default not in (None, "") and tp is not bool:
+        if default not in (None, ""):
             kwargs["help"] += f" (default: {default})"
         parser.add_argument(flag_of(field), **kwargs)
+
+
+def _default(field: dataclasses.Field) -> Any:
+    return field.default if field.default is not dataclasses.MISSING else field.default_factory()
 
 
 def _scalar_type(tp: Any) -> type:
@@ -65,10 +76,17 @@ def _scalar_type(tp: Any) -> type:
     return args[0] if args else tp
 
 
-def from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
-    """``cls`` built from the parsed options (by field name) and ``extra``."""
-    values = {f.name: getattr(args, f.name) for f in _cli_fields(cls)}
-    return cls(**values, **extra)
+def given_options(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The options of ``cls`` given on the command line, by field name."""
+    return {f.name: getattr(args, f.name) for f in _cli_fields(cls) if hasattr(args, f.name)}
+
+
+def from_args(
+    cls: type, args: argparse.Namespace, defaults: dict[str, Any] | None = None, **extra: Any
+) -> Any:
+    """``cls`` from the options given on the command line, over ``defaults`` (by field name), over the
+    dataclass defaults; ``extra`` fills fields that are not options."""
+    return cls(**{**(defaults or {}), **given_options(cls, args), **extra})
 
 
 _BOUNDS = {

@@ -7,7 +7,6 @@ measures the activations. Memory figures are estimates for one rank and say how 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +17,7 @@ from ilm_dist.errors import ArgumentParser, exit_on_input_error, fail
 from ilm_dist.model.moco import MoCoILM
 from ilm_dist.train.engine import DTYPES, precision_of, resolve_deepspeed_config
 from ilm_dist.train.optim import scaled_lr
+from ilm_dist.train.run_plan import training_plan
 
 GIB = 1024**3
 
@@ -34,32 +34,6 @@ class Plan:
         width = max(len(k) for k, _ in self.lines)
         text = [f"{k:<{width}}  {v}" for k, v in self.lines]
         return "\n".join(text + [f"WARNING: {w}" for w in self.warnings])
-
-
-def training_plan(cfg: RunConfig, steps_per_epoch: int, world: int, accum: int) -> str:
-    """One line: length, global batch, LR after scaling and what the run saves (logged at every start).
-
-    ``steps_per_epoch`` counts optimizer steps (loader batches per rank // ``accum``).
-    """
-    global_batch = cfg.data.batch_size * world * accum
-    if cfg.train.max_steps is not None:
-        steps = cfg.train.max_steps
-        epochs = steps / steps_per_epoch if steps_per_epoch else float("inf")
-        length = f"{steps} steps (train.max_steps; {epochs:.3g} x {steps_per_epoch} steps/epoch)"
-    else:
-        steps = steps_per_epoch * cfg.train.epochs
-        length = f"{steps} steps = {cfg.train.epochs} x {steps_per_epoch} steps/epoch (train.epochs)"
-    optim = cfg.optim
-    lr = scaled_lr(optim, global_batch)
-    scaling = f"{optim.lr:g} x {global_batch}/256, " if optim.scale_lr else ""
-    warmup = f", {optim.warmup_steps} warm-up steps" if optim.warmup_steps else ""
-    every = f"every {cfg.train.ckpt_every} steps and " if cfg.train.ckpt_every else ""
-    return (
-        f"plan: {length}; global batch {global_batch} = {cfg.data.batch_size}/rank x {world} ranks x "
-        f"{accum} accumulation; lr {lr:.4g} ({optim.name}, {scaling}{optim.schedule}{warmup}); "
-        f"checkpoints {every}at the end, the last {cfg.train.keep_checkpoints} kept, in "
-        f"{Path(cfg.output_dir) / 'checkpoints'}; {Path(cfg.output_dir) / 'backbone.pt'}: the last step's backbone"
-    )
 
 
 def activation_bytes(model: MoCoILM, batch: int, image_size: int, bytes_per: int) -> int:
@@ -104,7 +78,7 @@ def build_plan(
     _plan_queue(plan, cfg, batch * world)
     _plan_data(plan, cfg, batch, world, accum, num_samples, num_shards)
     with torch.device("meta"):
-        model = MoCoILM(cfg)
+        model = MoCoILM(cfg.model, cfg.moco, cfg.loss)
     _plan_memory(plan, cfg, model, ds, precision, stage, world)
     _plan_comm(plan, cfg, model, ds, precision, stage, world, batch)
     return plan
@@ -156,7 +130,10 @@ def _plan_memory(
     plan: Plan, cfg: RunConfig, model: MoCoILM, ds: dict, precision: str, stage: int, world: int
 ) -> None:
     """The engine's module stays fp32 (torch_autocast): it is the master under ZeRO 0, and ZeRO 1/2 add
-    an fp32 partition; autocast holds 16-bit copies of the conv/linear weights through forward + backward."""
+    an fp32 partition; autocast holds 16-bit copies of the conv/linear weights through forward + backward.
+
+    (DeepSpeed's ``estimate_zero2_model_states_mem_needs`` does not apply: it assumes 16-bit module weights
+    and Adam's two fp32 states, where this engine keeps the module fp32 and MoCo's SGD keeps one.)"""
     params, low = count(model), DTYPES[precision].itemsize
     weights = params * 4
     casts = low_precision_params(model, ds) * low if precision != "fp32" else 0

@@ -1,7 +1,7 @@
 """The pretraining command: ``launch/pretrain.py``, ``python -m ilm_dist.pretrain`` and ``ilm-pretrain``.
 
 Checks the config and its data before any process group exists, builds the trainer (with the kNN monitor
-when ``monitor.every`` is set) and turns every failure into one line and an exit status: 2 bad input or
+when ``monitor.every`` is set and the validation loss when ``val.every`` is) and turns every failure into one line and an exit status: 2 bad input or
 a full disk, 3 a non-finite loss, 4 a lost rank.
 """
 
@@ -46,8 +46,11 @@ def pretrain_main(argv: list[str] | None = None) -> None:
         cfg = preflight(args.config, args.overrides)
     from ilm_dist.eval.monitor import KnnMonitor
     from ilm_dist.train.trainer import Trainer
+    from ilm_dist.train.validation import ValidationLoss
 
     validators = [KnnMonitor.builder(cfg)] if cfg.monitor.every else []
+    if cfg.val.every:
+        validators.append(ValidationLoss.builder(cfg))
     try:
         trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, validators=validators)
     except InputError as err:  # raised alike on every rank (rank 0's decisions are shared by on_main)

@@ -2,6 +2,7 @@
 
 python launch/analyse.py evals/idc --out evals/idc/report
 python launch/analyse.py evals/idc/idc_moco evals/idc/idc_moco_mse --out report/
+python launch/analyse.py evals_official/idc --out evals_official/idc/report   # the protocol they record
 
 It only reads saved files and runs in one process; under the deepspeed launcher rank 0 does the work.
 """

@@ -7,9 +7,9 @@ import pytest
 
 from ilm_dist.config import ConfigError, absolute_overrides, load_config, save_config
 from ilm_dist.data.manifest import ManifestError
-from ilm_dist.plan import training_plan
 from ilm_dist.train.engine import resolve_deepspeed_config
 from ilm_dist.train.preflight import preflight
+from ilm_dist.train.run_plan import training_plan
 
 RUNS = Path("runs").resolve()  # configs/ name ../../runs: the repository's runs/
 
@@ -126,7 +126,9 @@ def test_training_plan_line_states_length_batch_lr_and_what_is_saved():
     assert training_plan(nih, steps_per_epoch=100, world=4, accum=2) == (
         "plan: 20000 steps = 200 x 100 steps/epoch (train.epochs); global batch 128 = 16/rank x 4 ranks x "
         "2 accumulation; lr 0.03 (sgd, constant); checkpoints every 5000 steps and at the end, the last 2 "
-        f"kept, in {RUNS}/nih/moco_bt/checkpoints; {RUNS}/nih/moco_bt/backbone.pt: the last step's backbone"
+        f"kept, in {RUNS}/nih/moco_bt/checkpoints; validation loss every 5000 steps and at the last on all "
+        f"samples of split 'val' (eval views), the lowest val_loss's backbone in {RUNS}/nih/moco_bt/backbone_best.pt; "
+        f"{RUNS}/nih/moco_bt/backbone.pt: that best backbone (train.export=best), backbone_last.pt the last"
     )
     demo = load_config("configs/demo.yaml", ["train.max_steps=25", "train.ckpt_every=0"])
     line = training_plan(demo, steps_per_epoch=50, world=2, accum=1)
@@ -137,6 +139,7 @@ def test_training_plan_line_states_length_batch_lr_and_what_is_saved():
         "lr 0.3 (sgd, 1.2 x 64/256, cosine, 10 warm-up steps); checkpoints at the end, the last 2 kept"
         in line
     )
+    assert line.endswith("runs/demo/pretrain/backbone.pt: the last step's backbone")
 
 
 def test_every_dataset_config_states_its_length():

@@ -20,12 +20,18 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 from ilm_dist.config import AugConfig, ConfigError, DaliConfig, DataConfig, RunConfig, load_config
-from ilm_dist.data import build_pretrain_loader
+from ilm_dist.data import Placement, build_pretrain_loader
 from ilm_dist.data.dali_backend import DaliLoader, two_view_pipeline
 from ilm_dist.data.manifest import ManifestError
 from tests.dali_fixtures import Sample, image_samples, jpeg, label, write_dataset
 
 CPU = torch.device("cpu")
+
+
+def dali_loader(cfg: RunConfig, rank: int, world: int) -> DaliLoader:
+    return DaliLoader(cfg.data, cfg.aug, Placement(rank, world, CPU, cfg.seed, cfg.model.channels_last))
+
+
 SIZE = 32
 NO_AUG = AugConfig(crop_scale=None, color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, hflip=False)
 COLOURS = [(220, 40, 40), (40, 220, 40), (40, 40, 220), (220, 220, 40)]
@@ -44,7 +50,7 @@ def pixels(view: torch.Tensor, aug: AugConfig) -> np.ndarray:
 
 def all_views(cfg: RunConfig, rank: int = 0, world: int = 1, epoch: int = 0) -> tuple[np.ndarray, list]:
     """Every view of one epoch as pixels ``[2N, S, S, 3]``, and the batches."""
-    batches = list(DaliLoader(cfg, rank, world, CPU).epoch(epoch))
+    batches = list(dali_loader(cfg, rank, world).epoch(epoch))
     views = [pixels(view, cfg.aug) for b in batches for view in (b.view1, b.view2)]
     return np.concatenate(views), batches
 
@@ -95,7 +101,7 @@ def identities(tmp_path_factory) -> Path:
 def test_batch_shape_dtype_layout_and_label_alignment(classes, channels_last):
     cfg = make_cfg(classes)
     cfg.model.channels_last = channels_last
-    loader = DaliLoader(cfg, 0, 1, CPU)
+    loader = dali_loader(cfg, 0, 1)
     assert loader.steps_per_epoch == 8
     batches = list(loader.epoch(0))
     assert len(batches) == 8
@@ -121,7 +127,7 @@ def test_grayscale_multilabel_shards(tmp_path):
     ]
     root = write_dataset(tmp_path, samples, ["p", "q", "r"], task="multilabel", image_mode="L")
     cfg = make_cfg(root)
-    for batch in DaliLoader(cfg, 0, 1, CPU).epoch(0):
+    for batch in dali_loader(cfg, 0, 1).epoch(0):
         assert batch.labels.shape == (8, 3)
         image = pixels(batch.view2, cfg.aug)
         assert np.abs(image - image[..., :1]).max() < 1.5
@@ -133,7 +139,7 @@ def test_ranks_read_disjoint_parts_and_run_equal_steps(identities):
     cfg = make_cfg(identities)
     seen = {}
     for rank in (0, 1):
-        loader = DaliLoader(cfg, rank, 2, CPU)
+        loader = dali_loader(cfg, rank, 2)
         for epoch in (0, 1):
             batches = list(loader.epoch(epoch))
             assert loader.steps_per_epoch == len(batches) == 101 // 16
@@ -147,9 +153,9 @@ def test_ranks_read_disjoint_parts_and_run_equal_steps(identities):
 
 def test_epochs_are_seeded_resume_skips_and_views_differ(identities):
     cfg = make_cfg(identities, aug=AugConfig(), shuffle_buffer=64)
-    full = list(DaliLoader(cfg, 0, 1, CPU).epoch(0))
-    again = list(DaliLoader(cfg, 0, 1, CPU).epoch(0))
-    resumed = list(DaliLoader(cfg, 0, 1, CPU).epoch(0, start_step=3))
+    full = list(dali_loader(cfg, 0, 1).epoch(0))
+    again = list(dali_loader(cfg, 0, 1).epoch(0))
+    resumed = list(dali_loader(cfg, 0, 1).epoch(0, start_step=3))
     for a, b in zip(full, again, strict=True):
         assert (
             torch.equal(a.indices, b.indices)
@@ -159,7 +165,7 @@ def test_epochs_are_seeded_resume_skips_and_views_differ(identities):
     assert len(resumed) == len(full) - 3
     for a, b in zip(full[3:], resumed, strict=True):
         assert torch.equal(a.indices, b.indices) and torch.equal(a.view1, b.view1)
-    next_epoch = list(DaliLoader(cfg, 0, 1, CPU).epoch(1))
+    next_epoch = list(dali_loader(cfg, 0, 1).epoch(1))
     assert [b.indices.tolist() for b in next_epoch] != [b.indices.tolist() for b in full]
     for batch in full:
         assert (batch.view1 - batch.view2).abs().flatten(1).amax(1).min() > 0.1
@@ -249,7 +255,7 @@ def test_missing_component_is_named_at_startup(tmp_path):
     samples[21] = replace(samples[21], lbl=None)
     root = write_dataset(tmp_path, samples, ["a", "b"])
     with pytest.raises(ManifestError, match=r"train-000001\.tar: sample 's000021': missing component \.lbl"):
-        DaliLoader(make_cfg(root), 0, 1, CPU)
+        dali_loader(make_cfg(root), 0, 1)
 
 
 @pytest.mark.parametrize("payload", [b"\xff\xd8 not a jpeg " * 20, "truncated"])
@@ -258,7 +264,7 @@ def test_corrupt_jpeg_error_names_shard_and_key(tmp_path, payload):
     broken = samples[37].jpg[: len(samples[37].jpg) // 3] if payload == "truncated" else payload
     samples[37] = replace(samples[37], jpg=broken)
     root = write_dataset(tmp_path, samples, ["a", "b"])
-    loader = DaliLoader(make_cfg(root), 0, 1, CPU)
+    loader = dali_loader(make_cfg(root), 0, 1)
     with pytest.raises(ManifestError, match=r"train-000002\.tar: sample 's000037': cannot decode JPEG"):
         list(loader.epoch(0))
 
@@ -273,7 +279,7 @@ def test_skip_bad_drops_and_counts(tmp_path):
     cfg = make_cfg(root, dali=DaliConfig(skip_bad=True))
     seen = set()
     for rank in (0, 1):
-        loader = DaliLoader(cfg, rank, 2, CPU)
+        loader = dali_loader(cfg, rank, 2)
         assert [(b.key, b.tar.name) for b in loader.scan.bad] == [
             ("s000003", "train-000000.tar"),
             ("s000020", "train-000001.tar"),
@@ -291,7 +297,7 @@ def test_skip_bad_drops_and_counts(tmp_path):
 def test_gpu_graph_places_decode_and_augmentations_on_the_gpu(classes):
     """Defines the GPU pipeline (no CUDA needed to define it; building it would need one)."""
     cfg = make_cfg(classes, aug=AugConfig(rotation=30.0, vflip=True))
-    loader = DaliLoader(cfg, 0, 1, CPU)
+    loader = dali_loader(cfg, 0, 1)
     pipe = two_view_pipeline(
         reader=loader._reader_args(0),
         aug=cfg.aug,
@@ -308,7 +314,10 @@ def test_gpu_graph_places_decode_and_augmentations_on_the_gpu(classes):
 
 
 def test_factory_builds_it_and_imports_dali_lazily(classes):
-    assert isinstance(build_pretrain_loader(make_cfg(classes), 0, 1, CPU), DaliLoader)
+    assert isinstance(
+        build_pretrain_loader(make_cfg(classes).data, make_cfg(classes).aug, Placement(0, 1, CPU, 0)),
+        DaliLoader,
+    )
     code = "import sys, ilm_dist.data; sys.exit(any(m.startswith('nvidia.dali') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 

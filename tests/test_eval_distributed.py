@@ -120,6 +120,21 @@ def test_linear_finetuning_on_two_ranks_equals_one_process(finetuned):
 
 
 @pytest.mark.slow
+def test_live_probe_on_two_ranks_equals_one_process(packed_tiny, tmp_path):
+    """The probe that runs the frozen network at every step (augmented views) trains data-parallel: with
+    BatchNorm on running statistics 2 ranks x 16 images train the heads of 1 process x 32."""
+    live = ["--train-aug", "moco", "--no-standardise", "--epochs", "1", "--batch-size", "32", "--evals", "2"]
+    one_process("launch/probe.py", args(packed_tiny, tmp_path / "one", *live))
+    run_deepspeed("launch/probe.py", args(packed_tiny, tmp_path / "two", *live))
+    want, got = (read(tmp_path / d / "random_init/probe/f1/metrics.json") for d in ("one", "two"))
+    for block, result in want["blocks"].items():
+        assert got["blocks"][block]["fit"]["steps"] == result["fit"]["steps"] == 152 // 32
+        for g, w in zip(got["blocks"][block]["fit"]["history"], result["fit"]["history"], strict=True):
+            assert g["train_loss"] == pytest.approx(w["train_loss"], rel=1e-5), block
+        assert got["blocks"][block]["metrics"] == pytest.approx(result["metrics"], rel=1e-4, abs=1e-5), block
+
+
+@pytest.mark.slow
 def test_saved_results_are_reused_by_every_rank(packed_tiny, dirs, probed):
     _, two = probed
     files = sorted(two.iterdir())

@@ -24,6 +24,7 @@ def test_binary_metrics_match_sklearn():
     assert got["auc"] == pytest.approx(roc_auc_score(labels, probs[:, 1]))
     assert got["accuracy"] == pytest.approx(accuracy_score(labels, probs.argmax(1)))
     assert got["f1"] == pytest.approx(f1_score(labels, probs.argmax(1)))
+    assert got["macro_f1"] == pytest.approx(f1_score(labels, probs.argmax(1), average="macro"))
     assert got["accuracy"] == pytest.approx(6 / 8)
 
 

@@ -11,7 +11,7 @@ from ilm_dist.errors import InputError
 from ilm_dist.eval.commands import finetune_main, probe_main
 from ilm_dist.eval.finetune import FinetuneSettings
 from ilm_dist.eval.probe import ProbeSettings
-from ilm_dist.options import add_options, check_bounds, from_args, option
+from ilm_dist.options import add_options, check_bounds, from_args, given_options, option
 from tests.test_eval_support import pack_dataset
 
 QUICK_PROBE = ["--epochs", "1", "--evals", "1", "--bootstrap", "0", "--batch-size", "8"]
@@ -40,6 +40,10 @@ def test_options_come_from_the_dataclass_and_build_it_back():
     assert from_args(Example, parser.parse_args([])) == Example()
     args = parser.parse_args(["--count", "5", "--rate", "1", "--other", "b"])
     assert from_args(Example, args, internal=1) == Example(5, 1.0, "b", 1)
+    # other defaults (an evaluation protocol's) under the given options, over the dataclass's
+    given = parser.parse_args(["--count", "3"])  # the dataclass default, given explicitly
+    assert given_options(Example, given) == {"count": 3}
+    assert from_args(Example, given, defaults={"count": 9, "rate": 0.25}) == Example(3, 0.25)
     with pytest.raises(SystemExit):
         parser.parse_args(["--internal", "1"])
 

@@ -86,10 +86,12 @@ def test_report_has_the_expected_rows(evaluated, tmp_path):
         (m, f, metric)
         for m in ("moco", "random_init")
         for f in ("0.25", "1.0")
-        for metric in ("auc", "accuracy", "f1")
+        for metric in ("auc", "accuracy", "f1", "macro_f1")
     }
     assert {r["labelled"] for r in ft if r["fraction"] == "0.25"} == {"16"}
-    assert len(read_csv(report / "probe.csv")) == 2 * 4 * 3
+    probe_rows = read_csv(report / "probe.csv")
+    assert len(probe_rows) == 2 * 4 * 4
+    assert {r["protocol"] for r in ft + probe_rows} == {"ilm_dist"}
     cka = read_csv(report / "cka.csv")
     assert len(cka) == 2 * 2 * 4 and all(0 <= float(r["linear"]) <= 1 + 1e-9 for r in cka)
     assert [(r["method"], r["class"]) for r in read_csv(report / "ks.csv")] == [
@@ -99,6 +101,8 @@ def test_report_has_the_expected_rows(evaluated, tmp_path):
     text = (report / "report.md").read_text()
     assert "| moco | " in text and "| random_init | " in text and "![CKA per block](cka.png)" in text
     assert "Block 4" in text and "KS (mean over classes)" in text
+    assert "Every number below comes from the evaluation protocol `ilm_dist` (digest" in text
+    assert "settings given over it: cka num_subsets=3, cka subset_size=16, finetune batch_size=32" in text
 
 
 def test_saved_results_are_not_recomputed(evaluated, run):

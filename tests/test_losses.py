@@ -100,7 +100,7 @@ def test_total_is_moco_plus_weighted_blocks(kind):
     cfg = load_config(
         "configs/demo.yaml", [f"loss.type={kind}", "loss.bt.impl=torch", "loss.bt.proj_dims=[64]"]
     )
-    model = MoCoILM(cfg).train()
+    model = MoCoILM(cfg.model, cfg.moco, cfg.loss).train()
     images = torch.randn(4, 3, 64, 64)
     keys = model.key_features(model.encoder, torch.randn(4, 3, 64, 64))
     terms = model(images, keys, torch.nn.functional.normalize(torch.randn(32, 128), dim=1))

@@ -6,10 +6,11 @@ import pytest
 import torch
 import torchvision
 
+from ilm_dist.eval.weights import build_classifier
 from ilm_dist.moco.key_encoder import KeyEncoder
 from ilm_dist.moco.queue import KeyQueue
 from ilm_dist.moco.shuffle_bn import shuffled_forward, step_permutation
-from ilm_dist.model.encoder import Encoder, load_backbone_into_resnet
+from ilm_dist.model.encoder import Encoder
 
 
 def test_ema_update_matches_formula():
@@ -101,7 +102,7 @@ def test_shuffle_is_identity_on_one_rank_and_permutations_are_seeded():
 
 def test_exported_backbone_is_a_torchvision_state_dict():
     encoder = Encoder("resnet18", dim=16, mlp=False).eval()
-    resnet = load_backbone_into_resnet("resnet18", encoder.backbone_state_dict()).eval()
+    resnet = build_classifier("resnet18", encoder.backbone_state_dict(), 1000, "export").eval()
     images = torch.randn(2, 3, 64, 64)
     reference = torchvision.models.resnet18()
     reference.load_state_dict(encoder.backbone_state_dict(), strict=False)
@@ -111,4 +112,4 @@ def test_exported_backbone_is_a_torchvision_state_dict():
         torch.testing.assert_close(resnet(images), pooled)
         torch.testing.assert_close(reference.eval()(images), pooled)
     with pytest.raises(ValueError, match="do not fit resnet50"):
-        load_backbone_into_resnet("resnet50", encoder.backbone_state_dict())
+        build_classifier("resnet50", encoder.backbone_state_dict(), 1000, "export")

@@ -91,7 +91,7 @@ def test_losses_are_fp32_inside_a_bf16_autocast_forward():
         ["loss.type=bt", "loss.bt.impl=torch", "loss.bt.proj_dims=[64, 64]", "loss.weights=[1, 1, 1, 1]"],
     )
     torch.manual_seed(0)
-    model = MoCoILM(cfg)
+    model = MoCoILM(cfg.model, cfg.moco, cfg.loss)
     captured = {}
     model.encoder.head.register_forward_hook(lambda m, i, out: captured.update(embedding=out))
     for i, proj in enumerate(model.intermediate.projectors):
@@ -141,14 +141,13 @@ def check_master_weights(out: Path, last: int) -> None:
     assert params and set(params) <= set(backbone)
     for name, master in params.items():
         assert torch.equal(backbone[name], master), name
-    module = torch.load(out / f"checkpoints/step_{last}/mp_rank_00_model_states.pt", weights_only=False)[
-        "module"
-    ]
+    states = torch.load(out / f"checkpoints/step_{last}/mp_rank_00_model_states.pt", weights_only=False)
+    module = states["module"]
     for name in set(backbone) - set(params):  # BatchNorm statistics: fp32 in the engine and in the export
         assert module[prefix + name].dtype == backbone[name].dtype, name
         assert torch.equal(backbone[name], module[prefix + name]), name
     # moco.momentum=0: the key encoder of step N is the query's weights after step N-1
-    key = torch.load(out / f"checkpoints/step_{last}/moco_state.pt", weights_only=False)["key_encoder"]
+    key = states["moco"]["key_encoder"]  # the MoCo state travels in DeepSpeed's client state
     previous = fp32_masters(out, f"step_{last - 1}")
     rounded = total = 0
     for name, master in previous.items():

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ilm_dist.config import load_config
+from ilm_dist.data.batch import Placement
 from ilm_dist.data.manifest import load_manifest
 from ilm_dist.data.shard_reader import ShardReader
 from ilm_dist.data.torch_backend import TorchLoader
@@ -26,7 +27,8 @@ def loader(
         f"data.num_workers={workers}",
         f"seed={seed}",
     ]
-    return TorchLoader(load_config(None, overrides), rank, world, torch.device("cpu"))
+    cfg = load_config(None, overrides)
+    return TorchLoader(cfg.data, cfg.aug, Placement(rank, world, torch.device("cpu"), cfg.seed))
 
 
 def first(loader_: TorchLoader, epoch: int = 0, start_step: int = 0, steps: int = STEPS) -> list:

@@ -1,4 +1,4 @@
-"""Data backends behind one factory signature: ``(cfg, rank, world_size, device) -> PretrainLoader``."""
+"""Data backends behind one factory signature: ``(data: DataConfig, aug: AugConfig, where: Placement) -> PretrainLoader``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import torch
 
-from ilm_dist.data.batch import PretrainLoader, TwoViewBatch
+from ilm_dist.config import AugConfig, DataConfig
+from ilm_dist.data.batch import Placement, PretrainLoader, TwoViewBatch
 
 log = logging.getLogger("ilm_dist")
 
@@ -33,11 +34,19 @@ def backend_factory(name: str) -> Callable[..., PretrainLoader]:
     return getattr(importlib.import_module(module), attr)
 
 
-def build_pretrain_loader(cfg, rank: int, world_size: int, device: torch.device) -> PretrainLoader:
-    name = resolve_backend(cfg.data.backend, device)
-    loader = backend_factory(name)(cfg, rank, world_size, device)
-    log.info("data backend %s (data.backend=%s): %s", name, cfg.data.backend, loader.description)
+def build_pretrain_loader(data: DataConfig, aug: AugConfig, where: Placement) -> PretrainLoader:
+    """The loader ``data.backend`` names (``auto``: see :func:`resolve_backend`) for this rank."""
+    name = resolve_backend(data.backend, where.device)
+    loader = backend_factory(name)(data, aug, where)
+    log.info("data backend %s (data.backend=%s): %s", name, data.backend, loader.description)
     return loader
 
 
-__all__ = ["BACKENDS", "PretrainLoader", "TwoViewBatch", "build_pretrain_loader", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "Placement",
+    "PretrainLoader",
+    "TwoViewBatch",
+    "build_pretrain_loader",
+    "resolve_backend",
+]

@@ -23,6 +23,18 @@ class TwoViewBatch:
         return TwoViewBatch(*views, self.labels.to(device), self.indices)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a loader runs, besides its ``data``/``aug`` config sections: this rank of the world, the device
+    its batches go to, the run's seed, and whether the model wants channels-last (NHWC) inputs."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    seed: int
+    channels_last: bool = False
+
+
 class PretrainLoader(Protocol):
     """What a pretraining data backend provides: ``epoch(e, start_step)`` yields this rank's batches of
     epoch ``e`` from step ``start_step`` on.

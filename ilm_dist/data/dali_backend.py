@@ -39,7 +39,8 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from ilm_dist.data.batch import TwoViewBatch
+from ilm_dist.config import AugConfig, DataConfig
+from ilm_dist.data.batch import Placement, TwoViewBatch
 from ilm_dist.data.dali_augment import moco_view
 from ilm_dist.data.dali_shards import BadSample, decode_problem, scan_split, write_indexes
 from ilm_dist.data.manifest import ManifestError, load_manifest
@@ -74,14 +75,14 @@ def reader_pipeline(reader: dict[str, Any]):
 
 
 class DaliLoader:
-    def __init__(self, cfg, rank: int, world_size: int, device: torch.device):
-        data = cfg.data
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+    def __init__(self, data: DataConfig, aug: AugConfig, where: Placement):
+        rank, world_size, device = where.rank, where.world_size, where.device
+        self.data, self.aug, self.where = data, aug, where
         self.scan = scan_split(load_manifest(data.shards), data.split, decode=data.dali.skip_bad)
         self._check_scan()
         self.index_paths = self._index_paths()
         self.device_id = None if device.type == "cpu" else _cuda_index(device)
-        self.layout = "HWC" if cfg.model.channels_last else "CHW"
+        self.layout = "HWC" if where.channels_last else "CHW"
         self.steps_per_epoch = steps_per_epoch(self.scan.num_samples, data.batch_size, world_size)
         if self.steps_per_epoch == 0:
             raise ManifestError(
@@ -97,7 +98,7 @@ class DaliLoader:
 
     @property
     def _threads(self) -> int:
-        return max(1, self.cfg.data.num_workers)
+        return max(1, self.data.num_workers)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TwoViewBatch]:
         if start_step >= self.steps_per_epoch:
@@ -109,10 +110,10 @@ class DaliLoader:
     # ------------------------------------------------------------------ pipeline
 
     def _dali_outputs(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        data = self.cfg.data
+        data = self.data
         pipe = two_view_pipeline(
             reader=self._reader_args(epoch),
-            aug=self.cfg.aug,
+            aug=self.aug,
             size=data.image_size,
             layout=self.layout,
             hw_decoder_load=None if self.device_id is None else data.dali.hw_decoder_load,
@@ -135,24 +136,25 @@ class DaliLoader:
     def _seed(self, epoch: int) -> int:
         """This rank's seed for ``epoch`` (shuffle buffer and augmentations)."""
         return int(
-            np.random.SeedSequence([self.cfg.seed, self.rank, epoch]).generate_state(1)[0] & 0x7FFFFFFF
+            np.random.SeedSequence([self.where.seed, self.where.rank, epoch]).generate_state(1)[0]
+            & 0x7FFFFFFF
         )
 
     def _reader_args(self, epoch: int) -> dict[str, Any]:
         # The shard order is permuted per epoch with a seed every rank shares, so the ranks' contiguous
         # parts cover different shards from epoch to epoch, and stay disjoint within one.
-        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.scan.tars))
+        order = np.random.default_rng([self.where.seed, epoch]).permutation(len(self.scan.tars))
         return {
             "paths": [str(self.scan.tars[i]) for i in order],
             "index_paths": [str(self.index_paths[i]) for i in order],
             "ext": ["jpg", "lbl"],
             "dtypes": [types.UINT8, types.INT32],
             "missing_component_behavior": "error",  # the start-up scan already removed or rejected such samples
-            "shard_id": self.rank,
-            "num_shards": self.world_size,
+            "shard_id": self.where.rank,
+            "num_shards": self.where.world_size,
             "pad_last_batch": True,
-            "random_shuffle": self.cfg.data.shuffle_buffer > 0,
-            "initial_fill": max(1, self.cfg.data.shuffle_buffer),
+            "random_shuffle": self.data.shuffle_buffer > 0,
+            "initial_fill": max(1, self.data.shuffle_buffer),
             "seed": self._seed(epoch),
             "name": READER,
         }
@@ -169,8 +171,8 @@ class DaliLoader:
     # ------------------------------------------------------------------ bad data
 
     def _check_scan(self) -> None:
-        bad, split = self.scan.bad, self.cfg.data.split
-        if bad and not self.cfg.data.dali.skip_bad:
+        bad, split = self.scan.bad, self.data.split
+        if bad and not self.data.dali.skip_bad:
             raise ManifestError(
                 f"split {split!r} has {len(bad)} unusable sample(s) (repack, or set data.dali.skip_bad=true "
                 f"to drop them):\n{_listing(bad)}"
@@ -195,12 +197,12 @@ class DaliLoader:
             bad = self._bad_in_flight(epoch, step)
             if not bad:
                 raise
-            note = " (not caught by the data.dali.skip_bad scan)" if self.cfg.data.dali.skip_bad else ""
+            note = " (not caught by the data.dali.skip_bad scan)" if self.data.dali.skip_bad else ""
             raise ManifestError(f"DALI failed on bad sample(s){note}:\n{_listing(bad)}") from err
 
     def _bad_in_flight(self, epoch: int, step: int) -> list[BadSample]:
         """Replay the epoch's reader stream up to the batches in flight at ``step`` and decode-check them."""
-        data = self.cfg.data
+        data = self.data
         pipe = reader_pipeline(
             reader=self._reader_args(epoch),
             batch_size=data.batch_size,

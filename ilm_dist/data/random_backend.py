@@ -10,21 +10,22 @@ from collections.abc import Iterator
 
 import torch
 
-from ilm_dist.data.batch import TwoViewBatch
+from ilm_dist.config import AugConfig, DataConfig
+from ilm_dist.data.batch import Placement, TwoViewBatch
 from ilm_dist.data.sampling import steps_per_epoch
 
 POOL = 4  # distinct batches kept on the device and cycled
 
 
 class RandomTensorLoader:
-    def __init__(self, cfg, rank: int, world_size: int, device: torch.device):
-        syn, size, batch = cfg.data.synthetic, cfg.data.image_size, cfg.data.batch_size
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + rank)
+    def __init__(self, data: DataConfig, aug: AugConfig, where: Placement):
+        syn, size, batch, device = data.synthetic, data.image_size, data.batch_size, where.device
+        gen = torch.Generator(device="cpu").manual_seed(where.seed * 1000 + where.rank)
         shape = (POOL, 2, batch, 3, size, size)
         self.pool = torch.randn(shape, generator=gen).to(device)
         self.labels = torch.randint(0, syn.num_classes, (POOL, batch), generator=gen).to(device)
         self.batch = batch
-        self.steps_per_epoch = steps_per_epoch(syn.num_samples, batch, world_size)
+        self.steps_per_epoch = steps_per_epoch(syn.num_samples, batch, where.world_size)
         self.description = (
             f"synthetic: {syn.num_samples} random samples on {device}, {self.steps_per_epoch} steps/epoch"
         )

@@ -35,3 +35,23 @@ def rank_batches(
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """Seed for one sample's augmentations: the views depend on the sample, not on rank or worker."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def rank_shard(num_samples: int, batch_size: int, rank: int, world_size: int) -> slice:
+    """Rank ``rank``'s part of ``num_samples`` ordered samples: a contiguous range of whole batches.
+
+    The batches are those one process would make (``batch_size`` each, the last one shorter); they are
+    split as evenly as possible over the ranks in rank order, so the shards are disjoint, cover every
+    sample once, and a rank may get none when there are fewer batches than ranks.
+    """
+    batches = -(-num_samples // batch_size)
+    first, last = batches * rank // world_size, batches * (rank + 1) // world_size
+    return slice(min(first * batch_size, num_samples), min(last * batch_size, num_samples))
+
+
+def seeded_draw(num_samples: int, cap: int | None, seed: int = 0) -> list[int]:
+    """A seeded draw of ``min(num_samples, cap)`` indices (all of them when ``cap`` is None), sorted for
+    sequential reads: the same samples in every run on a split."""
+    if cap is None or cap >= num_samples:
+        return list(range(num_samples))
+    return sorted(np.random.default_rng(seed).permutation(num_samples)[:cap].tolist())

@@ -14,8 +14,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ilm_dist.config import AugConfig, DataConfig
 from ilm_dist.data.augment import moco_view_transform
-from ilm_dist.data.batch import TwoViewBatch
+from ilm_dist.data.batch import Placement, TwoViewBatch
 from ilm_dist.data.manifest import load_manifest
 from ilm_dist.data.sampling import rank_batches, sample_seed, steps_per_epoch
 from ilm_dist.data.shard_format import squeeze_labels
@@ -82,29 +83,29 @@ def epoch_loader(
 class TorchLoader:
     """`PretrainLoader` over a split's shards: two MoCo views per sample, the batches of `rank_batches`."""
 
-    def __init__(self, cfg, rank: int, world_size: int, device: torch.device):
-        manifest = load_manifest(cfg.data.shards)
-        views = TwoViews(moco_view_transform(cfg.aug, cfg.data.image_size))
-        self.dataset = SplitDataset(ShardReader(manifest, cfg.data.split), views, seed=cfg.seed)
-        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
-        self.steps_per_epoch = steps_per_epoch(len(self.dataset), cfg.data.batch_size, world_size)
+    def __init__(self, data: DataConfig, aug: AugConfig, where: Placement):
+        manifest = load_manifest(data.shards)
+        views = TwoViews(moco_view_transform(aug, data.image_size))
+        self.dataset = SplitDataset(ShardReader(manifest, data.split), views, seed=where.seed)
+        self.data, self.where = data, where
+        self.steps_per_epoch = steps_per_epoch(len(self.dataset), data.batch_size, where.world_size)
         self.description = (
-            f"torch: {len(self.dataset)} samples of {cfg.data.shards} [{cfg.data.split}], "
-            f"{cfg.data.num_workers} workers, {self.steps_per_epoch} steps/epoch"
+            f"torch: {len(self.dataset)} samples of {data.shards} [{data.split}], "
+            f"{data.num_workers} workers, {self.steps_per_epoch} steps/epoch"
         )
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TwoViewBatch]:
-        workers = self.cfg.data.num_workers
+        workers, where = self.data.num_workers, self.where
         batches, loader = epoch_loader(
             self.dataset,
-            self.cfg.data.batch_size,
-            self.rank,
-            self.world_size,
-            self.cfg.seed,
+            self.data.batch_size,
+            where.rank,
+            where.world_size,
+            where.seed,
             epoch,
             start_step,
             workers,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=where.device.type == "cuda",
             persistent_workers=False,
             prefetch_factor=4 if workers else None,
         )

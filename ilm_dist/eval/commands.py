@@ -10,7 +10,9 @@ Results already saved are reused unless ``--force``. Bad input exits with ``erro
 
 Every option is declared once, on the settings dataclass it fills (:mod:`ilm_dist.options`):
 :class:`~ilm_dist.eval.context.EvalTarget`, :class:`~ilm_dist.eval.finetune.FinetuneSettings`,
-:class:`~ilm_dist.eval.probe.ProbeSettings`, :class:`~ilm_dist.eval.analysis.CkaParams`.
+:class:`~ilm_dist.eval.probe.ProbeSettings`, :class:`~ilm_dist.eval.analysis.CkaParams`. ``--protocol``
+(:mod:`ilm_dist.eval.protocol`) sets the defaults of the last three; a flag on the command line wins.
+``analyse`` takes the protocol the methods were evaluated under, and refuses a ``--protocol`` that differs.
 """
 
 from __future__ import annotations
@@ -22,10 +24,18 @@ from pathlib import Path
 
 from ilm_dist.distributed import dist_info, shutdown
 from ilm_dist.errors import ArgumentParser, exit_on_input_error
-from ilm_dist.eval.analysis import CkaParams, check_comparable, expand_dirs, load_method, summarise
+from ilm_dist.eval.analysis import (
+    CkaParams,
+    check_comparable,
+    check_protocol,
+    expand_dirs,
+    load_method,
+    summarise,
+)
 from ilm_dist.eval.context import EvalContext, EvalTarget, init_test_features, open_context
 from ilm_dist.eval.finetune import FRACTIONS, FinetuneSettings, check_batch_size, finetune
 from ilm_dist.eval.probe import ProbeSettings, probe
+from ilm_dist.eval.protocol import settings_from_args
 from ilm_dist.eval.report import write_report
 from ilm_dist.options import add_options, from_args
 
@@ -85,8 +95,9 @@ def finetune_parser() -> ArgumentParser:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    settings = from_args(FinetuneSettings, args)  # checks the values before any work
+    from_args(FinetuneSettings, args)  # checks the flags' values before any work
     ctx = _open(args)
+    settings = settings_from_args(ctx.protocol, "finetune", args)
     check_batch_size(settings.batch_size)  # before the first extraction
     if settings.mode == "full":
         init_test_features(ctx, args.force)
@@ -113,9 +124,9 @@ def probe_parser() -> ArgumentParser:
 
 
 def _probe(args: argparse.Namespace) -> None:
-    settings = from_args(ProbeSettings, args)
+    from_args(ProbeSettings, args)  # checks the flags' values before any work
     ctx = _open(args)
-    record = probe(ctx, settings, args.force)
+    record = probe(ctx, settings_from_args(ctx.protocol, "probe", args), args.force)
     if not dist_info().is_main:
         return
     for block, result in record["blocks"].items():
@@ -135,15 +146,23 @@ def analyse_parser() -> ArgumentParser:
     parser = _parser("Report (tables, plots, Markdown) over methods on one dataset", CkaParams)
     parser.add_argument("dirs", nargs="+", help="method directories (EVAL_DIR/<method>) or an EVAL_DIR")
     parser.add_argument("--out", required=True, help="report directory")
+    parser.add_argument(
+        "--protocol",
+        default=None,
+        help="the evaluation protocol the methods must have been evaluated under (default: the one they "
+        "record); its CKA settings are the defaults",
+    )
     return parser
 
 
 def _analyse(args: argparse.Namespace) -> None:
     if not dist_info().is_main:
         return  # only reads saved files: rank 0 alone, with no process group
-    params = from_args(CkaParams, args)
+    from_args(CkaParams, args)  # checks the flags' values before any work
     methods = [load_method(path) for path in expand_dirs(args.dirs)]
     check_comparable(methods)
+    protocol = check_protocol(methods, args.protocol)
+    params = settings_from_args(protocol, "cka", args)
     path = write_report(methods, summarise(methods, params, args.force), Path(args.out), params)
     print(f"report: {path}")
 

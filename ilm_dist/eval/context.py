@@ -1,4 +1,5 @@
-"""What every evaluation command shares: config, data, initial weights and the method's output directory.
+"""What every evaluation command shares: config, data, initial weights, the evaluation protocol
+(:mod:`ilm_dist.eval.protocol`) and the method's output directory.
 
 Under the ``deepspeed`` launcher (``WORLD_SIZE`` > 1) :func:`open_context` joins the launcher's process
 group as pretraining does; images are then run sharded over the ranks and gathered
@@ -26,6 +27,7 @@ from ilm_dist.distributed import dist_info, init_process_group, on_main
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.features import BlockFeatures, block_extractor, eval_loader, run_blocks, sharded_rows
 from ilm_dist.eval.fit import predict
+from ilm_dist.eval.protocol import BUILTIN, BUILTIN_PROTOCOL, EvalProtocol, load_protocol
 from ilm_dist.eval.store import dataset_id, digest, load_npz, read_json, save_npz, write_json
 from ilm_dist.eval.weights import InitSpec, build_classifier, check_fits, load_state, resolve_init
 from ilm_dist.model.encoder import build_resnet
@@ -35,6 +37,7 @@ log = logging.getLogger("ilm_dist")
 
 SPLITS = ("train", "val", "test")
 SOURCE = "source.json"
+PROTOCOL = "protocol.json"  # the resolved evaluation protocol of a method directory
 # keys of source.json that must agree when a method directory is reused
 SOURCE_IDENTITY = ("weights", "arch", "dataset_id", "image_size")
 
@@ -50,6 +53,7 @@ class EvalContext:
     device: torch.device
     num_workers: int = 0
     batch_size: int = 128  # for inference, per rank
+    protocol: EvalProtocol = BUILTIN_PROTOCOL
 
     @property
     def method_dir(self) -> Path:
@@ -164,6 +168,19 @@ class EvalTarget:
     eval_batch_size: int = field(
         default=128, metadata=option("inference batch per rank (features, validation, test)", min=1)
     )
+    protocol: str = field(
+        default=BUILTIN,
+        metadata=option(
+            "evaluation protocol: ilm_dist (the defaults), a name in configs/protocols (official) or a "
+            "YAML file; a flag given on the command line overrides its value"
+        ),
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata=option(
+            "the protocol's dataset section (default: the one whose task is the packed dataset's)"
+        ),
+    )
     overrides: list[str] = field(default_factory=list)  # key=value overrides of the run config
 
     def __post_init__(self) -> None:
@@ -177,6 +194,7 @@ def open_context(target: EvalTarget, device: torch.device | None = None) -> Eval
     process group when there is one).
     """
     weights, config, overrides = target.weights, target.config, target.overrides
+    protocol_file = load_protocol(target.protocol)
     init = resolve_init(weights)
     config_path = Path(config) if config else init.run_config
     if config_path is None:
@@ -192,6 +210,8 @@ def open_context(target: EvalTarget, device: torch.device | None = None) -> Eval
     manifest = load_manifest(cfg.data.shards)
     for split in SPLITS:
         manifest.split(split)
+    protocol = protocol_file.resolve(manifest.task, target.dataset)
+    apply_inputs(cfg, protocol, init)
     state = load_state(init)
     if state is not None:
         check_fits(build_resnet(cfg.model.arch), state, cfg.model.arch, str(init.path))
@@ -205,6 +225,7 @@ def open_context(target: EvalTarget, device: torch.device | None = None) -> Eval
         device,
         target.workers,
         target.eval_batch_size,
+        protocol,
     )
     on_main(lambda: claim_method_dir(ctx, config_path))
     for split, names in ctx.classes_without_samples().items():
@@ -218,6 +239,22 @@ def open_context(target: EvalTarget, device: torch.device | None = None) -> Eval
                 " and model selection ignores them" if split == "val" else "",
             )
     return ctx
+
+
+def apply_inputs(cfg: RunConfig, protocol: EvalProtocol, init: InitSpec) -> None:
+    """``inputs: to_tensor``: images in [0, 1], not normalised (the official code's ``ToTensor``)."""
+    if protocol.inputs != "to_tensor":
+        return
+    unit = ([0.0] * 3, [1.0] * 3)
+    if (cfg.aug.mean, cfg.aug.std) != unit and init.kind != "random" and dist_info().is_main:
+        log.warning(
+            "protocol %s feeds ToTensor inputs (mean 0, std 1), but the run config normalises with mean %s "
+            "and std %s: the weights were pretrained on other inputs than they are evaluated on",
+            protocol.name,
+            cfg.aug.mean,
+            cfg.aug.std,
+        )
+    cfg.aug.mean, cfg.aug.std = unit
 
 
 def join_launcher(cfg: RunConfig) -> torch.device:
@@ -237,7 +274,8 @@ def default_name(init: InitSpec, cfg: RunConfig) -> str:
 
 
 def claim_method_dir(ctx: EvalContext, config_path: Path) -> None:
-    """Write ``source.json``, or check that the existing one describes the same weights and data."""
+    """Write ``source.json`` and ``protocol.json``, or check that the existing ones describe the same
+    weights, data and evaluation protocol."""
     record = ctx.source_record(config_path)
     path = ctx.method_dir / SOURCE
     if path.is_file():
@@ -248,7 +286,15 @@ def claim_method_dir(ctx: EvalContext, config_path: Path) -> None:
                 f"{path} describes another evaluation ({', '.join(f'{k}: {old.get(k)} vs {record[k]}' for k in diff)}); "
                 "pass another --name or remove that directory"
             )
+    protocol, protocol_path = ctx.protocol.record(), ctx.method_dir / PROTOCOL
+    if protocol_path.is_file() and (old := read_json(protocol_path))["digest"] != protocol["digest"]:
+        raise EvalError(
+            f"{protocol_path}: {ctx.method_dir} was evaluated under protocol {old['name']} (dataset "
+            f"{old['dataset']}, digest {old['digest']}), not {protocol['name']} (dataset {protocol['dataset']}, "
+            f"digest {protocol['digest']}); pass another --name or --out"
+        )
     write_json(path, record)
+    write_json(protocol_path, protocol)
 
 
 def saved_or_computed(

@@ -24,23 +24,12 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from ilm_dist.config import AugConfig
 from ilm_dist.data.augment import eval_transform
 from ilm_dist.data.manifest import Manifest
+from ilm_dist.data.sampling import rank_shard
 from ilm_dist.data.shard_format import squeeze_labels
 from ilm_dist.data.shard_reader import ShardReader
 from ilm_dist.data.torch_backend import SplitDataset
 from ilm_dist.distributed import all_gather_object, rank, world_size
 from ilm_dist.model.encoder import BLOCK_NODES
-
-
-def rank_shard(num_samples: int, batch_size: int, rank: int, world_size: int) -> slice:
-    """Rank ``rank``'s part of ``num_samples`` ordered samples: a contiguous range of whole batches.
-
-    The batches are those one process would make (``batch_size`` each, the last one shorter); they are
-    split as evenly as possible over the ranks in rank order, so the shards are disjoint, cover every
-    sample once, and a rank may get none when there are fewer batches than ranks.
-    """
-    batches = -(-num_samples // batch_size)
-    first, last = batches * rank // world_size, batches * (rank + 1) // world_size
-    return slice(min(first * batch_size, num_samples), min(last * batch_size, num_samples))
 
 
 def sharded_rows(

@@ -1,9 +1,12 @@
 """Fine-tuning on a labelled fraction of the train split: the whole network or the linear layer only.
 
 Kaku et al. 2021 (Sec. 4, official ``fine_tune_mocov2.py``): the SSL backbone plus a new linear layer,
-trained with Adam (lr 1e-3) on 1%, 6% or 100% of the labels with the pretraining augmentations, the
-best-validation model evaluated on the test split. ``linear`` freezes the backbone in eval mode (its
-BatchNorm statistics stay fixed; checked after training). Outputs in
+trained with Adam (lr 1e-3) on 1%, 6% or 100% of the labels, the best-validation model evaluated on the
+test split. Training views (``train_aug``): the run's pretraining augmentations, the evaluation
+protocol's for the dataset (:mod:`ilm_dist.eval.protocol`), or none. ``linear`` freezes the backbone's
+weights; its BatchNorm stays in eval mode with fixed statistics (``frozen_bn=eval``, checked after
+training) or, as the official ``--only-ll``, normalises with batch statistics and updates its running
+ones (``frozen_bn=train``; the weights are checked). Outputs in
 ``EVAL_DIR/<method>/finetune/<mode>_f<fraction>/``: ``metrics.json``, ``predictions.npz`` (test logits,
 probabilities, labels) and ``features_test.npz`` (pooled block features after fine-tuning, for CKA).
 
@@ -18,10 +21,12 @@ over the ranks; only rank 0 writes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
@@ -32,8 +37,8 @@ from ilm_dist.distributed import on_main, rank, world_size
 from ilm_dist.eval.context import EvalContext
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.features import BlockFeatures
-from ilm_dist.eval.fit import ADAM_LR, FitResult, fit, fit_option, primary_score
-from ilm_dist.eval.metrics import evaluate_predictions, probabilities
+from ilm_dist.eval.fit import ADAM_LR, FitResult, fit, fit_option, metric_score, validation_steps
+from ilm_dist.eval.metrics import check_metric, evaluate_predictions, probabilities
 from ilm_dist.eval.store import finetune_dir, read_json, save_npz, write_json
 from ilm_dist.eval.subsets import load_or_draw_subset, subset_path
 from ilm_dist.eval.weights import assert_unchanged, fingerprint
@@ -54,11 +59,16 @@ class FinetuneSettings:
     batch_size: int = fit_option("batch_size", 64)
     lr: float = fit_option("lr", ADAM_LR)
     evals: int = fit_option("evals", 10)
-    train_aug: Literal["moco", "none"] = field(
-        default="moco", metadata=option("training augmentations: the run's MoCo views, or none")
-    )
+    eval_each_epoch: bool = fit_option("eval_each_epoch", False)
+    train_aug: Literal["moco", "protocol", "none"] = fit_option("train_aug", "moco")
+    frozen_bn: Literal["eval", "train"] = fit_option("frozen_bn", "eval")
+    select: str | None = fit_option("select", None)
+    report: str | None = fit_option("report", None)
     seed: int = fit_option("seed", 0)
     n_boot: int = fit_option("n_boot", 1000)
+    ci: Literal["percentile", "official"] = fit_option("ci", "percentile")
+    # set by an evaluation protocol, not a flag: AugConfig fields over the run's aug (train_aug=protocol)
+    aug: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -97,27 +107,42 @@ class TrainBatches:
         return iter(loader)
 
 
-def train_loader(ctx: EvalContext, indices: list[int], settings: FinetuneSettings) -> TrainBatches:
+def training_transform(ctx: EvalContext, train_aug: str, aug: dict[str, Any] | None) -> Callable:
+    """The training view: the run's MoCo augmentations, the protocol's (``aug``: fields over the run's
+    aug section, so the input normalisation stays the context's), or the evaluation view."""
+    size, run_aug = ctx.cfg.data.image_size, ctx.cfg.aug
+    if train_aug == "none":
+        return eval_transform(run_aug, size)
+    if train_aug == "moco":
+        return moco_view_transform(run_aug, size)
+    if aug is None:
+        raise EvalError(
+            f"--train-aug protocol: protocol {ctx.protocol.name!r} sets no training augmentations here "
+            "(an 'aug' section); use --train-aug moco or none"
+        )
+    return moco_view_transform(dataclasses.replace(run_aug, **aug), size)
+
+
+def train_loader(
+    ctx: EvalContext, indices: Sequence[int], transform: Callable, batch_size: int, seed: int
+) -> TrainBatches:
     """Batches of ``min(batch_size, len(indices))`` images over all ranks (rounded down to a multiple
     of the world size when the subset is the smaller)."""
-    size = ctx.cfg.data.image_size
-    transform = (
-        moco_view_transform(ctx.cfg.aug, size)
-        if settings.train_aug == "moco"
-        else eval_transform(ctx.cfg.aug, size)
-    )
-    dataset = SplitDataset(ctx.reader("train"), transform, indices, seed=settings.seed)
-    per_rank = min(settings.batch_size, len(dataset)) // world_size()
+    dataset = SplitDataset(ctx.reader("train"), transform, indices, seed=seed)
+    per_rank = min(batch_size, len(dataset)) // world_size()
     if per_rank == 0:
         raise EvalError(f"{len(dataset)} labelled images cannot fill a batch on each of {world_size()} ranks")
-    return TrainBatches(dataset, per_rank, settings.seed, ctx.num_workers)
+    return TrainBatches(dataset, per_rank, seed, ctx.num_workers)
 
 
-def frozen_head(model: nn.Module) -> nn.Module:
-    """Freeze everything but ``fc`` and put the backbone in eval mode; returns the trainable head."""
-    model.eval()
+def frozen_head(model: nn.Module, frozen_bn: str = "eval") -> nn.Module:
+    """Freeze every weight but ``fc``'s; returns what :func:`fit` trains: ``fc``, the backbone staying in
+    eval mode, or with ``frozen_bn="train"`` the whole model, whose BatchNorm then runs in train mode."""
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith("fc.")
+    if frozen_bn == "train":
+        return model
+    model.eval()
     return model.fc
 
 
@@ -139,13 +164,17 @@ def finetune(ctx: EvalContext, fraction: float, settings: FinetuneSettings, forc
         log.info("%s: already done (use --force to recompute)", out)
         return saved
     check_batch_size(settings.batch_size)
+    select = check_metric(settings.select, ctx.task, "--select")
+    report = check_metric(settings.report, ctx.task, "--report")
     subset = on_main(
         lambda: load_or_draw_subset(ctx.eval_dir, ctx.manifest, "train", fraction, settings.seed)
     )
     model = ctx.classifier()
-    trainable = model if settings.mode == "full" else frozen_head(model)
-    before = fingerprint(model) if settings.mode == "linear" else ""
-    loader = train_loader(ctx, subset["indices"], settings)
+    linear, bn_frozen = settings.mode == "linear", settings.frozen_bn == "eval"
+    trainable = frozen_head(model, settings.frozen_bn) if linear else model
+    before = fingerprint(model, buffers=bn_frozen) if linear else ""
+    transform = training_transform(ctx, settings.train_aug, settings.aug)
+    loader = train_loader(ctx, subset["indices"], transform, settings.batch_size, settings.seed)
     steps = max(settings.epochs * len(loader), settings.min_steps)
     log.info(
         "%s: %s fine-tuning on %d labelled images, %d steps of %d ranks x %d",
@@ -162,16 +191,16 @@ def finetune(ctx: EvalContext, fraction: float, settings: FinetuneSettings, forc
         loader,
         ctx.task,
         steps,
-        settings.evals,
-        lambda: primary_score(ctx.task, *ctx.predictions(model, "val"), ctx.class_names),
+        validation_steps(steps, len(loader), settings.evals, settings.eval_each_epoch),
+        lambda: metric_score(select, ctx.task, *ctx.predictions(model, "val"), ctx.class_names),
         ctx.device,
         settings.lr,
         data_parallel=True,
     )
-    if settings.mode == "linear":
-        assert_unchanged(model, before, f"linear fine-tuning of {ctx.name}")
+    if linear:
+        assert_unchanged(model, before, f"linear fine-tuning of {ctx.name}", buffers=bn_frozen)
     test = ctx.features(model, "test", with_logits=True)
-    return on_main(lambda: _save(ctx, out, fraction, settings, subset, test, result))
+    return on_main(lambda: _save(ctx, out, fraction, settings, subset, test, result, select, report))
 
 
 def _save(
@@ -182,6 +211,8 @@ def _save(
     subset: dict,
     test: BlockFeatures,
     result: FitResult,
+    select: str,
+    report: str,
 ) -> dict:
     """Rank 0: test predictions, features and ``metrics.json`` (with bootstrap CIs); returns the record."""
     save_npz(out / "features_test.npz", **{f"block{i}": b for i, b in enumerate(test.blocks, start=1)})
@@ -207,9 +238,18 @@ def _save(
         "test": {"num_samples": len(test.labels), "digest": ctx.test_digest},
         "classes_without_samples": ctx.classes_without_samples(),
         "settings": asdict(settings),
+        "protocol": ctx.protocol.summary(),
+        "selected_by": select,
         "fit": asdict(result),
         **evaluate_predictions(
-            ctx.task, test.labels, test.logits, ctx.class_names, settings.n_boot, settings.seed
+            ctx.task,
+            test.labels,
+            test.logits,
+            ctx.class_names,
+            settings.n_boot,
+            settings.seed,
+            settings.ci,
+            report,
         ),
     }
     write_json(out / "metrics.json", record)

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from ilm_dist.data.shard_format import squeeze_labels
 from ilm_dist.distributed import all_reduce_mean_, world_size
-from ilm_dist.eval.metrics import PRIMARY, compute_metrics, probabilities
+from ilm_dist.eval.metrics import compute_metrics, probabilities
 from ilm_dist.options import option
 
 ADAM_LR = 1e-3  # official fine-tuning and probing code
@@ -41,12 +41,25 @@ FIT_HELP = {
     "batch_size": ("training batch (global: split evenly over the ranks)", {"min": 1}),
     "lr": ("Adam learning rate (official: 1e-3)", {"above": 0}),
     "evals": ("validation checks over the run (model selection on the val split)", {"min": 1}),
+    "eval_each_epoch": ("validate after every epoch (official) instead of --evals checks over the run", {}),
+    "select": ("val metric that selects the model (default: the task's primary metric)", {}),
+    "report": ("headline test metric of the results and the report (default: the task's primary)", {}),
+    "ci": ("95%% CIs: percentile bootstrap, or the official mean +- 1.96 std / sqrt(resamples)", {}),
+    "train_aug": (
+        "training views: the run's MoCo augmentations, the protocol's for the dataset, or none",
+        {},
+    ),
+    "frozen_bn": (
+        "BatchNorm of the frozen backbone (--mode linear, probing): eval keeps its statistics, train "
+        "normalises with batch statistics and updates them (official)",
+        {},
+    ),
     "seed": ("label subsets, shuffling, augmentation, bootstrap", {}),
     "n_boot": ("bootstrap resamples of the test split for the 95%% CIs (0: none)", {"min": 0}),
 }
 
 
-def fit_option(name: str, default: float | int) -> Any:
+def fit_option(name: str, default: Any) -> Any:
     """A field of the supervised-training settings shared by fine-tuning and probing (help, bounds)."""
     help, bounds = FIT_HELP[name]
     flag = "--bootstrap" if name == "n_boot" else None
@@ -71,6 +84,14 @@ def task_loss(task: str, logits: Tensor, labels: Tensor) -> Tensor:
 def eval_points(steps: int, evals: int) -> set[int]:
     """``evals`` validation steps spread evenly over ``1..steps``, always including the last."""
     return {max(1, round(steps * i / evals)) for i in range(1, evals + 1)} | {steps}
+
+
+def validation_steps(steps: int, steps_per_epoch: int, evals: int, each_epoch: bool) -> set[int]:
+    """The end of every epoch (``each_epoch``, as PyTorch Lightning validates), or :func:`eval_points`;
+    the last step always."""
+    if each_epoch:
+        return set(range(steps_per_epoch, steps + 1, steps_per_epoch)) | {steps}
+    return eval_points(steps, evals)
 
 
 @contextmanager
@@ -100,16 +121,16 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple
     return np.concatenate(logits), squeeze_labels(np.concatenate(labels))
 
 
-def primary_score(task: str, logits: np.ndarray, labels: np.ndarray, class_names: tuple) -> float:
-    """The task's primary metric (see :data:`PRIMARY`) of ``logits`` against ``labels``."""
-    return compute_metrics(task, labels, probabilities(task, logits), class_names)[PRIMARY[task]]
+def metric_score(metric: str, task: str, logits: np.ndarray, labels: np.ndarray, class_names: tuple) -> float:
+    """Metric ``metric`` (one of :func:`ilm_dist.eval.metrics.task_metrics`) of ``logits`` against ``labels``."""
+    return compute_metrics(task, labels, probabilities(task, logits), class_names)[metric]
 
 
 def val_score(
-    model: nn.Module, loader: DataLoader, device: torch.device, task: str, class_names: tuple
+    model: nn.Module, loader: DataLoader, device: torch.device, metric: str, task: str, class_names: tuple
 ) -> float:
-    """The task's primary metric on a validation loader."""
-    return primary_score(task, *predict(model, loader, device), class_names)
+    """Metric ``metric`` on a validation loader."""
+    return metric_score(metric, task, *predict(model, loader, device), class_names)
 
 
 def _average_buffers(module: nn.Module) -> None:
@@ -138,13 +159,14 @@ def fit(
     loader: DataLoader,
     task: str,
     steps: int,
-    evals: int,
+    checks: set[int],
     evaluate: Callable[[], float],
     device: torch.device,
     lr: float = ADAM_LR,
     data_parallel: bool = False,
 ) -> FitResult:
-    """Train ``trainable`` (``model`` or a part of it) for ``steps``; keep the best-validation weights.
+    """Train ``trainable`` (``model`` or a part of it) for ``steps``, validating after the steps in
+    ``checks`` (:func:`validation_steps`); keep the weights (and buffers) of the best validation score.
 
     Only ``trainable`` is put in train mode, so a frozen backbone stays in eval mode (fixed BN statistics).
     ``data_parallel`` (with a process group of several ranks): ``loader`` yields this rank's share of
@@ -155,7 +177,6 @@ def fit(
     distributed = data_parallel and world_size() > 1
     net = _ddp(model, device) if distributed else model
     optimizer = torch.optim.Adam([p for p in trainable.parameters() if p.requires_grad], lr=lr)
-    checks = eval_points(steps, evals)
     result = FitResult(steps, steps, float("nan"))
     best_state, losses, batches = None, [], _forever(loader)
     for step in range(1, steps + 1):

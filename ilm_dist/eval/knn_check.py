@@ -12,8 +12,8 @@ from ilm_dist.data.manifest import ManifestError, load_manifest
 from ilm_dist.errors import ArgumentParser, fail
 from ilm_dist.eval.features import extract_block_features
 from ilm_dist.eval.knn import knn_accuracy
-from ilm_dist.model.encoder import build_resnet, load_backbone_into_resnet
-from ilm_dist.serialization import load_tensors
+from ilm_dist.eval.weights import build_classifier, load_state, resolve_init
+from ilm_dist.model.encoder import build_resnet
 
 
 def block_knn_accuracies(resnet, manifest, cfg, bank_split: str, split: str) -> list[float]:
@@ -40,9 +40,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ManifestError(
                 f"{cfg.data.shards}: knn_check's kNN needs single-label data, task is multilabel"
             )
-        trained = load_backbone_into_resnet(
-            cfg.model.arch, load_tensors(run / "backbone.pt", "exported backbone")
-        )
+        trained = build_classifier(cfg.model.arch, load_state(resolve_init(str(run))), 1000, str(run))
     except (ConfigError, ManifestError, FileNotFoundError, ValueError) as err:
         fail(str(err))
     torch.manual_seed(cfg.seed + 1)

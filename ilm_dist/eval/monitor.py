@@ -18,6 +18,7 @@ from torch import nn
 
 from ilm_dist.config import AugConfig, MonitorConfig, RunConfig
 from ilm_dist.data.manifest import Manifest, load_manifest
+from ilm_dist.data.sampling import seeded_draw
 from ilm_dist.data.shard_reader import ShardReader
 from ilm_dist.eval.features import block_extractor, eval_loader, run_blocks
 from ilm_dist.eval.knn import knn_scores
@@ -43,15 +44,11 @@ def is_monitor_record(record: dict) -> bool:
     return any(key.startswith(METRIC_PREFIX) for key in record)
 
 
-def draw(n: int, cap: int) -> list[int]:
-    """A seeded draw of ``min(n, cap)`` indices, sorted (for sequential reads)."""
-    return sorted(np.random.default_rng(SAMPLE_SEED).permutation(n)[:cap].tolist())
-
-
 class KnnMonitor:
     """A pretraining validator (:class:`ilm_dist.train.validation.Validator`) on rank 0, every ``params.every`` steps."""
 
     main_rank_only = True  # no collectives
+    at_end = False  # only every ``every`` steps (a sweep counts its reports)
 
     def __init__(
         self, params: MonitorConfig, manifest: Manifest, device: torch.device, aug: AugConfig, image_size: int
@@ -62,7 +59,12 @@ class KnnMonitor:
         for split, cap in ((params.split_bank, params.max_bank), (params.split_val, params.max_val)):
             reader = ShardReader(manifest, split)
             self.loaders[split] = eval_loader(
-                reader, aug, image_size, params.batch_size, params.num_workers, draw(len(reader), cap)
+                reader,
+                aug,
+                image_size,
+                params.batch_size,
+                params.num_workers,
+                seeded_draw(len(reader), cap, SAMPLE_SEED),
             )
 
     @classmethod

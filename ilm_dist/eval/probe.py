@@ -1,16 +1,26 @@
 """Layer-wise probing: a linear classifier on the pooled output of each frozen block (Kaku et al. 2021, Sec. 5).
 
-The backbone runs once per split in eval mode (no augmentation) and its pooled block features are
-cached (``features_<split>.npz``); each block's linear layer is then trained on standardised features
-with Adam (lr 1e-3, official probing code), selected on validation, scored on test (the test
-probabilities of every block are saved in ``predictions.npz``). The backbone's
-full ``state_dict`` (weights and BatchNorm statistics) is hashed before and after; any change fails.
-Outputs in ``EVAL_DIR/<method>/probe/f<fraction>/``.
+Two paths, by what the frozen backbone sees:
 
-Under the ``deepspeed`` launcher the features are extracted sharded over the ranks and gathered, so
-every rank holds all of them; every rank then fits the same linear heads (rather than waiting in a
-collective while rank 0 alone fits, which on a large set could outlast ``engine.collective_timeout_s``),
-and rank 0 alone writes.
+- cached (``frozen_bn=eval``, ``train_aug=none``; ilm_dist's default): the backbone runs once per split in
+  eval mode without augmentation and its pooled block features are cached (``features_<split>.npz``);
+  each block's linear layer is trained on them, standardised with the train mean/std unless
+  ``standardise`` is off, and the backbone's full ``state_dict`` (weights and BatchNorm statistics) is
+  hashed before and after: any change fails.
+- live (``frozen_bn=train`` or training augmentations; the official probing code): each block gets its
+  own copy of the network up to that block, run on augmented training images with no gradient and, with
+  ``frozen_bn=train``, BatchNorm in train mode (batch statistics, running statistics updated, as a
+  PyTorch Lightning module in train mode does), then globally pooled (raw features) into the linear
+  layer; validation and test run in eval mode on the statistics training left. Its weights are checked.
+
+Every head is trained with Adam (lr 1e-3, official probing code), selected on validation by ``select``
+and scored on test; the test probabilities of every block are saved in ``predictions.npz``. Outputs in
+``EVAL_DIR/<method>/probe/f<fraction>/``.
+
+Under the ``deepspeed`` launcher the cached features are extracted sharded over the ranks and gathered,
+so every rank holds all of them; every rank then fits the same linear heads (rather than waiting in a
+collective while rank 0 alone fits, which on a large set could outlast ``engine.collective_timeout_s``).
+The live path trains data-parallel as fine-tuning does. Rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -18,20 +28,33 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchvision.models.feature_extraction import create_feature_extractor
 
 from ilm_dist.distributed import on_main
 from ilm_dist.eval.context import SPLITS, EvalContext, saved_or_computed
-from ilm_dist.eval.fit import ADAM_LR, fit, fit_option, predict, torch_threads, val_score
-from ilm_dist.eval.metrics import evaluate_predictions, probabilities
+from ilm_dist.eval.errors import EvalError
+from ilm_dist.eval.finetune import train_loader, training_transform
+from ilm_dist.eval.fit import (
+    ADAM_LR,
+    fit,
+    fit_option,
+    metric_score,
+    predict,
+    torch_threads,
+    val_score,
+    validation_steps,
+)
+from ilm_dist.eval.metrics import check_metric, evaluate_predictions, probabilities
 from ilm_dist.eval.store import probe_result_dir, read_json, save_npz, write_json
 from ilm_dist.eval.subsets import load_or_draw_subset
 from ilm_dist.eval.weights import assert_unchanged, fingerprint
-from ilm_dist.model.encoder import BLOCK_NODES
+from ilm_dist.model.encoder import BLOCK_NODES, block_channels
 from ilm_dist.options import check_bounds, option
 
 log = logging.getLogger("ilm_dist")
@@ -52,11 +75,36 @@ class ProbeSettings:
     batch_size: int = fit_option("batch_size", 256)
     lr: float = fit_option("lr", ADAM_LR)
     evals: int = fit_option("evals", 20)
+    eval_each_epoch: bool = fit_option("eval_each_epoch", False)
+    train_aug: Literal["moco", "protocol", "none"] = fit_option("train_aug", "none")
+    frozen_bn: Literal["eval", "train"] = fit_option("frozen_bn", "eval")
+    standardise: bool = field(
+        default=True,
+        metadata=option("standardise the cached features with the train mean/std (official: raw features)"),
+    )
+    select: str | None = fit_option("select", None)
+    report: str | None = fit_option("report", None)
     seed: int = fit_option("seed", 0)
     n_boot: int = fit_option("n_boot", 1000)
+    ci: Literal["percentile", "official"] = fit_option("ci", "percentile")
+    # set by an evaluation protocol, not a flag: AugConfig fields over the run's aug (train_aug=protocol)
+    aug: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_bounds(self)
+
+    @property
+    def live(self) -> bool:
+        """Whether the backbone must run at every step (train-mode BatchNorm or augmented views)."""
+        return self.frozen_bn == "train" or self.train_aug != "none"
+
+
+class Scored(NamedTuple):
+    """One block's test metrics record, its test probabilities and the test labels."""
+
+    record: dict
+    probs: np.ndarray
+    labels: np.ndarray
 
 
 def probe_dir(ctx: EvalContext, fraction: float) -> Path:
@@ -81,13 +129,13 @@ def _tensors(x: np.ndarray, labels: np.ndarray, mean: np.ndarray, std: np.ndarra
     return TensorDataset(torch.from_numpy((x - mean) / std).float(), torch.from_numpy(labels))
 
 
-def probe_block(
-    ctx: EvalContext, feats: dict, block: str, settings: ProbeSettings
-) -> tuple[dict, np.ndarray]:
-    """The block's test metrics record and its test logits."""
+def probe_block(ctx: EvalContext, feats: dict, block: str, settings: ProbeSettings) -> Scored:
+    """One block's head on cached features."""
     train = feats["train"][block]
-    mean, std = train.mean(axis=0), train.std(axis=0)
-    std[std < 1e-6] = 1.0  # dead (constant) features stay zero after centring
+    mean, std = np.zeros(train.shape[1]), np.ones(train.shape[1])
+    if settings.standardise:
+        mean, std = train.mean(axis=0), train.std(axis=0)
+        std[std < 1e-6] = 1.0  # dead (constant) features stay zero after centring
     data = {s: _tensors(feats[s][block], feats[s]["labels"], mean, std) for s in SPLITS}
     torch.manual_seed(settings.seed)
     head = nn.Linear(train.shape[1], ctx.manifest.num_classes).to(ctx.device)
@@ -101,22 +149,82 @@ def probe_block(
     )
     val, test = (DataLoader(data[s], batch_size=4096) for s in ("val", "test"))
     steps = max(settings.epochs * len(loader), settings.min_steps)
+    select = check_metric(settings.select, ctx.task, "--select")
     result = fit(
         head,
         head,
         loader,
         ctx.task,
         steps,
-        settings.evals,
-        lambda: val_score(head, val, ctx.device, ctx.task, ctx.class_names),
+        validation_steps(steps, len(loader), settings.evals, settings.eval_each_epoch),
+        lambda: val_score(head, val, ctx.device, select, ctx.task, ctx.class_names),
         ctx.device,
         settings.lr,
     )
-    logits, labels = predict(head, test, ctx.device)
+    return _scored(ctx, settings, result, *predict(head, test, ctx.device))
+
+
+class BlockProbe(nn.Module):
+    """The network up to block ``block`` (frozen, no gradient), globally pooled, and a linear head."""
+
+    def __init__(self, resnet: nn.Module, block: int, num_classes: int, frozen_bn: str):
+        super().__init__()
+        self.body = create_feature_extractor(resnet, return_nodes={BLOCK_NODES[block - 1]: "features"})
+        self.body.requires_grad_(False)
+        self.head = nn.Linear(block_channels(resnet)[block - 1], num_classes)
+        self.frozen_bn = frozen_bn
+
+    def train(self, mode: bool = True) -> BlockProbe:
+        """In training only the head, or with ``frozen_bn="train"`` also the body's BatchNorm, is in train mode."""
+        super().train(mode)
+        if self.frozen_bn == "eval":
+            self.body.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = self.body(images)["features"].float().mean(dim=(2, 3))
+        return self.head(features)
+
+
+def probe_block_live(
+    ctx: EvalContext, indices: list[int], block: int, settings: ProbeSettings
+) -> Scored:
+    """One block's head on the frozen network run at every step (data-parallel under the launcher)."""
+    net = BlockProbe(ctx.classifier(), block, ctx.manifest.num_classes, settings.frozen_bn).to(ctx.device)
+    before = fingerprint(net.body, buffers=False)
+    transform = training_transform(ctx, settings.train_aug, settings.aug)
+    loader = train_loader(ctx, indices, transform, settings.batch_size, settings.seed)
+    steps = max(settings.epochs * len(loader), settings.min_steps)
+    select = check_metric(settings.select, ctx.task, "--select")
+    result = fit(
+        net,
+        net,
+        loader,
+        ctx.task,
+        steps,
+        validation_steps(steps, len(loader), settings.evals, settings.eval_each_epoch),
+        lambda: metric_score(select, ctx.task, *ctx.predictions(net, "val"), ctx.class_names),
+        ctx.device,
+        settings.lr,
+        data_parallel=True,
+    )
+    assert_unchanged(net.body, before, f"probing block {block} of {ctx.name}", buffers=False)
+    return _scored(ctx, settings, result, *ctx.predictions(net, "test"))
+
+
+def _scored(
+    ctx: EvalContext, settings: ProbeSettings, result, logits: np.ndarray, labels: np.ndarray
+) -> Scored:
+    report = check_metric(settings.report, ctx.task, "--report")
     record = {
         "fit": asdict(result),
-        **evaluate_predictions(ctx.task, labels, logits, ctx.class_names, settings.n_boot, settings.seed),
+        "selected_by": check_metric(settings.select, ctx.task, "--select"),
+        **evaluate_predictions(
+            ctx.task, labels, logits, ctx.class_names, settings.n_boot, settings.seed, settings.ci, report
+        ),
     }
+    return Scored(record, probabilities(ctx.task, logits), labels)
     return record, logits
 
 
@@ -128,19 +236,32 @@ def probe(ctx: EvalContext, settings: ProbeSettings, force: bool = False) -> dic
     if saved is not None:  # rank 0 decides, so every rank takes the same branch
         log.info("%s: already done (use --force to recompute)", out)
         return saved
+    for name, flag in ((settings.select, "--select"), (settings.report, "--report")):
+        check_metric(name, ctx.task, flag)
+    if settings.live and settings.standardise:
+        raise EvalError(
+            "--standardise needs cached features, but this probe runs the backbone at every step "
+            f"(--frozen-bn {settings.frozen_bn}, --train-aug {settings.train_aug}); pass --no-standardise"
+        )
     subset = on_main(
         lambda: load_or_draw_subset(ctx.eval_dir, ctx.manifest, "train", settings.fraction, settings.seed)
     )
     backbone = ctx.classifier()
     before = fingerprint(backbone)
-    feats = cached_features(ctx, backbone, out, subset["indices"], force)
-    blocks, probs = {}, {}
-    with torch_threads(1):
+    scored = {}
+    if settings.live:
         for i in range(1, len(BLOCK_NODES) + 1):
-            log.info("%s: probing block %d", ctx.name, i)
-            blocks[f"block{i}"], logits = probe_block(ctx, feats, f"block{i}", settings)
-            probs[f"block{i}_probs"] = probabilities(ctx.task, logits)
-    assert_unchanged(backbone, before, f"probing {ctx.name}")
+            log.info("%s: probing block %d on live %s features", ctx.name, i, settings.frozen_bn)
+            scored[f"block{i}"] = probe_block_live(ctx, subset["indices"], i, settings)
+    else:
+        feats = cached_features(ctx, backbone, out, subset["indices"], force)
+        with torch_threads(1):
+            for i in range(1, len(BLOCK_NODES) + 1):
+                log.info("%s: probing block %d", ctx.name, i)
+                scored[f"block{i}"] = probe_block(ctx, feats, f"block{i}", settings)
+        assert_unchanged(backbone, before, f"probing {ctx.name}")
+    labels = scored["block1"].labels
+    blocks = {block: s.record for block, s in scored.items()}
     record = {
         "method": ctx.name,
         "kind": "probe",
@@ -149,12 +270,14 @@ def probe(ctx: EvalContext, settings: ProbeSettings, force: bool = False) -> dic
         "class_names": list(ctx.class_names),
         "dataset_id": subset["dataset_id"],
         "subset": {"digest": subset["digest"], "num_samples": subset["num_samples"]},
-        "test": {"num_samples": len(feats["test"]["labels"]), "digest": ctx.test_digest},
+        "test": {"num_samples": len(labels), "digest": ctx.test_digest},
         "classes_without_samples": ctx.classes_without_samples(),
         "backbone_sha256": before,
         "settings": asdict(settings),
+        "protocol": ctx.protocol.summary(),
         "blocks": blocks,
     }
-    on_main(lambda: save_npz(out / PREDICTIONS, labels=feats["test"]["labels"], **probs))
+    probs = {f"{block}_probs": s.probs for block, s in scored.items()}
+    on_main(lambda: save_npz(out / PREDICTIONS, labels=labels, **probs))
     on_main(lambda: write_json(path, record))
     return record

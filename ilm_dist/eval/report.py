@@ -2,19 +2,21 @@
 
 Files in the report directory: ``report.md``, ``finetune.csv``, ``probe.csv``, ``cka.csv``, ``ks.csv``,
 ``finetune.png`` (metric vs label fraction), ``probe.png`` (metric per block), ``cka.png`` (CKA per
-block before vs after fine-tuning), ``ks.png`` (KS per method).
+block before vs after fine-tuning), ``ks.png`` (KS per method). The page and every CSV row name the
+evaluation protocol that produced the numbers (one per report: the analysis refuses to mix them), the
+headline metric (the protocol's ``report``), the selection metric and the interval style.
 """
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
 from ilm_dist.eval.analysis import CkaParams, MethodResults
-from ilm_dist.eval.metrics import PRIMARY
 
 DPI = 90
 
@@ -31,6 +33,9 @@ def interval(record: dict, name: str) -> tuple[float, float, float]:
 
 
 def with_ci(record: dict, name: str) -> str:
+    """``value [low, high]``, or ``value`` alone where no bootstrap computed an interval."""
+    if name not in record.get("ci95", {}):
+        return f"{record['metrics'][name]:.3f}"
     value, low, high = interval(record, name)
     return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
@@ -51,11 +56,12 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 # --------------------------------------------------------------------------- long-format rows
 
 
-def _metric_rows(record: dict, **keys) -> list[dict]:
+def _metric_rows(record: dict, protocol: str, **keys) -> list[dict]:
     ci = record.get("ci95", {})
     return [
         {
             **keys,
+            "protocol": protocol,
             "metric": name,
             "value": value,
             "ci95_low": ci.get(name, [None])[0],
@@ -71,7 +77,12 @@ def finetune_rows(methods: list[MethodResults]) -> list[dict]:
         for m in methods
         for (mode, fraction), rec in sorted(m.finetune.items())
         for row in _metric_rows(
-            rec, method=m.name, mode=mode, fraction=fraction, labelled=rec["subset"]["num_samples"]
+            rec,
+            m.protocol["name"],
+            method=m.name,
+            mode=mode,
+            fraction=fraction,
+            labelled=rec["subset"]["num_samples"],
         )
     ]
 
@@ -82,7 +93,7 @@ def probe_rows(methods: list[MethodResults]) -> list[dict]:
         for m in methods
         for fraction, rec in sorted(m.probe.items())
         for block, result in rec["blocks"].items()
-        for row in _metric_rows(result, method=m.name, fraction=fraction, block=block)
+        for row in _metric_rows(result, m.protocol["name"], method=m.name, fraction=fraction, block=block)
     ]
 
 
@@ -116,10 +127,28 @@ def save_figure(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=DPI)
 
 
-def plot_finetune(methods: list[MethodResults], task: str, path: Path) -> None:
+def headline(records: Iterable[dict]) -> str:
+    """The reported metric of comparable results (the same settings, so the same for all)."""
+    return next(iter(records))["primary"]
+
+
+def intervals_text(settings: dict) -> str:
+    """How the 95% intervals were made (``settings["ci"]``)."""
+    n_boot = settings["n_boot"]
+    if not n_boot:
+        return "no bootstrap intervals (0 resamples)"
+    if settings.get("ci", "percentile") == "official":
+        return (
+            f"the official style, bootstrap mean ± 1.96·std/√{n_boot} over {n_boot} resamples of the test "
+            "split (an interval for the bootstrap mean; multi-label: std over every finding's AUCs)"
+        )
+    return f"2.5/97.5 percentiles over {n_boot} resamples of the test split"
+
+
+def plot_finetune(methods: list[MethodResults], path: Path) -> None:
     modes = sorted({mode for m in methods for mode, _ in m.finetune})
     fig, axes = new_figure(len(modes))
-    metric = PRIMARY[task]
+    metric = headline(methods[0].finetune.values())
     for ax, mode in zip(axes[0], modes, strict=True):
         for m in methods:
             xs = sorted(f for md, f in m.finetune if md == mode)
@@ -139,10 +168,10 @@ def plot_finetune(methods: list[MethodResults], task: str, path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_probe(methods: list[MethodResults], task: str, path: Path) -> None:
+def plot_probe(methods: list[MethodResults], path: Path) -> None:
     fractions = sorted({f for m in methods for f in m.probe})
     fig, axes = new_figure(len(fractions))
-    metric = PRIMARY[task]
+    metric = headline(next(iter(methods[0].probe.values()))["blocks"].values())
     for ax, fraction in zip(axes[0], fractions, strict=True):
         for m in methods:
             ys, lo, hi = zip(
@@ -204,13 +233,14 @@ def plot_ks(ks: dict, path: Path) -> None:
 # --------------------------------------------------------------------------- markdown
 
 
-def finetune_section(methods: list[MethodResults], task: str) -> str:
-    metric = PRIMARY[task]
-    settings = next(iter(methods[0].finetune.values()))["settings"]
+def finetune_section(methods: list[MethodResults]) -> str:
+    first = next(iter(methods[0].finetune.values()))
+    metric, settings = first["primary"], first["settings"]
+    title = f"test {metric}, 95% bootstrap CI" if settings["n_boot"] else f"test {metric}, no intervals"
     parts = [
-        f"## Fine-tuning (test {metric}, 95% bootstrap CI)\n\n"
-        f"Intervals: 2.5/97.5 percentiles over {settings['n_boot']} resamples of the test split "
-        f"(seed {settings['seed']}). Labelled images per fraction are the same for every method.\n"
+        f"## Fine-tuning ({title})\n\n"
+        f"Intervals: {intervals_text(settings)} (seed {settings['seed']}). The model tested is the best on "
+        f"val by {first.get('selected_by', metric)}. Labelled images per fraction are the same for every method.\n"
     ]
     for mode in sorted({mode for m in methods for mode, _ in m.finetune}):
         fractions = sorted({f for m in methods for md, f in m.finetune if md == mode})
@@ -227,9 +257,22 @@ def finetune_section(methods: list[MethodResults], task: str) -> str:
     return "\n".join(parts)
 
 
-def probe_section(methods: list[MethodResults], task: str) -> str:
-    metric = PRIMARY[task]
-    parts = [f"## Layer-wise probing (frozen backbone, test {metric})\n"]
+def probe_section(methods: list[MethodResults]) -> str:
+    first = next(iter(methods[0].probe.values()))
+    block = next(iter(first["blocks"].values()))
+    metric, settings = block["primary"], first["settings"]
+    features = (
+        f"features of the network run at every step (BatchNorm {settings.get('frozen_bn', 'eval')} mode, "
+        f"training views {settings.get('train_aug', 'none')})"
+        if settings.get("frozen_bn") == "train" or settings.get("train_aug", "none") != "none"
+        else "features cached once in eval mode"
+        + (", standardised" if settings.get("standardise", True) else ", raw")
+    )
+    parts = [
+        f"## Layer-wise probing (frozen backbone, test {metric})\n\n"
+        f"Linear heads on the pooled block outputs: {features}; selected on val by "
+        f"{block.get('selected_by', metric)}; intervals: {intervals_text(settings)}.\n"
+    ]
     for fraction in sorted({f for m in methods for f in m.probe}):
         rows = [
             [m.name, *(with_ci(b, metric) for b in m.probe[fraction]["blocks"].values())] for m in methods
@@ -273,6 +316,29 @@ def ks_section(ks: dict) -> str:
     )
 
 
+def protocol_section(methods: list[MethodResults], params: CkaParams) -> str:
+    """Which protocol produced every number, and the settings given over it on the command line."""
+    protocol = methods[0].protocol
+    runs = [("finetune", r["settings"], "mode") for r in methods[0].finetune.values()]
+    runs += [("probe", r["settings"], "fraction") for r in methods[0].probe.values()]
+    runs.append(("cka", asdict(params), None))
+    changed = sorted(
+        {
+            f"{section} {key}={value!r}"
+            for section, settings, result_key in runs
+            for key, value in settings.items()
+            if key != result_key and protocol[section].get(key) != value
+        }
+    )
+    dataset = f", dataset `{protocol['dataset']}`" if protocol["dataset"] else ""
+    return (
+        f"Every number below comes from the evaluation protocol `{protocol['name']}`{dataset} (digest "
+        f"`{protocol['digest']}`, {protocol['source']}; inputs {protocol['inputs']})"
+        + (f", with these settings given over it: {', '.join(changed)}." if changed else ".")
+        + "\n"
+    )
+
+
 def write_report(methods: list[MethodResults], summary: dict, out: Path, params: CkaParams) -> Path:
     """Write CSVs, PNGs and ``report.md`` into ``out``; returns the Markdown path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -281,16 +347,17 @@ def write_report(methods: list[MethodResults], summary: dict, out: Path, params:
     sections = [
         f"# Evaluation report: {', '.join(m.name for m in methods)}\n\n"
         f"Data: `{source['data']}` ({task}, classes {', '.join(source['class_names'])}), image size "
-        f"{source['image_size']}. Method directories: {', '.join(f'`{m.path}`' for m in methods)}.\n"
+        f"{source['image_size']}. Method directories: {', '.join(f'`{m.path}`' for m in methods)}.\n",
+        protocol_section(methods, params),
     ]
     if any(m.finetune for m in methods):
         write_csv(out / "finetune.csv", finetune_rows(methods))
-        plot_finetune(methods, task, out / "finetune.png")
-        sections.append(finetune_section(methods, task))
+        plot_finetune(methods, out / "finetune.png")
+        sections.append(finetune_section(methods))
     if any(m.probe for m in methods):
         write_csv(out / "probe.csv", probe_rows(methods))
-        plot_probe(methods, task, out / "probe.png")
-        sections.append(probe_section(methods, task))
+        plot_probe(methods, out / "probe.png")
+        sections.append(probe_section(methods))
     if summary["cka"]:
         write_csv(out / "cka.csv", cka_rows(summary["cka"]))
         plot_cka(summary["cka"], out / "cka.png")

@@ -65,6 +65,16 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    """Short SHA-256 of named arrays (names, dtypes, shapes and values)."""
+    sha = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        sha.update(f"{name} {array.dtype.str} {array.shape}".encode())
+        sha.update(array.tobytes())
+    return sha.hexdigest()[:16]
+
+
 def dataset_id(manifest: Manifest) -> str:
     """Identity of a packed dataset: a digest of every split's shard checksums."""
     return digest({name: [s.sha256 for s in split.shards] for name, split in manifest.splits.items()})

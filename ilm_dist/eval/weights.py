@@ -153,10 +153,12 @@ def guess_arch(state: dict[str, Tensor]) -> str | None:
     return KNOWN_LAYOUTS.get((tuple(counts), bottleneck))
 
 
-def fingerprint(module: nn.Module, skip_prefix: str = "fc.") -> str:
-    """SHA-256 over every parameter and buffer (BN running statistics included) except ``skip_prefix``."""
+def fingerprint(module: nn.Module, skip_prefix: str = "fc.", buffers: bool = True) -> str:
+    """SHA-256 over every parameter and buffer (BN running statistics included; parameters only without
+    ``buffers``) except those named ``skip_prefix``..."""
     sha = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    tensors = module.state_dict() if buffers else dict(module.named_parameters())
+    for name, tensor in sorted(tensors.items()):
         if name.startswith(skip_prefix):
             continue
         sha.update(name.encode())
@@ -164,9 +166,8 @@ def fingerprint(module: nn.Module, skip_prefix: str = "fc.") -> str:
     return sha.hexdigest()
 
 
-def assert_unchanged(module: nn.Module, before: str, what: str) -> None:
-    """Fail loudly when a frozen backbone's weights or BN statistics moved."""
-    if fingerprint(module) != before:
-        raise RuntimeError(
-            f"{what}: the frozen backbone changed (weights or BatchNorm statistics); this is a bug"
-        )
+def assert_unchanged(module: nn.Module, before: str, what: str, buffers: bool = True) -> None:
+    """Fail loudly when a frozen backbone's weights or (with ``buffers``) BN statistics moved."""
+    if fingerprint(module, buffers=buffers) != before:
+        moved = "weights or BatchNorm statistics" if buffers else "weights"
+        raise RuntimeError(f"{what}: the frozen backbone changed ({moved}); this is a bug")

@@ -2,7 +2,8 @@
 of each block's output, one projector per block shared by both views, then the cross-correlation loss of
 :func:`ilm_dist.ops.bt_xcorr_loss` with on-diagonal weight ``w_i * scale`` and off-diagonal weight
 ``w_i * scale * off_diag_weight``; with ``loss.bt.global_batch`` the statistics and C are over all ranks'
-samples."""
+samples in training. In eval mode (the validation loss, whose batches each run on one rank) they are
+always over the batch at hand."""
 
 from __future__ import annotations
 
@@ -67,6 +68,6 @@ class BtIntermediateLoss(IntermediateLoss):
         bt = self.options
         on_weight = self.weights * bt.scale
         off_weight = on_weight * bt.off_diag_weight
-        loss = bt_xcorr_loss_global if bt.global_batch else bt_xcorr_loss
+        loss = bt_xcorr_loss_global if bt.global_batch and self.training else bt_xcorr_loss
         with autocast_off(z1):  # the projectors ran under autocast; the loss accumulates in fp32
             return loss(z1, z2, on_weight, off_weight, eps=bt.eps, impl=bt.impl)

@@ -11,13 +11,20 @@ selects it, and the config, the sweeps' plots and the benchmark list it. The bui
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from ilm_dist.config import LossConfig
+
+class LossConfig(Protocol):
+    """What a loss reads of the run config's ``loss`` section (:class:`ilm_dist.config.LossConfig`)."""
+
+    type: str
+    blocks: list[int]
+    weights: list[float]
+    options: dict[str, Any]  # one section per registered loss, by name
+
 
 NO_LOSS = "none"  # loss.type without an intermediate loss (MoCo v2 alone)
 INTERMEDIATE_LOSSES: dict[str, type[IntermediateLoss]] = {}

@@ -69,19 +69,3 @@ class Encoder(nn.Module):
             k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
             for k, v in self.backbone.state_dict().items()
         }
-
-
-def load_backbone_into_resnet(arch: str, state_dict: dict[str, Tensor]) -> nn.Module:
-    """Load an exported backbone into a fresh torchvision ResNet; only ``fc`` may be missing."""
-    model = build_resnet(arch)
-    try:
-        result = model.load_state_dict(state_dict, strict=False)
-    except RuntimeError as err:
-        first = str(err).split("\n\t")[1] if "\n\t" in str(err) else str(err)
-        raise ValueError(f"backbone weights do not fit {arch}: {first.strip()}") from None
-    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"backbone weights do not fit {arch}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
-    return model

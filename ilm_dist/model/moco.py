@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ilm_dist.config import RunConfig
+from ilm_dist.config import LossConfig, MocoConfig, ModelConfig
 from ilm_dist.losses.contrastive import info_nce, moco_logits, top1_accuracy
 from ilm_dist.losses.intermediate import build_intermediate_loss
 from ilm_dist.losses.precision import autocast_off
@@ -18,11 +18,11 @@ from ilm_dist.model.encoder import Encoder
 
 
 class MoCoILM(nn.Module):
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, model: ModelConfig, moco: MocoConfig, loss: LossConfig):
         super().__init__()
-        self.encoder = Encoder(cfg.model.arch, cfg.moco.dim, cfg.moco.mlp, cfg.model.zero_init_residual)
-        self.intermediate = build_intermediate_loss(cfg.loss, self.encoder.channels)
-        self.temperature = cfg.moco.temperature
+        self.encoder = Encoder(model.arch, moco.dim, moco.mlp, model.zero_init_residual)
+        self.intermediate = build_intermediate_loss(loss, self.encoder.channels)
+        self.temperature = moco.temperature
 
     def term_names(self) -> list[str]:
         """Names of the logged loss terms, in order."""

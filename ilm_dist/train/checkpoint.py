@@ -38,7 +38,7 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
 
 def latest_tag(output_dir: str | Path) -> str | None:
     latest = checkpoint_dir(output_dir) / LATEST
-    return latest.read_text().strip() if latest.is_file() else None
+    return latest.read_text(errors="replace").strip() if latest.is_file() else None
 
 
 def save(engine, output_dir: str | Path, step: int, client_state: dict[str, Any], keep: int) -> Path:
@@ -101,6 +101,10 @@ def latest_checkpoint(output_dir: str | Path) -> Path:
     tag = latest_tag(output_dir)
     if tag is None:
         raise InputError(f"--resume: no checkpoint in {root} (no '{LATEST}' file); start without --resume")
+    if not TAG.match(tag):  # an emptied file would name the checkpoints folder itself, '../x' one outside it
+        raise InputError(
+            f"--resume: {root / LATEST} names {tag!r}, not a checkpoint tag step_<N> of ilm_dist"
+        )
     if not (root / tag).is_dir():
         raise InputError(f"--resume: {root / LATEST} names {tag!r}, but {root / tag} is missing")
     return root / tag

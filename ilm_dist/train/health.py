@@ -11,6 +11,7 @@ on a failure every survivor checks in at once; whoever has not after a grace per
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -54,15 +55,20 @@ class Heartbeat:
     def beat(self, step: int, force: bool = False) -> None:
         now = time.time()
         if force or now - self.last >= self.period_s:
-            (self.dir / f"rank{self.rank}").write_text(f"{step} {now:.3f}\n")
+            # write + rename: a survivor reading this file while it is rewritten never sees it empty
+            tmp = self.dir / f".rank{self.rank}.tmp"
+            tmp.write_text(f"{step} {now:.3f}\n")
+            os.replace(tmp, self.dir / f"rank{self.rank}")
             self.last = now
 
     def _last(self, rank: int) -> tuple[str, float] | None:
+        """``(step, time)`` of the rank's last heartbeat; None when it has none (or an unreadable one)."""
         path = self.dir / f"rank{rank}"
-        if not path.is_file():
+        try:
+            step, stamp = path.read_text().split()
+            return step, float(stamp)
+        except (OSError, ValueError):
             return None
-        step, stamp = path.read_text().split()
-        return step, float(stamp)
 
     def diagnose(self, step: int, grace_s: float = 3.0) -> str:
         """After a failure: keep checking in for ``grace_s`` while the other survivors do the same, then

@@ -4,11 +4,25 @@ from __future__ import annotations
 
 from ilm_dist.config import RunConfig, load_config
 from ilm_dist.data.manifest import load_manifest
+from ilm_dist.errors import ConfigError
 
 
 def preflight(config_path: str, overrides: list[str]) -> RunConfig:
     """Load and validate the config and its data before any process group exists."""
     cfg = load_config(config_path, overrides)
     if cfg.data.backend != "synthetic":
-        load_manifest(cfg.data.shards).split(cfg.data.split)
+        manifest = load_manifest(cfg.data.shards)
+        manifest.split(cfg.data.split)
+        if cfg.val.every:
+            _check_val_split(cfg, manifest.split(cfg.val.split).num_samples)
     return cfg
+
+
+def _check_val_split(cfg: RunConfig, num_samples: int) -> None:
+    """The validation loss needs at least one whole batch of ``data.batch_size``."""
+    drawn = min(num_samples, cfg.val.max_samples or num_samples)
+    if drawn < cfg.data.batch_size:
+        raise ConfigError(
+            f"val.split: split {cfg.val.split!r} of {cfg.data.shards} gives {drawn} samples to validate on "
+            f"(val.max_samples={cfg.val.max_samples}), fewer than one batch of data.batch_size={cfg.data.batch_size}"
+        )

@@ -28,6 +28,9 @@ RUN_FILES = (
     "checkpoints",
     "heartbeat",
     "backbone.pt",
+    "backbone_best.pt",
+    "backbone_last.pt",
+    "best.json",
     "final_state.json",
     "knn_check.json",
 )

@@ -23,21 +23,22 @@ from tqdm import tqdm
 
 from ilm_dist import distributed as D
 from ilm_dist.config import RunConfig, save_config
-from ilm_dist.data import TwoViewBatch, build_pretrain_loader
+from ilm_dist.data import Placement, TwoViewBatch, build_pretrain_loader
 from ilm_dist.errors import InputError
 from ilm_dist.moco.key_encoder import KeyEncoder
 from ilm_dist.moco.queue import KeyQueue
 from ilm_dist.moco.shuffle_bn import shuffled_forward
 from ilm_dist.model.moco import MoCoILM
-from ilm_dist.plan import training_plan
 from ilm_dist.serialization import save_tensors
 from ilm_dist.train import checkpoint, faults, run_dir
 from ilm_dist.train import engine as ds_engine
 from ilm_dist.train.health import Heartbeat, NanWatch
 from ilm_dist.train.metrics_log import MetricsLogger
 from ilm_dist.train.optim import build_optimizer, build_scheduler, scaled_lr
+from ilm_dist.train.run_plan import training_plan
+from ilm_dist.train.selection import LAST_BACKBONE, BestBackbone, write_atomic_tensors
 from ilm_dist.train.timing import StepTimer
-from ilm_dist.train.validation import Models, ValidatorBuilder
+from ilm_dist.train.validation import Models, ValidatorBuilder, selection_criterion
 
 log = logging.getLogger("ilm_dist")
 
@@ -66,7 +67,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.loader = build_pretrain_loader(cfg, self.info.rank, self.info.world_size, self.device)
+        where = Placement(
+            self.info.rank, self.info.world_size, self.device, cfg.seed, cfg.model.channels_last
+        )
+        self.loader = build_pretrain_loader(cfg.data, cfg.aug, where)
         ds_config = ds_engine.resolve_deepspeed_config(cfg.engine.deepspeed_config, cfg.data.batch_size)
         self.grad_accum = ds_config["gradient_accumulation_steps"]
         self.total_steps = self._total_steps()
@@ -82,6 +86,9 @@ class Trainer:
         self.engine = ds_engine.wrap(model, optimizer, scheduler, ds_config)
         self.queue = KeyQueue(cfg.moco.queue_size, cfg.moco.dim, self.device, cfg.seed)
         self.epoch, self.step_in_epoch, self.micro_steps = 0, 0, 0
+        self.selection = (
+            BestBackbone(self.out, selection_criterion(cfg.val), self.info.is_main) if cfg.val.every else None
+        )
         if resume:
             self._restore()  # reads only: a failed resume leaves the run as it was
         D.on_main(self._claim_output_dir)
@@ -100,12 +107,15 @@ class Trainer:
             )
 
     def _claim_output_dir(self) -> None:
-        """Rank 0, once the run is sure to start: the resolved config, and metrics up to the resumed step."""
+        """Rank 0, once the run is sure to start: the resolved config, metrics up to the resumed step, and
+        the best backbone's files as of that step."""
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.out / run_dir.CONFIG)
         dropped = run_dir.keep_metrics_until(self.out, self.global_step)
         if dropped:
             log.info("dropped %d metric records logged after step %d", dropped, self.global_step)
+        if self.selection is not None:
+            self.selection.sync_files()
 
     # ------------------------------------------------------------------ setup
 
@@ -121,7 +131,7 @@ class Trainer:
         return self.cfg.train.max_steps or per_epoch * self.cfg.train.epochs
 
     def _build_model(self) -> MoCoILM:
-        model = MoCoILM(self.cfg)
+        model = MoCoILM(self.cfg.model, self.cfg.moco, self.cfg.loss)
         if self.cfg.moco.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         # The engine's weights stay contiguous even with model.channels_last: DeepSpeed 0.19.8's
@@ -136,17 +146,25 @@ class Trainer:
     def _validate(self, step: int) -> None:
         models = Models(self.engine.module, self.key_encoder, self.queue.keys)
         for validator in self.validators:
-            if step % validator.every:
+            if step % validator.every and not (validator.at_end and step == self.total_steps):
                 continue
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 results = validator(models, step)
             self.metrics.log({"step": step, "epoch": self.epoch, **results})
+            if self.selection is not None and self.selection.metric in results:
+                self._select(step, results[self.selection.metric])
             log.info(
                 "step %d %s: %s",
                 step,
                 type(validator).__name__,
                 " ".join(f"{k}={v:.3f}" for k, v in results.items()),
             )
+
+    def _select(self, step: int, value: float) -> None:
+        encoder = self.engine.module.encoder
+        backbone = encoder.backbone_state_dict() if self.info.is_main else None
+        if self.selection.update(step, self.epoch, value, backbone):
+            log.info("step %d: new best %s %.4f", step, self.selection.metric, value)
 
     @property
     def global_step(self) -> int:
@@ -167,12 +185,16 @@ class Trainer:
                 "world_size": self.info.world_size,
                 "batch_size": self.cfg.data.batch_size,
                 "arch": self.cfg.model.arch,
-            }
+            },
+            "selection": self.selection.state_dict() if self.selection is not None else None,
         }
 
     def _restore(self) -> None:
         self._check_same_arch()
-        state = checkpoint.restore(self.engine, self.out, self.info.world_size)["moco"]
+        client_state = checkpoint.restore(self.engine, self.out, self.info.world_size)
+        state = client_state["moco"]
+        if self.selection is not None:
+            self.selection.load_state_dict(client_state.get("selection"))
         self.key_encoder.load_state_dict(state["key_encoder"])
         self.queue.load_state_dict(state["queue"])
         self.epoch, self.micro_steps = state["epoch"], state["micro_steps"]
@@ -225,9 +247,17 @@ class Trainer:
         )
 
     def export_backbone(self) -> Path:
+        """``backbone.pt``: the last step's backbone, or with ``train.export=best`` the best one (the last
+        then goes to ``backbone_last.pt``)."""
         path = self.out / "backbone.pt"
+        best = self.selection.best_backbone() if self.cfg.train.export == "best" else None
         if self.info.is_main:
-            save_tensors(self.engine.module.encoder.backbone_state_dict(), path)
+            last = self.engine.module.encoder.backbone_state_dict()
+            if best is not None:
+                write_atomic_tensors(best, path)
+                save_tensors(last, self.out / LAST_BACKBONE)
+            else:
+                save_tensors(last, path)
         D.barrier()
         return path
 
@@ -315,6 +345,8 @@ class Trainer:
                 "queue_ptr": self.queue.ptr,
                 "queue_sha256_per_rank": checksums,
                 "world_size": self.info.world_size,
+                "best": self.selection.record() if self.selection is not None else None,
+                "export": self.cfg.train.export,
             }
             (self.out / "final_state.json").write_text(json.dumps(state, indent=2))
 

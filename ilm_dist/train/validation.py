@@ -1,19 +1,36 @@
 """Components the trainer runs every few steps on the models it trains, without knowing what they measure.
 
 The trainer is handed *builders* (``device -> Validator``), builds them once it knows its device, and
-every ``validator.every`` optimizer steps logs what ``validator(models, step)`` returns. A validator with
-``main_rank_only`` runs on rank 0 alone and must not use collectives (the other ranks wait at the next
-one). The online kNN monitor (:class:`ilm_dist.eval.monitor.KnnMonitor`) is one; the trainer imports none.
+every ``validator.every`` optimizer steps (and at the last step when ``at_end``) logs what
+``validator(models, step)`` returns. A validator with ``main_rank_only`` runs on rank 0 alone and must
+not use collectives (the other ranks wait at the next one). The online kNN monitor
+(:class:`ilm_dist.eval.monitor.KnnMonitor`) is one; :class:`ValidationLoss` is another. The trainer
+imports neither.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
+
+from ilm_dist import distributed as D
+from ilm_dist.config import RunConfig, ValConfig
+from ilm_dist.data.augment import eval_transform, moco_view_transform
+from ilm_dist.data.manifest import load_manifest
+from ilm_dist.data.sampling import rank_shard, seeded_draw
+from ilm_dist.data.shard_reader import ShardReader
+from ilm_dist.data.torch_backend import SplitDataset, TwoViews
+from ilm_dist.errors import InputError
+
+log = logging.getLogger("ilm_dist")
+
+VAL_PREFIX = "val_"  # every record key the validation loss logs starts with it
 
 
 @dataclass(frozen=True)
@@ -27,9 +44,96 @@ class Models:
 
 class Validator(Protocol):
     every: int  # optimizer steps between calls
+    at_end: bool  # also called at the last step
     main_rank_only: bool
 
     def __call__(self, models: Models, step: int) -> dict[str, float]: ...
 
 
 ValidatorBuilder = Callable[[torch.device], Validator]
+
+
+def selection_criterion(val: ValConfig) -> dict[str, object]:
+    """What selects the best backbone: the logged metric (``val_loss`` or ``val_moco``) and what it is
+    measured on (:class:`ilm_dist.train.selection.BestBackbone`)."""
+    return {
+        "metric": VAL_PREFIX + val.select,
+        "split": val.split,
+        "views": val.views,
+        "max_samples": val.max_samples,
+    }
+
+
+class ValidationLoss:
+    """The pretraining loss on a held-out split: ``val_loss``, ``val_moco``, ``val_<term>`` (and
+    ``val_moco_acc``), the means over its samples.
+
+    Both encoders run in eval mode (BatchNorm on running statistics) without gradients, against the queue
+    as it is; none of them changes (the official validation step momentum-updates the key encoder and
+    enqueues the validation keys; ilm_dist does neither, see docs/PROTOCOL.md). The split (or a seeded
+    draw of ``val.max_samples``) is cut into whole batches of ``data.batch_size``, the last partial batch
+    dropped as in the official val loader, and the batches are split over the ranks: each batch runs on one
+    rank exactly as in one process (the Barlow Twins term depends on the batch), and the per-batch sums are
+    all-reduced, so the means do not depend on the number of ranks. Every rank returns the same values.
+    """
+
+    main_rank_only = False  # an all-reduce of the sums
+    at_end = True  # the last step's weights are a candidate too
+
+    def __init__(self, cfg: RunConfig, device: torch.device):
+        val, batch = cfg.val, cfg.data.batch_size
+        self.every, self.device = val.every, device
+        self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        reader = ShardReader(load_manifest(cfg.data.shards), val.split)
+        drawn = seeded_draw(len(reader), val.max_samples)
+        self.num_samples = len(drawn) // batch * batch
+        if self.num_samples == 0:
+            raise InputError(
+                f"val.split: split {val.split!r} of {cfg.data.shards} has {len(drawn)} samples to validate on, "
+                f"fewer than one batch of data.batch_size={batch}"
+            )
+        mine = drawn[: self.num_samples][rank_shard(self.num_samples, batch, D.rank(), D.world_size())]
+        view = (
+            moco_view_transform(cfg.aug, cfg.data.image_size)
+            if val.views == "augmented"
+            else eval_transform(cfg.aug, cfg.data.image_size)
+        )
+        dataset = SplitDataset(reader, TwoViews(view), mine, seed=cfg.seed)
+        self.loader = DataLoader(dataset, batch_size=batch, num_workers=val.num_workers)
+        self.description = (
+            f"validation loss every {val.every} steps and at the last: {self.num_samples} samples of "
+            f"{cfg.data.shards} [{val.split}] ({len(drawn) - self.num_samples} of the draw dropped), "
+            f"{self.num_samples // batch} batches of {batch}, {val.views} views"
+        )
+        if D.rank() == 0:
+            log.info("%s", self.description)
+
+    @classmethod
+    def builder(cls, cfg: RunConfig) -> Callable[[torch.device], ValidationLoss]:
+        """What the trainer is handed: builds the validator on the training device."""
+        return lambda device: cls(cfg, device)
+
+    @torch.no_grad()
+    def __call__(self, models: Models, step: int) -> dict[str, float]:
+        query, key = models.query, models.key_encoder
+        names = query.term_names()
+        sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=self.device)
+        modes = query.training, key.training
+        query.eval()
+        key.eval()
+        try:
+            for (view1, view2), _ in self.loader:
+                view1, view2 = (
+                    v.to(self.device, non_blocking=True, memory_format=self.memory_format)
+                    for v in (view1, view2)
+                )
+                terms = query(view1, query.key_features(key, view2), models.queue)
+                values = torch.stack([terms[name].detach().double() for name in names])
+                sums += torch.cat([values * len(view1), values.new_tensor([len(view1)])])
+        finally:
+            query.train(modes[0])
+            key.train(modes[1])
+        if D.world_size() > 1:
+            torch.distributed.all_reduce(sums)
+        *totals, count = sums.tolist()
+        return {VAL_PREFIX + name: total / count for name, total in zip(names, totals, strict=True)}

@@ -44,7 +44,7 @@ def main(out_dir: Path) -> None:
         "configs/demo.yaml",
         ["data.backend=synthetic", f"data.image_size={SIZE}", "loss.mse.pool_sizes=[4, 2, 2, 1]"],
     )
-    model = MoCoILM(cfg)
+    model = MoCoILM(cfg.model, cfg.moco, cfg.loss)
     key_encoder = copy.deepcopy(model.encoder).train()  # BN from the batch: the point of the shuffle
     for p in key_encoder.parameters():
         p.requires_grad_(True)  # as if it were trainable: the key path must still stay out of autograd
