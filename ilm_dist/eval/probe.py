@@ -187,9 +187,7 @@ class BlockProbe(nn.Module):
         return self.head(features)
 
 
-def probe_block_live(
-    ctx: EvalContext, indices: list[int], block: int, settings: ProbeSettings
-) -> Scored:
+def probe_block_live(ctx: EvalContext, indices: list[int], block: int, settings: ProbeSettings) -> Scored:
     """One block's head on the frozen network run at every step (data-parallel under the launcher)."""
     net = BlockProbe(ctx.classifier(), block, ctx.manifest.num_classes, settings.frozen_bn).to(ctx.device)
     before = fingerprint(net.body, buffers=False)
