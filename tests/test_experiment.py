@@ -20,12 +20,13 @@ from ilm_dist.config import ConfigError, load_config
 from ilm_dist.errors import InputError
 from ilm_dist.eval.__main__ import main as eval_main
 from ilm_dist.eval.commands import analyse_parser, finetune_parser, probe_parser
+from ilm_dist.eval.metrics import compute_metrics
 from ilm_dist.experiment.backends import run_command
 from ilm_dist.experiment.cells import plan
 from ilm_dist.experiment.command import run_experiment
 from ilm_dist.experiment.config import load_experiment
 from ilm_dist.experiment.state import State, hold_lock
-from ilm_dist.experiment.stats import Resamples, over_seeds, paired_difference, score
+from ilm_dist.experiment.stats import Resamples, over_seeds, paired_difference, resampled_metric, score
 from ilm_dist.pretrain import pretrain_parser
 from tests.launcher import REPO
 from tests.test_eval_support import pack_dataset
@@ -61,7 +62,7 @@ def experiment_dict(data: Path, out: Path, **changes) -> dict:
             "full": {"epochs": 1, "batch_size": 16, **QUICK},
             "analyse": {"num_subsets": 2, "subset_size": 8},
         },
-        "report": {"n_boot": 200, "seed": 3},
+        "report": {"n_boot": 100, "seed": 3},
         "execution": {"pretrain": {"cpus": 1}, "eval": {"cpus": 1}},
     }
     return raw | changes
@@ -271,13 +272,13 @@ def test_paired_two_level_bootstrap_matches_a_direct_computation():
         return np.stack([1 - p, p], axis=1)
 
     a, b = [probs(2.0) for _ in range(3)], [probs(0.5) for _ in range(3)]
-    resamples = Resamples.draw(30, 3, 300, seed=11)
+    resamples = Resamples.draw(30, 3, 150, seed=11)
     got = paired_difference(
         score("binary", labels, a, ("0", "1"), "auc", resamples),
         score("binary", labels, b, ("0", "1"), "auc", resamples),
         resamples,
     )
-    point, (low, high) = direct_two_level_bootstrap(labels, a, b, 300, 11)
+    point, (low, high) = direct_two_level_bootstrap(labels, a, b, 150, 11)
     assert got.diff == pytest.approx(point, abs=1e-12)
     assert got.ci == pytest.approx((low, high), abs=1e-12)
     assert low < point < high
@@ -372,7 +373,7 @@ def test_experiment_end_to_end_resumes_and_adds_a_seed(tmp_path, data):
     ]
     for c in summary["comparisons"]:
         assert set(c) == {"a", "b", "eval", "fraction", "metric", "diff", "ci"} and c["metric"] == "auc"
-        point, ci = recompute_difference(out, [0, 1], (c["a"], c["b"]), c["eval"], c["fraction"], 200, 3)
+        point, ci = recompute_difference(out, [0, 1], (c["a"], c["b"]), c["eval"], c["fraction"], 100, 3)
         assert c["diff"] == pytest.approx(point, abs=1e-12)
         assert c["ci"] == pytest.approx(list(ci), abs=1e-12)
     text = (report / "report.md").read_text()
@@ -401,3 +402,34 @@ def test_changed_settings_are_refused_not_silently_reused(tmp_path, data):
         match=r"linear_f0.5/metrics.json was computed with epochs=1, the experiment says epochs=2",
     ):
         run_experiment(str(path), execute=InProcess())
+
+
+@pytest.mark.parametrize(
+    ("task", "metric"),
+    [
+        ("binary", "auc"),
+        ("binary", "accuracy"),
+        ("binary", "f1"),
+        ("multiclass", "macro_auc"),
+        ("multiclass", "accuracy"),
+        ("multilabel", "macro_auc"),
+    ],
+)
+def test_resampled_metrics_equal_compute_metrics_on_each_resample(task, metric):
+    rng = np.random.default_rng(2)
+    n, classes = 40, ("a", "b", "c")
+    if task == "binary":
+        classes = ("0", "1")
+        labels = rng.integers(0, 2, n)
+    elif task == "multiclass":
+        labels = rng.integers(0, 3, n)
+    else:
+        labels = rng.integers(0, 2, (n, 3))
+    probs = rng.random((n, len(classes))).round(1)  # ties, as saved probabilities have them
+    probs /= probs.sum(axis=1, keepdims=True) + 1e-9
+    images = rng.integers(0, n, size=(40, n))
+    images[0] = 0
+    got = resampled_metric(task, labels, probs, classes, metric, images)
+    expected = [compute_metrics(task, labels[r], probs[r], classes)[metric] for r in images]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12, equal_nan=True)
+    assert np.isnan(got[0]) == (metric in ("auc", "macro_auc"))  # a resample of one image: no AUC

@@ -26,6 +26,7 @@ one seed.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,7 @@ from scipy import stats
 from ilm_dist.eval.metrics import compute_metrics
 
 LEVEL = 0.95
+CHUNK_ROWS = 64  # resamples ranked at once (memory: CHUNK_ROWS x test images x classes)
 
 
 @dataclass(frozen=True)
@@ -66,13 +68,60 @@ def score(
     resamples: Resamples,
 ) -> Scores:
     """``metric`` of each seed's test probabilities, on the whole test split and on every image resample."""
+    full = [compute_metrics(task, labels, probs, class_names)[metric] for probs in probs_per_seed]
+    resampled = [
+        resampled_metric(task, labels, probs, class_names, metric, resamples.images)
+        for probs in probs_per_seed
+    ]
+    return Scores(np.array(full), np.stack(resampled, axis=1))
+
+
+def resampled_metric(
+    task: str,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    class_names: tuple[str, ...],
+    metric: str,
+    images: np.ndarray,
+) -> np.ndarray:
+    """``metric`` on each row of image indices ``images`` ``[n_boot, N]``: the value
+    :func:`~ilm_dist.eval.metrics.compute_metrics` gives on ``labels[row], probs[row]``, all rows at once
+    for the AUCs and accuracy (one sklearn call per resample and metric would dominate the report's time)."""
+    rows = [images[i : i + CHUNK_ROWS] for i in range(0, len(images), CHUNK_ROWS)]
+    if metric in ("auc", "macro_auc"):
+        if task == "binary":
+            return np.concatenate([_auc_rows(labels[r] == 1, probs[r, 1]) for r in rows])
+        targets = (
+            labels.astype(bool) if task == "multilabel" else labels[:, None] == np.arange(len(class_names))
+        )
+        return np.concatenate([_macro_auc_rows(targets[r], probs[r]) for r in rows])
+    if metric == "accuracy" and task != "multilabel":
+        correct = probs.argmax(axis=1) == labels
+        return correct[images].mean(axis=1)
     with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
-        full = [compute_metrics(task, labels, probs, class_names)[metric] for probs in probs_per_seed]
-        resampled = [
-            [compute_metrics(task, labels[idx], probs[idx], class_names)[metric] for probs in probs_per_seed]
-            for idx in resamples.images
-        ]
-    return Scores(np.array(full), np.array(resampled))
+        return np.array([compute_metrics(task, labels[r], probs[r], class_names)[metric] for r in images])
+
+
+def _auc_rows(positive: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """ROC AUC of each row: the Mann-Whitney statistic ``U / (n_pos n_neg)`` from mid-ranks, which is
+    sklearn's trapezoidal AUC, ties included; NaN where a row has one label value only."""
+    ranks = stats.rankdata(scores, axis=1)
+    n_pos = positive.sum(axis=1)
+    n_neg = positive.shape[1] - n_pos
+    u = (ranks * positive).sum(axis=1) - n_pos * (n_pos + 1) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = u / (n_pos * n_neg)
+    auc[(n_pos == 0) | (n_neg == 0)] = np.nan
+    return auc
+
+
+def _macro_auc_rows(targets: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Mean over classes of each row's one-vs-rest AUC, over the classes with both label values
+    (``targets``, ``probs``: ``[rows, N, C]``)."""
+    per_class = np.stack([_auc_rows(targets[..., c], probs[..., c]) for c in range(probs.shape[-1])], axis=1)
+    with warnings.catch_warnings():  # a row where no class has both label values: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(per_class, axis=1)
 
 
 @dataclass(frozen=True)
