@@ -22,7 +22,7 @@ from ilm_dist.eval.__main__ import main as eval_main
 from ilm_dist.eval.commands import analyse_parser, finetune_parser, probe_parser
 from ilm_dist.eval.metrics import compute_metrics
 from ilm_dist.experiment.backends import run_command
-from ilm_dist.experiment.cells import plan
+from ilm_dist.experiment.cells import cka_params, plan
 from ilm_dist.experiment.command import run_experiment
 from ilm_dist.experiment.config import load_experiment
 from ilm_dist.experiment.state import State, hold_lock
@@ -129,6 +129,8 @@ def data(tmp_path_factory) -> Path:
             "execution.pretrain.ranks: with GPUs, one rank",
         ),
         ({"report": {"n_boot": 0}}, "report.n_boot: must be >= 1"),
+        ({"protocol": "offical"}, "protocol: --protocol offical: not a protocol name (ilm_dist, official"),
+        ({"protocol": "official", "protocol_dataset": "nih"}, "protocol_dataset: --dataset nih: protocol"),
     ],
 )
 def test_experiment_file_errors_name_the_key(tmp_path, data, change, message):
@@ -189,13 +191,21 @@ def test_cells_run_the_real_commands_with_the_experiment_settings(tmp_path, data
                 list(cells[f"s{seed}/{method}/analyse"].module_args[2:])
             )
             assert (analyse.num_subsets, analyse.subset_size) == (2, 8)
-    assert not any("--protocol" in c.module_args for c in cells.values())
-    with_protocol = load_experiment(write_experiment(tmp_path / "p.yaml", raw | {"protocol": "official"}))
-    for cell in plan(with_protocol):
-        has = "--protocol" in cell.module_args
-        assert has == (cell.kind in ("probe", "linear", "full")), cell.id
-        if has:
-            assert cell.module_args[cell.module_args.index("--protocol") + 1] == "official"
+    with_protocol = load_experiment(
+        write_experiment(tmp_path / "p.yaml", raw | {"protocol": "official", "protocol_dataset": "idc"})
+    )
+    for experiment, protocol in ((exp, "ilm_dist"), (with_protocol, "official")):
+        for cell in plan(experiment):
+            if cell.kind in ("probe", "linear", "full"):
+                parser = probe_parser() if cell.kind == "probe" else finetune_parser()
+                args = parser.parse_intermixed_args(list(cell.module_args[2:]))
+                assert (args.protocol, getattr(args, "dataset", None)) == (
+                    protocol,
+                    "idc" if protocol == "official" else None,
+                )
+            else:
+                assert "--protocol" not in cell.module_args, cell.id
+    assert with_protocol.protocol.dataset == "idc" and cka_params(with_protocol).absolute_sigma
 
 
 def test_state_file_progress_line_and_lock(tmp_path, data):
@@ -379,7 +389,7 @@ def test_experiment_end_to_end_resumes_and_adds_a_seed(tmp_path, data):
     text = (report / "report.md").read_text()
     assert (
         text.index("## Paired differences")
-        < text.index("## Test auc per method")
+        < text.index("## Test metric per method")
         < text.index("## Per-block")
     )
     assert "| moco − random_init |" in text and "## CKA per block" in text and "## Kolmogorov-Smirnov" in text

@@ -137,20 +137,22 @@ def _target_args(exp: Experiment, method: Method, seed: int) -> tuple[list[str],
         target = {"weights": method.weights, "config": str(method.config)}
         overrides = exp.run_overrides(method, seed)
     target |= {"out": str(exp.eval_dir(seed)), "name": method.name, **exp.eval_options}
+    target["protocol"] = exp.settings.protocol
+    if exp.settings.protocol_dataset:
+        target["dataset"] = exp.settings.protocol_dataset
     return settings_flags(EvalTarget, target), overrides
 
 
 def _evaluation_args(
     exp: Experiment, method: Method, seed: int, evaluation: Evaluation, fixed: dict[str, Any], extra=()
 ) -> list[str]:
-    """``ilm_dist.eval probe|finetune`` with the target, the settings the experiment fixes and those of
-    the file, the protocol, ``extra`` options and the run-config overrides."""
+    """``ilm_dist.eval probe|finetune`` with the target (and the protocol), the settings the experiment
+    fixes and those of the file, ``extra`` options and the run-config overrides."""
     command = "probe" if evaluation.kind == "probe" else "finetune"
     target, overrides = _target_args(exp, method, seed)
-    protocol = ["--protocol", exp.settings.protocol] if exp.settings.protocol else []
     fixed_flags = settings_flags(EVALUATIONS[evaluation.kind][0], {**fixed, "seed": seed})
     # extra first: a list option (--fractions) must not take the overrides for its values
-    return [EVAL_MODULE, command, *extra, *target, *fixed_flags, *evaluation.flags(), *protocol, *overrides]
+    return [EVAL_MODULE, command, *extra, *target, *fixed_flags, *evaluation.flags(), *overrides]
 
 
 def _probe_cell(exp: Experiment, method: Method, seed: int, fraction: float, needs: tuple[str, ...]) -> Cell:
@@ -213,7 +215,8 @@ def _analyse_cell(exp: Experiment, method: Method, seed: int, evals: list[Cell])
 
 
 def cka_params(exp: Experiment) -> CkaParams:
-    return CkaParams(**exp.evaluations["analyse"].settings)
+    """The CKA settings of the analyse cells: the protocol's, with the experiment's over them."""
+    return exp.protocol.settings("cka", exp.evaluations["analyse"].settings)
 
 
 # --------------------------------------------------------------------------- saved results
@@ -273,15 +276,18 @@ def _check_evaluation(exp: Experiment, method: Method, seed: int, evaluation: Ev
 
 
 def _check_settings(exp: Experiment, path: Path, evaluation: Evaluation, fixed: dict[str, Any]) -> None:
-    """Without a protocol every setting must match (the defaults are the commands'); with one, only those
-    the experiment gives (the protocol chooses the others)."""
-    cls = EVALUATIONS[evaluation.kind][0]
-    expected = {**evaluation.settings, **fixed}
-    if not exp.settings.protocol:
-        expected = dataclasses.asdict(cls(**expected))
-    saved = read_json(path).get("settings", {})
-    if "protocol" in saved:
-        expected["protocol"] = exp.settings.protocol
+    """Every setting must be the one the command would use now: the protocol's for the dataset, with the
+    experiment's values over it."""
+    section = "probe" if evaluation.kind == "probe" else "finetune"
+    expected = dataclasses.asdict(exp.protocol.settings(section, {**evaluation.settings, **fixed}))
+    record = read_json(path)
+    saved, protocol = record.get("settings", {}), record.get("protocol")
+    if protocol and protocol["digest"] != exp.protocol.digest:
+        raise ConfigError(
+            f"protocol: {path} was computed under protocol {protocol['name']} (dataset {protocol['dataset']}), "
+            f"not {exp.protocol.name} (dataset {exp.protocol.dataset}); restore the protocol, or give the "
+            "experiment another output_dir"
+        )
     for key, value in expected.items():
         if key in saved and saved[key] != value:
             raise ConfigError(

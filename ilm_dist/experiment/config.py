@@ -7,7 +7,9 @@ Every key, with its default (a relative path is relative to the experiment file,
     output_dir: ../../runs/experiments/demo
     seeds: [0]                          # pretraining seeds; seed s also seeds the evaluations of seed s
     fractions: [0.01, 0.06, 1.0]        # label fractions of fine-tuning (and of the probe, unless it says)
-    protocol: null                      # passed as --protocol NAME to every probe and finetune command
+    protocol: ilm_dist                  # the evaluation protocol (--protocol of every probe and finetune):
+                                        # ilm_dist (built in), a name in configs/protocols, or a YAML file
+    protocol_dataset: null              # the protocol's dataset section (--dataset; default: by the task)
     overrides: []                       # run-config key=value overrides of every method
     methods:                            # name -> run config; pretrained by the experiment unless weights is set
       moco:        {config: ../demo.yaml, overrides: [loss.type=none]}
@@ -58,8 +60,10 @@ from ilm_dist.data.manifest import Manifest, ManifestError, load_manifest
 from ilm_dist.errors import InputError
 from ilm_dist.eval.analysis import CkaParams
 from ilm_dist.eval.context import SPLITS, EvalTarget
+from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.finetune import FRACTIONS, FinetuneSettings
 from ilm_dist.eval.probe import ProbeSettings
+from ilm_dist.eval.protocol import BUILTIN, EvalProtocol, load_protocol
 from ilm_dist.eval.subsets import subset_count
 from ilm_dist.options import flag_of
 from ilm_dist.processes import ResourcesConfig
@@ -116,7 +120,8 @@ class ExperimentSettings:
     output_dir: str = ""
     seeds: list[int] = field(default_factory=lambda: [0])
     fractions: list[float] = field(default_factory=lambda: list(FRACTIONS))
-    protocol: str | None = None
+    protocol: str = BUILTIN
+    protocol_dataset: str | None = None
     overrides: list[str] = field(default_factory=list)
     reference: str | None = None
     comparisons: list[list[str]] = field(default_factory=list)
@@ -167,6 +172,7 @@ class Experiment:
     eval_options: dict[str, Any]
     comparisons: list[tuple[str, str]]
     manifest: Manifest
+    protocol: EvalProtocol  # resolved for the dataset
 
     @property
     def name(self) -> str:
@@ -271,6 +277,7 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         _load_eval_options(eval_options_raw),
         _comparisons(settings, methods),
         manifest,
+        _load_protocol(settings, manifest),
     )
     for method in methods.values():
         try:
@@ -278,6 +285,15 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         except ConfigError as err:
             raise ConfigError(f"methods.{method.name}: {method.config}: {err}") from None
     return experiment
+
+
+def _load_protocol(settings: ExperimentSettings, manifest: Manifest) -> EvalProtocol:
+    """The protocol resolved for the dataset's task, as every evaluation command will resolve it."""
+    key = "protocol_dataset" if settings.protocol_dataset else "protocol"
+    try:
+        return load_protocol(settings.protocol).resolve(manifest.task, settings.protocol_dataset)
+    except EvalError as err:
+        raise ConfigError(f"{key}: {err}") from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ilm_dist.eval.analysis import load_method, summarise
 from ilm_dist.eval.errors import EvalError
-from ilm_dist.eval.metrics import PRIMARY
+from ilm_dist.eval.metrics import check_metric
 from ilm_dist.eval.probe import PREDICTIONS
 from ilm_dist.eval.report import md_table, new_figure, pct, save_figure, write_csv
 from ilm_dist.eval.store import finetune_dir, load_npz, probe_result_dir, read_json, write_json
@@ -66,10 +66,18 @@ def evaluations_compared(exp: Experiment) -> list[tuple[str, tuple[float, ...]]]
     return found
 
 
+def reported_metric(exp: Experiment, evaluation: str) -> str:
+    """The test metric an evaluation reports (``report`` of its settings: the protocol's, or the
+    experiment's over it; default the task's primary metric)."""
+    kind = "probe" if evaluation == PROBE_EVAL else evaluation
+    section = "probe" if kind == "probe" else "finetune"
+    report = exp.protocol.settings(section, exp.evaluations[kind].settings).report
+    return check_metric(report, exp.manifest.task, f"evaluations.{kind}.report")
+
+
 def collect(exp: Experiment, state: State) -> Results:
     """Read every saved result of the experiment's methods and seeds (those whose cells are done)."""
     results = Results()
-    metric = PRIMARY[exp.manifest.task]
     for seed in exp.seeds:
         for name in exp.methods:
             method_dir = exp.method_dir(name, seed)
@@ -83,7 +91,7 @@ def collect(exp: Experiment, state: State) -> Results:
                         (name, mode, fraction), seed, saved["probs"], saved["labels"], path
                     )
             if "probe" in exp.evaluations:
-                _collect_probe(exp, results, name, seed, metric)
+                _collect_probe(exp, results, name, seed, reported_metric(exp, PROBE_EVAL))
             if "analyse" in exp.evaluations and state.status(cell_id(seed, name, "analyse")) == "done":
                 _collect_analysis(exp, results, name, seed)
     return results
@@ -141,7 +149,7 @@ class Comparison:
 def compare(exp: Experiment, results: Results) -> tuple[list[Comparison], list[str], dict]:
     """The paired differences that have every seed on both sides, what is missing, and each method's
     scores ``{(method, eval, fraction): Scores}``."""
-    task, metric = exp.manifest.task, PRIMARY[exp.manifest.task]
+    task = exp.manifest.task
     scores: dict[tuple[str, str, float], Scores] = {}
     if results.labels is None:
         return [], ["no saved test predictions yet"], scores
@@ -151,9 +159,11 @@ def compare(exp: Experiment, results: Results) -> tuple[list[Comparison], list[s
     for key, by_seed in results.probs.items():
         if set(by_seed) == set(exp.seeds):
             probs = [by_seed[s] for s in exp.seeds]
+            metric = reported_metric(exp, key[1])
             scores[key] = score(task, results.labels, probs, exp.manifest.class_names, metric, resamples)
     comparisons, missing = [], []
     for evaluation, fractions in evaluations_compared(exp):
+        metric = reported_metric(exp, evaluation)
         for fraction in fractions:
             for a, b in exp.comparisons:
                 ka, kb = (a, evaluation, fraction), (b, evaluation, fraction)
@@ -168,6 +178,11 @@ def compare(exp: Experiment, results: Results) -> tuple[list[Comparison], list[s
 
 
 # --------------------------------------------------------------------------- writing
+
+
+def title(exp: Experiment, evaluation: str) -> str:
+    name = "block-4 probe" if evaluation == PROBE_EVAL else f"{evaluation} fine-tuning"
+    return f"{name}, test {reported_metric(exp, evaluation)}"
 
 
 def signed(value: float) -> str:
@@ -192,10 +207,9 @@ def spread_cell(values: Iterable[float]) -> str:
 
 
 def differences_section(exp: Experiment, comparisons: list[Comparison], missing: list[str]) -> str:
-    metric = PRIMARY[exp.manifest.task]
     n_boot = exp.settings.report.n_boot
     parts = [
-        f"## Paired differences (test {metric}, method a minus method b)\n\n"
+        "## Paired differences (test metric, method a minus method b)\n\n"
         f"Each cell: the mean over the {len(exp.seeds)} seed(s) of the difference on the same test images, "
         f"fine-tuned (or probed) on the same label subsets, with its 95% interval from a two-level bootstrap "
         f"({n_boot} resamples of the seeds and of the test images, the same images for both methods and every "
@@ -208,8 +222,9 @@ def differences_section(exp: Experiment, comparisons: list[Comparison], missing:
             rows.append(
                 [f"{a} − {b}", *(diff_cell(found[f]) if f in found else "missing" for f in fractions)]
             )
-        title = "block-4 probe" if evaluation == PROBE_EVAL else f"{evaluation} fine-tuning"
-        parts.append(f"**{title}**\n\n" + md_table(["pair", *map(pct, fractions)], rows) + "\n")
+        parts.append(
+            f"**{title(exp, evaluation)}**\n\n" + md_table(["pair", *map(pct, fractions)], rows) + "\n"
+        )
     if missing:
         parts.append("Not compared: " + "; ".join(missing) + ".\n")
     parts.append("![paired differences](differences.png)\n")
@@ -217,8 +232,7 @@ def differences_section(exp: Experiment, comparisons: list[Comparison], missing:
 
 
 def means_section(exp: Experiment, scores: dict) -> str:
-    metric = PRIMARY[exp.manifest.task]
-    parts = [f"## Test {metric} per method (mean over seeds, 95% Student-t interval over seeds)\n"]
+    parts = ["## Test metric per method (mean over seeds, 95% Student-t interval over seeds)\n"]
     for evaluation, fractions in evaluations_compared(exp):
         rows = [
             [
@@ -232,14 +246,15 @@ def means_section(exp: Experiment, scores: dict) -> str:
             ]
             for name in exp.methods
         ]
-        title = "block-4 probe" if evaluation == PROBE_EVAL else f"{evaluation} fine-tuning"
-        parts.append(f"**{title}**\n\n" + md_table(["method", *map(pct, fractions)], rows) + "\n")
+        parts.append(
+            f"**{title(exp, evaluation)}**\n\n" + md_table(["method", *map(pct, fractions)], rows) + "\n"
+        )
     parts.append("![metric per label fraction](finetune.png)\n")
     return "\n".join(parts)
 
 
 def probe_section(exp: Experiment, results: Results) -> str:
-    metric = PRIMARY[exp.manifest.task]
+    metric = reported_metric(exp, PROBE_EVAL)
     parts = [f"## Per-block probe (frozen backbone, test {metric}, mean ± sd over seeds)\n"]
     for fraction in exp.evaluations["probe"].fractions:
         rows = []
@@ -329,7 +344,7 @@ def write_report(exp: Experiment, state: State) -> Path:
         f"# Experiment {exp.name}\n\n"
         f"Dataset `{exp.dataset.name}` ({m.task}, classes {', '.join(m.class_names)}; "
         f"{m.split('test').num_samples} test images), seeds {', '.join(map(str, exp.seeds))}, methods "
-        f"{', '.join(exp.methods)}; test metric {PRIMARY[m.task]}. Experiment file `{exp.file.name}`.\n",
+        f"{', '.join(exp.methods)}; evaluation protocol {exp.protocol.name}. Experiment file `{exp.file.name}`.\n",
         differences_section(exp, comparisons, missing),
         means_section(exp, scores),
     ]
@@ -356,7 +371,6 @@ def difference_row(c: Comparison) -> dict:
 
 
 def per_seed_rows(exp: Experiment, results: Results, scores: dict) -> list[dict]:
-    metric = PRIMARY[exp.manifest.task]
     rows = [
         {
             "method": name,
@@ -364,7 +378,7 @@ def per_seed_rows(exp: Experiment, results: Results, scores: dict) -> list[dict]
             "fraction": f,
             "block": "",
             "seed": seed,
-            "quantity": metric,
+            "quantity": reported_metric(exp, ev),
             "value": value,
         }
         for (name, ev, f), s in sorted(scores.items())
@@ -377,7 +391,7 @@ def per_seed_rows(exp: Experiment, results: Results, scores: dict) -> list[dict]
             "fraction": f,
             "block": b,
             "seed": seed,
-            "quantity": metric,
+            "quantity": reported_metric(exp, PROBE_EVAL),
             "value": v,
         }
         for (name, f), by_seed in sorted(results.probe.items())
@@ -425,7 +439,7 @@ def plot_differences(exp: Experiment, comparisons: list[Comparison], path: Path)
         ax.set_xticks(range(len(fractions)), [pct(f) for f in fractions])
         ax.set(
             xlabel="labelled fraction of train",
-            ylabel=f"Δ test {PRIMARY[exp.manifest.task]}",
+            ylabel=f"Δ test {reported_metric(exp, evaluation)}",
             title=evaluation,
         )
         ax.legend(fontsize=7)
@@ -446,7 +460,9 @@ def plot_means(exp: Experiment, scores: dict, path: Path) -> None:
         ax.set_xticks(list(fractions), [pct(f) for f in fractions])
         ax.minorticks_off()
         ax.set(
-            xlabel="labelled fraction of train", ylabel=f"test {PRIMARY[exp.manifest.task]}", title=evaluation
+            xlabel="labelled fraction of train",
+            ylabel=f"test {reported_metric(exp, evaluation)}",
+            title=evaluation,
         )
         ax.legend(fontsize=7)
     save_figure(fig, path)
@@ -473,7 +489,7 @@ def _block_panels(
 
 
 def plot_probe(exp: Experiment, results: Results, path: Path) -> None:
-    metric = PRIMARY[exp.manifest.task]
+    metric = reported_metric(exp, PROBE_EVAL)
     _block_panels(
         exp,
         results.probe,
