@@ -5,6 +5,7 @@ in test_experiment_processes.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from ilm_dist.eval.commands import analyse_parser, finetune_parser, probe_parser
 from ilm_dist.eval.metrics import compute_metrics
 from ilm_dist.experiment.backends import run_command
 from ilm_dist.experiment.cells import cka_params, plan
-from ilm_dist.experiment.command import run_experiment
+from ilm_dist.experiment.command import experiment_main, run_experiment
 from ilm_dist.experiment.config import load_experiment
 from ilm_dist.experiment.state import State, hold_lock
 from ilm_dist.experiment.stats import Resamples, over_seeds, paired_difference, resampled_metric, score
@@ -318,11 +319,13 @@ class InProcess:
         module, *args = cell.module_args
         if module == "ilm_dist.pretrain":
             return run_command(cell.module_args, cell.resources, log_path, log_path.parent)
-        try:
-            eval_main(args)
-            return 0
-        except SystemExit as exit_:
-            return exit_.code or 0
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("a") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
+            try:
+                eval_main(args)
+                return 0
+            except SystemExit as exit_:
+                return exit_.code or 0
 
 
 def mtimes(root: Path) -> dict[str, tuple[int, int]]:
@@ -443,3 +446,34 @@ def test_resampled_metrics_equal_compute_metrics_on_each_resample(task, metric):
     expected = [compute_metrics(task, labels[r], probs[r], classes)[metric] for r in images]
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12, equal_nan=True)
     assert np.isnan(got[0]) == (metric in ("auc", "macro_auc"))  # a resample of one image: no AUC
+
+
+def test_a_failed_cell_is_recorded_with_its_error_and_the_others_go_on(tmp_path, data):
+    out = tmp_path / "out"
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    raw = experiment_dict(data, out, evaluations={"linear": {"epochs": 1, "batch_size": 16, **QUICK}})
+    raw["methods"] = {
+        "broken": {"config": str(DEMO), "weights": str(broken)},
+        "random_init": raw["methods"]["random_init"],
+    }
+    path = write_experiment(tmp_path / "exp.yaml", raw)
+    ran = InProcess()
+    assert run_experiment(str(path), execute=ran) == 1  # incomplete
+    assert ran.ran == ["s0/broken/linear", "s0/random_init/linear"]
+    cells = json.loads((out / "state.json").read_text())["cells"]
+    assert cells["s0/random_init/linear"]["status"] == "done"
+    failed = cells["s0/broken/linear"]
+    assert failed["status"] == "failed" and failed["error"].startswith("exit status 2: error: ")
+    assert str(broken) in failed["error"], failed["error"]
+    report = (out / "report" / "report.md").read_text()
+    assert "`s0/broken/linear`: failed: exit status 2" in report and "broken − random_init" in report
+    assert json.loads((out / "report" / "summary.json").read_text())["comparisons"] == []
+
+
+def test_the_command_reports_a_bad_experiment_file_in_one_line(tmp_path, data, capsys):
+    path = write_experiment(tmp_path / "exp.yaml", experiment_dict(data, tmp_path / "out", seeds=[1, 1]))
+    with pytest.raises(SystemExit) as exit_:
+        experiment_main(["--config", str(path)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"error: {path}: seeds: [1, 1]: repeated seed\n"

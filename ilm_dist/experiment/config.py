@@ -237,13 +237,23 @@ class Experiment:
 
 
 def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
-    """Load and check an experiment file (see the module docstring); raises :class:`ConfigError`.
+    """Load and check an experiment file (see the module docstring); raises :class:`ConfigError` naming
+    the file and the key.
 
     ``overrides``: dotted ``key=value`` replacements of the file's keys (``dataset=DIR``,
     ``report.n_boot=2000``, ``execution.pretrain.cpus=8``); their paths are relative to the working
     directory.
     """
     path = Path(path).resolve()
+    try:
+        return _load_experiment(path, overrides)
+    except ConfigError as err:
+        if str(err).startswith(str(path)):
+            raise
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def _load_experiment(path: Path, overrides: list[str] | tuple[str, ...]) -> Experiment:
     raw = _read_yaml(path)
     for item in overrides:
         key, value = parse_override(item)
