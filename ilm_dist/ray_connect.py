@@ -3,16 +3,12 @@
 Since Ray 2.5x, ``ray start --head`` turns on token authentication when a token exists
 (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN_PATH`` or ``RAY_AUTH_TOKEN``), and a driver given an explicit
 address sends its token only with ``RAY_AUTH_MODE=token`` (``--address auto`` on the head node finds it
-by itself). Without it Ray retries for about 20 seconds and fails with a chain of tracebacks. So when this
-process has a token and ``RAY_AUTH_MODE`` is unset, :func:`init_ray` sends it (a cluster without
-authentication accepts a driver that sends one); any remaining failure to connect becomes one
-:class:`~ilm_dist.errors.InputError` saying what to do.
+by itself). Without it Ray retries for about 20 seconds and fails with a chain of tracebacks; this module
+turns that, and any other failure to connect, into one :class:`~ilm_dist.errors.InputError` saying what
+to do.
 """
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 from ilm_dist.errors import InputError
 
@@ -35,18 +31,10 @@ def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | N
         raise InputError(
             f"--address {address}: --num-cpus/--num-gpus size a local Ray instance; a cluster has its own"
         )
-    if "RAY_AUTH_MODE" not in os.environ and has_auth_token():
-        os.environ["RAY_AUTH_MODE"] = "token"
     try:
         ray.init(address=address)
     except (ConnectionError, RuntimeError) as err:
         raise InputError(connection_error(address, err)) from None
-
-
-def has_auth_token() -> bool:
-    """Whether Ray would find a token for this process (where ``ray start --head`` would)."""
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH", str(Path.home() / ".ray" / "auth_token"))
-    return bool(os.environ.get("RAY_AUTH_TOKEN")) or Path(path).is_file()
 
 
 def connection_error(address: str, err: BaseException) -> str:
