@@ -29,6 +29,7 @@ from ilm_dist.experiment.config import load_experiment
 from ilm_dist.experiment.state import State, hold_lock
 from ilm_dist.experiment.stats import Resamples, over_seeds, paired_difference, resampled_metric, score
 from ilm_dist.pretrain import pretrain_parser
+from ilm_dist.processes import module_command
 from tests.launcher import REPO
 from tests.test_eval_support import pack_dataset
 
@@ -477,3 +478,29 @@ def test_the_command_reports_a_bad_experiment_file_in_one_line(tmp_path, data, c
         experiment_main(["--config", str(path)])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == f"error: {path}: seeds: [1, 1]: repeated seed\n"
+
+
+def test_the_shipped_demo_experiment_plans_its_cells_under_the_launcher(tmp_path, data):
+    exp = load_experiment(
+        REPO / "configs" / "experiments" / "demo.yaml",
+        [
+            f"dataset={data}",
+            f"output_dir={tmp_path}",
+            "fractions=[0.5,1.0]",
+            "evaluations.probe.fractions=[0.5]",
+        ],
+    )
+    cells = plan(exp)
+    per_seed = {"moco": 6 - 1, "moco_mse": 6 - 1, "random_init": 5 - 1}  # one probe fraction of two
+    assert len(cells) == 2 * sum(per_seed.values())
+    assert exp.comparisons == [("moco", "random_init"), ("moco_mse", "random_init"), ("moco_mse", "moco")]
+    pretrain = next(c for c in cells if c.kind == "pretrain")
+    cmd, env = module_command(pretrain.module_args, pretrain.resources)  # 2 CPU ranks, as make demo
+    launcher = cmd[cmd.index("--") + 1 :] if "--" in cmd else cmd
+    assert Path(launcher[0]).name == "deepspeed" and launcher[launcher.index("--num_gpus") + 1] == "2"
+    assert launcher[launcher.index("--module") + 1 :] == list(pretrain.module_args)
+    assert env["DS_ACCELERATOR"] == "cpu" and env["OMP_NUM_THREADS"] == "1"
+    analyse = next(c for c in cells if c.kind == "analyse")  # one process
+    one = module_command(analyse.module_args, analyse.resources)[0]
+    assert Path(one[one.index("-m") - 1]).name.startswith("python") and "deepspeed" not in " ".join(one)
+    assert one[one.index("-m") + 1 :] == list(analyse.module_args)
