@@ -424,6 +424,12 @@ def per_seed_rows(exp: Experiment, results: Results, scores: dict) -> list[dict]
 # --------------------------------------------------------------------------- plots
 
 
+def legend(ax) -> None:
+    """A legend where the panel has labelled artists (a panel of missing results has none)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
 def plot_differences(exp: Experiment, comparisons: list[Comparison], path: Path) -> None:
     compared = evaluations_compared(exp)
     fig, axes = new_figure(max(1, len(compared)))
@@ -442,7 +448,7 @@ def plot_differences(exp: Experiment, comparisons: list[Comparison], path: Path)
             ylabel=f"Δ test {reported_metric(exp, evaluation)}",
             title=evaluation,
         )
-        ax.legend(fontsize=7)
+        legend(ax)
     save_figure(fig, path)
 
 
@@ -464,7 +470,7 @@ def plot_means(exp: Experiment, scores: dict, path: Path) -> None:
             ylabel=f"test {reported_metric(exp, evaluation)}",
             title=evaluation,
         )
-        ax.legend(fontsize=7)
+        legend(ax)
     save_figure(fig, path)
 
 
@@ -484,7 +490,7 @@ def _block_panels(
                 range(1, 5), [s.mean for s in summaries], yerr=errs, marker="o", capsize=3, label=name
             )
         ax.set(xlabel="block", ylabel=ylabel, title=f"{pct(fraction)} labels", xticks=[1, 2, 3, 4])
-        ax.legend(fontsize=7)
+        legend(ax)
     save_figure(fig, path)
 
 
@@ -524,5 +530,5 @@ def plot_ks(exp: Experiment, results: Results, path: Path) -> None:
         [f"{m} {pct(f)}" for m, f in groups],
     )
     ax.set(ylabel="KS statistic vs 100% labels", title="output shift (mean over classes)")
-    ax.legend(fontsize=7)
+    legend(ax)
     save_figure(fig, path)
