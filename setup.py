@@ -46,6 +46,7 @@ CONSOLE_SCRIPTS = [
     "ilm-analyse = ilm_dist.eval.commands:analyse_main",
     "ilm-knn-check = ilm_dist.eval.knn_check:main",
     "ilm-tune = ilm_dist.tune.command:tune_main",
+    "ilm-experiment = ilm_dist.experiment.command:experiment_main",
     "ilm-pack = data_tools.pack:main",
     "ilm-verify = data_tools.verify:main",
     "ilm-synthetic = data_tools.synthetic_dataset:main",

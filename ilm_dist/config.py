@@ -214,8 +214,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """
     raw = load_yaml_chain(Path(path)) if path else {}
     for item in overrides:
-        key, value = _parse_override(item)
-        _set_dotted(raw, key, value)
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
     _resolve_paths(raw, Path.cwd())
     cfg = from_dict(RunConfig, raw)
     validate(cfg)
@@ -276,7 +276,7 @@ def absolute_overrides(overrides: list[str], directory: Path) -> list[str]:
     the file that names them), so they mean the same from any working directory."""
     keys, out = set(path_keys()), []
     for item in overrides:
-        key, value = _parse_override(item)
+        key, value = parse_override(item)
         if key in keys and isinstance(value, str):
             item = format_override(key, str((directory / Path(value).expanduser()).resolve()))
         out.append(item)
@@ -303,7 +303,7 @@ def _deep_merge(into: dict[str, Any], other: dict[str, Any]) -> None:
             into[key] = value
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+def parse_override(item: str) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected key=value, e.g. train.max_steps=20")
@@ -313,7 +313,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override {item!r}: value is not valid YAML") from None
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
     node = raw
     for part in parents:

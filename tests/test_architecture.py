@@ -10,9 +10,16 @@ from tests.launcher import REPO
 
 # Lowest first. A module may import modules of its own layer or of lower ones.
 LAYERS = [
-    ["ilm_dist._C", "ilm_dist.errors", "ilm_dist.distributed", "ilm_dist.serialization", "ilm_dist.options"],
+    [
+        "ilm_dist._C",
+        "ilm_dist.errors",
+        "ilm_dist.distributed",
+        "ilm_dist.serialization",
+        "ilm_dist.options",
+        "ilm_dist.ray_connect",
+    ],
     ["ilm_dist.ops", "ilm_dist.moco", "ilm_dist.losses"],
-    ["ilm_dist.config"],
+    ["ilm_dist.config", "ilm_dist.processes"],
     ["ilm_dist.data", "ilm_dist.model", "data_tools"],
     ["ilm_dist.train"],
     ["ilm_dist.eval", "ilm_dist.plan"],
@@ -21,8 +28,10 @@ LAYERS = [
 COMMANDS = {
     "ilm_dist.pretrain",
     "ilm_dist.eval.commands",
+    "ilm_dist.eval.__main__",
     "ilm_dist.eval.knn_check",
     "ilm_dist.tune.command",
+    "ilm_dist.experiment.command",
     "data_tools.pack",
     "data_tools.verify",
     "data_tools.synthetic_dataset",

@@ -275,7 +275,7 @@ def default_name(init: InitSpec, cfg: RunConfig) -> str:
 
 def claim_method_dir(ctx: EvalContext, config_path: Path) -> None:
     """Write ``source.json`` and ``protocol.json``, or check that the existing ones describe the same
-    weights, data and evaluation protocol."""
+    weights, data and evaluation protocol (and leave them as they are when nothing in them changed)."""
     record = ctx.source_record(config_path)
     path = ctx.method_dir / SOURCE
     if path.is_file():
@@ -293,8 +293,9 @@ def claim_method_dir(ctx: EvalContext, config_path: Path) -> None:
             f"{old['dataset']}, digest {old['digest']}), not {protocol['name']} (dataset {protocol['dataset']}, "
             f"digest {protocol['digest']}); pass another --name or --out"
         )
-    write_json(path, record)
-    write_json(protocol_path, protocol)
+    for file, content in ((path, record), (protocol_path, protocol)):
+        if not file.is_file() or read_json(file) != content:
+            write_json(file, content)
 
 
 def saved_or_computed(

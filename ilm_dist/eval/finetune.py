@@ -39,7 +39,7 @@ from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.features import BlockFeatures
 from ilm_dist.eval.fit import ADAM_LR, FitResult, fit, fit_option, metric_score, validation_steps
 from ilm_dist.eval.metrics import check_metric, evaluate_predictions, probabilities
-from ilm_dist.eval.store import fraction_tag, read_json, save_npz, write_json
+from ilm_dist.eval.store import finetune_dir, read_json, save_npz, write_json
 from ilm_dist.eval.subsets import load_or_draw_subset, subset_path
 from ilm_dist.eval.weights import assert_unchanged, fingerprint
 from ilm_dist.options import check_bounds, option
@@ -75,7 +75,7 @@ class FinetuneSettings:
 
 
 def result_dir(ctx: EvalContext, mode: str, fraction: float) -> Path:
-    return ctx.method_dir / "finetune" / f"{mode}_{fraction_tag(fraction)}"
+    return finetune_dir(ctx.method_dir, mode, fraction)
 
 
 class TrainBatches:

@@ -14,7 +14,8 @@ Two paths, by what the frozen backbone sees:
   layer; validation and test run in eval mode on the statistics training left. Its weights are checked.
 
 Every head is trained with Adam (lr 1e-3, official probing code), selected on validation by ``select``
-and scored on test. Outputs in ``EVAL_DIR/<method>/probe/f<fraction>/``.
+and scored on test; the test probabilities of every block are saved in ``predictions.npz``. Outputs in
+``EVAL_DIR/<method>/probe/f<fraction>/``.
 
 Under the ``deepspeed`` launcher the cached features are extracted sharded over the ranks and gathered,
 so every rank holds all of them; every rank then fits the same linear heads (rather than waiting in a
@@ -27,7 +28,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -49,14 +50,16 @@ from ilm_dist.eval.fit import (
     val_score,
     validation_steps,
 )
-from ilm_dist.eval.metrics import check_metric, evaluate_predictions
-from ilm_dist.eval.store import fraction_tag, read_json, write_json
+from ilm_dist.eval.metrics import check_metric, evaluate_predictions, probabilities
+from ilm_dist.eval.store import probe_result_dir, read_json, save_npz, write_json
 from ilm_dist.eval.subsets import load_or_draw_subset
 from ilm_dist.eval.weights import assert_unchanged, fingerprint
 from ilm_dist.model.encoder import BLOCK_NODES, block_channels
 from ilm_dist.options import check_bounds, option
 
 log = logging.getLogger("ilm_dist")
+
+PREDICTIONS = "predictions.npz"  # test labels and each block's test probabilities (block<i>_probs)
 
 
 @dataclass
@@ -96,8 +99,16 @@ class ProbeSettings:
         return self.frozen_bn == "train" or self.train_aug != "none"
 
 
+class Scored(NamedTuple):
+    """One block's test metrics record, its test probabilities and the test labels."""
+
+    record: dict
+    probs: np.ndarray
+    labels: np.ndarray
+
+
 def probe_dir(ctx: EvalContext, fraction: float) -> Path:
-    return ctx.method_dir / "probe" / fraction_tag(fraction)
+    return probe_result_dir(ctx.method_dir, fraction)
 
 
 def cached_features(
@@ -118,7 +129,7 @@ def _tensors(x: np.ndarray, labels: np.ndarray, mean: np.ndarray, std: np.ndarra
     return TensorDataset(torch.from_numpy((x - mean) / std).float(), torch.from_numpy(labels))
 
 
-def probe_block(ctx: EvalContext, feats: dict, block: str, settings: ProbeSettings) -> dict:
+def probe_block(ctx: EvalContext, feats: dict, block: str, settings: ProbeSettings) -> Scored:
     """One block's head on cached features."""
     train = feats["train"][block]
     mean, std = np.zeros(train.shape[1]), np.ones(train.shape[1])
@@ -176,7 +187,7 @@ class BlockProbe(nn.Module):
         return self.head(features)
 
 
-def probe_block_live(ctx: EvalContext, indices: list[int], block: int, settings: ProbeSettings) -> dict:
+def probe_block_live(ctx: EvalContext, indices: list[int], block: int, settings: ProbeSettings) -> Scored:
     """One block's head on the frozen network run at every step (data-parallel under the launcher)."""
     net = BlockProbe(ctx.classifier(), block, ctx.manifest.num_classes, settings.frozen_bn).to(ctx.device)
     before = fingerprint(net.body, buffers=False)
@@ -202,15 +213,17 @@ def probe_block_live(ctx: EvalContext, indices: list[int], block: int, settings:
 
 def _scored(
     ctx: EvalContext, settings: ProbeSettings, result, logits: np.ndarray, labels: np.ndarray
-) -> dict:
+) -> Scored:
     report = check_metric(settings.report, ctx.task, "--report")
-    return {
+    record = {
         "fit": asdict(result),
         "selected_by": check_metric(settings.select, ctx.task, "--select"),
         **evaluate_predictions(
             ctx.task, labels, logits, ctx.class_names, settings.n_boot, settings.seed, settings.ci, report
         ),
     }
+    return Scored(record, probabilities(ctx.task, logits), labels)
+    return record, logits
 
 
 def probe(ctx: EvalContext, settings: ProbeSettings, force: bool = False) -> dict:
@@ -233,20 +246,20 @@ def probe(ctx: EvalContext, settings: ProbeSettings, force: bool = False) -> dic
     )
     backbone = ctx.classifier()
     before = fingerprint(backbone)
-    blocks = {}
+    scored = {}
     if settings.live:
         for i in range(1, len(BLOCK_NODES) + 1):
             log.info("%s: probing block %d on live %s features", ctx.name, i, settings.frozen_bn)
-            blocks[f"block{i}"] = probe_block_live(ctx, subset["indices"], i, settings)
-        test_size = ctx.manifest.split("test").num_samples
+            scored[f"block{i}"] = probe_block_live(ctx, subset["indices"], i, settings)
     else:
         feats = cached_features(ctx, backbone, out, subset["indices"], force)
         with torch_threads(1):
             for i in range(1, len(BLOCK_NODES) + 1):
                 log.info("%s: probing block %d", ctx.name, i)
-                blocks[f"block{i}"] = probe_block(ctx, feats, f"block{i}", settings)
+                scored[f"block{i}"] = probe_block(ctx, feats, f"block{i}", settings)
         assert_unchanged(backbone, before, f"probing {ctx.name}")
-        test_size = len(feats["test"]["labels"])
+    labels = scored["block1"].labels
+    blocks = {block: s.record for block, s in scored.items()}
     record = {
         "method": ctx.name,
         "kind": "probe",
@@ -255,12 +268,14 @@ def probe(ctx: EvalContext, settings: ProbeSettings, force: bool = False) -> dic
         "class_names": list(ctx.class_names),
         "dataset_id": subset["dataset_id"],
         "subset": {"digest": subset["digest"], "num_samples": subset["num_samples"]},
-        "test": {"num_samples": test_size, "digest": ctx.test_digest},
+        "test": {"num_samples": len(labels), "digest": ctx.test_digest},
         "classes_without_samples": ctx.classes_without_samples(),
         "backbone_sha256": before,
         "settings": asdict(settings),
         "protocol": ctx.protocol.summary(),
         "blocks": blocks,
     }
+    probs = {f"{block}_probs": s.probs for block, s in scored.items()}
+    on_main(lambda: save_npz(out / PREDICTIONS, labels=labels, **probs))
     on_main(lambda: write_json(path, record))
     return record

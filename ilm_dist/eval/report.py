@@ -116,13 +116,13 @@ def ks_rows(ks: dict) -> list[dict]:
 # --------------------------------------------------------------------------- plots
 
 
-def _figure(ncols: int, nrows: int = 1) -> tuple[Figure, list]:
+def new_figure(ncols: int, nrows: int = 1) -> tuple[Figure, list]:
     """A figure without pyplot (no global state); PNGs are rendered by the Agg canvas."""
     fig = Figure(figsize=(4.2 * ncols, 3.2 * nrows))
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
-def _save(fig: Figure, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
 
@@ -147,7 +147,7 @@ def intervals_text(settings: dict) -> str:
 
 def plot_finetune(methods: list[MethodResults], path: Path) -> None:
     modes = sorted({mode for m in methods for mode, _ in m.finetune})
-    fig, axes = _figure(len(modes))
+    fig, axes = new_figure(len(modes))
     metric = headline(methods[0].finetune.values())
     for ax, mode in zip(axes[0], modes, strict=True):
         for m in methods:
@@ -165,12 +165,12 @@ def plot_finetune(methods: list[MethodResults], path: Path) -> None:
             title=f"{mode} fine-tuning",
         )
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_probe(methods: list[MethodResults], path: Path) -> None:
     fractions = sorted({f for m in methods for f in m.probe})
-    fig, axes = _figure(len(fractions))
+    fig, axes = new_figure(len(fractions))
     metric = headline(next(iter(methods[0].probe.values()))["blocks"].values())
     for ax, fraction in zip(axes[0], fractions, strict=True):
         for m in methods:
@@ -189,12 +189,12 @@ def plot_probe(methods: list[MethodResults], path: Path) -> None:
             xticks=[1, 2, 3, 4],
         )
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_cka(cka: dict, path: Path) -> None:
     fractions = sorted({f for _, f in cka})
-    fig, axes = _figure(len(fractions), 2)
+    fig, axes = new_figure(len(fractions), 2)
     for col, fraction in enumerate(fractions):
         for row, (key, label) in enumerate((("linear", "linear CKA"), ("rbf_mean", "RBF CKA"))):
             ax = axes[row][col]
@@ -210,13 +210,13 @@ def plot_cka(cka: dict, path: Path) -> None:
                 xticks=[1, 2, 3, 4],
             )
             ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_ks(ks: dict, path: Path) -> None:
     groups = sorted({(mode, f) for _, mode, f in ks})
     names = sorted({name for name, _, _ in ks})
-    fig, axes = _figure(1)
+    fig, axes = new_figure(1)
     ax, width = axes[0][0], 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
         values = [ks.get((name, mode, f), {}).get("mean_statistic", float("nan")) for mode, f in groups]
@@ -227,7 +227,7 @@ def plot_ks(ks: dict, path: Path) -> None:
     )
     ax.set(ylabel="KS statistic vs 100% labels", title="output shift (mean over classes)")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- markdown

@@ -6,7 +6,7 @@ Layout (one directory per dataset, shared by every method compared on it)::
     EVAL_DIR/<method>/source.json                 which weights and data this method was evaluated from
     EVAL_DIR/<method>/init_features_test.npz      block features of the test split before fine-tuning
     EVAL_DIR/<method>/finetune/<mode>_f<frac>/    metrics.json, predictions.npz, features_test.npz, cka.json
-    EVAL_DIR/<method>/probe/f<frac>/              features_<split>.npz, metrics.json
+    EVAL_DIR/<method>/probe/f<frac>/              features_<split>.npz, metrics.json, predictions.npz
 """
 
 from __future__ import annotations
@@ -48,6 +48,16 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
 def fraction_tag(fraction: float) -> str:
     """``0.01 -> 'f0.01'``, ``1.0 -> 'f1'``: the fraction as it appears in file names."""
     return f"f{fraction:g}"
+
+
+def finetune_dir(method_dir: Path, mode: str, fraction: float) -> Path:
+    """``EVAL_DIR/<method>/finetune/<mode>_f<fraction>``: one fine-tuning result."""
+    return Path(method_dir) / "finetune" / f"{mode}_{fraction_tag(fraction)}"
+
+
+def probe_result_dir(method_dir: Path, fraction: float) -> Path:
+    """``EVAL_DIR/<method>/probe/f<fraction>``: the probes of every block at one label fraction."""
+    return Path(method_dir) / "probe" / fraction_tag(fraction)
 
 
 def digest(obj: Any) -> str:

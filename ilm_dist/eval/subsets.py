@@ -22,7 +22,8 @@ from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.store import dataset_id, digest, fraction_tag, read_json, write_json
 
 
-def _count(fraction: float, n: int) -> int:
+def subset_count(fraction: float, n: int) -> int:
+    """Samples of a class (or of the split) that a ``fraction`` keeps out of ``n``: ``round(fraction * n)``."""
     return int(np.floor(fraction * n + 0.5))
 
 
@@ -36,7 +37,7 @@ def stratified_subset(
         return np.arange(len(labels))
     multi_hot = labels if labels.ndim == 2 else np.eye(len(class_names), dtype=np.int64)[labels]
     positives = multi_hot.sum(axis=0)
-    targets = np.array([_count(fraction, int(n)) for n in positives])
+    targets = np.array([subset_count(fraction, int(n)) for n in positives])
     for name, n, target in zip(class_names, positives, targets, strict=True):
         if target == 0:
             raise EvalError(

@@ -7,10 +7,11 @@ import logging
 import sys
 
 from ilm_dist.config import ConfigError
-from ilm_dist.errors import ArgumentParser
+from ilm_dist.errors import ArgumentParser, exit_on_input_error
+from ilm_dist.ray_connect import init_ray
 from ilm_dist.tune import results
 from ilm_dist.tune.spec import Sweep, load_sweep
-from ilm_dist.tune.sweep import EXPERIMENT, init_ray, run_sweep
+from ilm_dist.tune.sweep import EXPERIMENT, run_sweep
 
 log = logging.getLogger("ilm_dist.tune")
 
@@ -24,7 +25,10 @@ def tune_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--retry-errored", action="store_true", help="with --resume: run errored trials again"
     )
-    parser.add_argument("--address", help="an existing Ray cluster (default: start a local instance)")
+    parser.add_argument(
+        "--address",
+        help="an existing Ray cluster: host:port, ray://host:port or auto (default: a local instance)",
+    )
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
     parser.add_argument("--num-gpus", type=int, help="GPUs of the local Ray instance (default: all)")
     parser.add_argument("overrides", nargs="*", help="run-config key=value overrides added to base.overrides")
@@ -42,7 +46,8 @@ def tune_main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    init_ray(args.address, args.num_cpus, args.num_gpus)
+    with exit_on_input_error():
+        init_ray(args.address, args.num_cpus, args.num_gpus)
     run_sweep(sweep, resume=args.resume, retry_errored=args.retry_errored)
     sys.exit(write_outputs(sweep))
 

@@ -24,6 +24,7 @@ from ilm_dist.config import (
 )
 from ilm_dist.data.manifest import ManifestError, load_manifest
 from ilm_dist.eval.monitor import metric_names
+from ilm_dist.processes import ResourcesConfig
 from ilm_dist.train.preflight import preflight
 from ilm_dist.tune.space import SearchSpace, parse_space
 
@@ -41,17 +42,6 @@ class SchedulerConfig:
     grace_period: int = 1  # kNN monitor reports before ASHA may stop a trial
     reduction_factor: float = 2.0
     max_t: int | None = None  # reports of a full trial; None: train.max_steps // monitor.every
-
-
-@dataclass
-class ResourcesConfig:
-    cpus: float = 1.0  # per trial
-    gpus: float = 0.0  # per trial; a fraction < 1 shares a GPU between trials
-    ranks: int | None = None  # DeepSpeed ranks per trial; None: one per GPU, else 1
-
-    @property
-    def num_ranks(self) -> int:
-        return self.ranks or max(1, int(self.gpus))
 
 
 @dataclass
@@ -167,23 +157,11 @@ def _validate_settings(s: SweepSettings) -> None:
         (s.scheduler.grace_period >= 1, "scheduler.grace_period", "must be >= 1"),
         (s.scheduler.reduction_factor > 1, "scheduler.reduction_factor", "must be > 1"),
         (s.scheduler.max_t is None or s.scheduler.max_t >= 1, "scheduler.max_t", "must be >= 1"),
-        (s.resources.cpus > 0, "resources.cpus", "must be > 0"),
-        (s.resources.gpus >= 0, "resources.gpus", "must be >= 0"),
-        (
-            s.resources.gpus < 1 or s.resources.gpus.is_integer(),
-            "resources.gpus",
-            "a whole number, or a fraction < 1",
-        ),
-        (s.resources.ranks is None or s.resources.ranks >= 1, "resources.ranks", "must be >= 1"),
-        (
-            s.resources.gpus == 0 or s.resources.ranks in (None, max(1, int(s.resources.gpus))),
-            "resources.ranks",
-            "with GPUs, one rank per GPU (leave it unset)",
-        ),
     ]
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{key}: {message}")
+    s.resources.check("resources")
 
 
 def _validate_schedule(sweep: Sweep) -> None:

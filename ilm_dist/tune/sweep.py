@@ -12,22 +12,6 @@ from ilm_dist.tune.spec import Sweep
 from ilm_dist.tune.trial import run_trial
 
 EXPERIMENT = "tune"
-OBJECT_STORE_BYTES = 256 * 2**20  # trials report small dicts; keep a local Ray light
-
-
-def init_ray(address: str | None, num_cpus: int | None, num_gpus: int | None) -> None:
-    """Join the cluster at ``address``, else start a local Ray instance without a dashboard."""
-    import ray
-
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            include_dashboard=False,
-            object_store_memory=OBJECT_STORE_BYTES,
-        )
 
 
 def run_sweep(sweep: Sweep, resume: bool = False, retry_errored: bool = False) -> None:

@@ -9,26 +9,19 @@ can stop the trial early; the subprocess group is then terminated. A non-zero ex
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ilm_dist.config import save_config
-from ilm_dist.distributed import free_port
 from ilm_dist.eval.monitor import is_monitor_record
-from ilm_dist.tune.spec import ResourcesConfig, Sweep
+from ilm_dist.processes import last_lines, launch, module_command
+from ilm_dist.tune.spec import Sweep
 
 POLL_S = 1.0
 TAIL_LINES = 6
-STOP_GRACE_S = 10.0
 
 
 class TrialFailed(RuntimeError):
@@ -46,10 +39,11 @@ def run_trial(config: dict[str, Any], sweep: Sweep) -> None:
     cfg = sweep.run_config(config, run_dir, f"{sweep.settings.name}_{trial_id}")
     save_config(cfg, run_dir / "run.yaml")
     follower = MetricsFollower(run_dir / "metrics.jsonl")
-    with (
-        (run_dir / "log.txt").open("wb") as log,
-        launch(run_dir / "run.yaml", sweep.settings.resources, log) as proc,
-    ):
+    # the installed package runs from the trial directory: no checkout needed
+    cmd, env = module_command(
+        ["ilm_dist.pretrain", "--config", str(run_dir / "run.yaml")], sweep.settings.resources
+    )
+    with (run_dir / "log.txt").open("wb") as log, launch(cmd, env, run_dir, log) as proc:
         while True:
             exited = proc.poll() is not None
             for record in follower.poll():
@@ -60,49 +54,6 @@ def run_trial(config: dict[str, Any], sweep: Sweep) -> None:
     if proc.returncode != 0:
         tail = " | ".join(last_lines(run_dir / "log.txt", TAIL_LINES))
         raise TrialFailed(f"pretraining exited with code {proc.returncode}: {tail}")
-
-
-def command(run_yaml: Path, resources: ResourcesConfig) -> tuple[list[str], dict[str, str]]:
-    """The pretraining command and environment for one trial on the GPUs Ray assigned (if any)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env["OMP_NUM_THREADS"] = str(max(1, int(resources.cpus // resources.num_ranks)))
-    module = ["ilm_dist.pretrain", "--config", str(run_yaml)]  # the installed package, no checkout needed
-    if resources.num_ranks == 1:
-        cmd = [sys.executable, "-m", *module]
-    else:
-        deepspeed = [str(Path(sys.executable).with_name("deepspeed")), "--master_port", str(free_port())]
-        if resources.gpus == 0:  # with GPUs, deepspeed takes Ray's CUDA_VISIBLE_DEVICES as is
-            env["DS_ACCELERATOR"] = "cpu"
-            deepspeed += ["--num_gpus", str(resources.num_ranks)]
-        cmd = [*deepspeed, "--module", *module]
-    if shutil.which("setpriv"):  # the run dies with the trial even when Ray kills the worker outright
-        cmd = ["setpriv", "--pdeathsig", "TERM", "--", *cmd]
-    return cmd, env
-
-
-@contextlib.contextmanager
-def launch(run_yaml: Path, resources: ResourcesConfig, log: IO[bytes]) -> Iterator[subprocess.Popen]:
-    """Run the trial's pretraining in its own process group; terminate the group on the way out."""
-    cmd, env = command(run_yaml, resources)
-    proc = subprocess.Popen(
-        cmd, cwd=run_yaml.parent, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            _stop_group(proc)
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=STOP_GRACE_S)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 class MetricsFollower:
@@ -127,9 +78,3 @@ class MetricsFollower:
             elif is_monitor_record(record):
                 reports.append({**record, "loss": self.loss})
         return reports
-
-
-def last_lines(path: Path, n: int) -> list[str]:
-    """The last ``n`` non-empty lines of a log (progress-bar carriage returns split lines too)."""
-    text = path.read_bytes()[-20000:].decode(errors="replace").replace("\r", "\n")
-    return [line.strip() for line in text.splitlines() if line.strip()][-n:]
