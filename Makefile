@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO := runs/demo
 export MAX_JOBS ?= 2
+# test files run in parallel, one file per worker (its module fixtures, e.g. a shared run, stay on one)
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 .PHONY: help install demo test test-fast lint format bench gpu-wheels gpu-check-dry-run clean
 
@@ -37,10 +40,10 @@ demo: $(STAMP)
 	$(PY) launch/knn_check.py --run $(DEMO)/pretrain
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

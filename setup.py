@@ -35,7 +35,7 @@ EXTRAS_REQUIRE = {
     "dali": ["nvidia-dali-cuda130"],
     "tune": ["ray[tune]", "pandas"],
     "dicom": ["pydicom"],  # .dcm input to data_tools.pack
-    "dev": ["pytest", "pytest-timeout", "ruff"],
+    "dev": ["pytest", "pytest-timeout", "pytest-xdist", "ruff"],
 }
 # The commands of an installed package (no source checkout needed); launch/*.py are the same commands.
 CONSOLE_SCRIPTS = [
