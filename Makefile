@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO := runs/demo
 export MAX_JOBS ?= 2
-# test files run in parallel, one file per worker (its module fixtures, e.g. a shared run, stay on one)
+# test files run in parallel, one file per worker (its module fixtures, e.g. a shared run, stay on one),
+# the longest first (tests/conftest.py)
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --durations=15
+PYTEST := $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 .PHONY: help install demo test test-fast lint format bench gpu-wheels gpu-check-dry-run clean
 

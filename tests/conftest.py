@@ -35,3 +35,27 @@ def packed_tiny(tmp_path_factory):
         capture_output=True,
     )
     return out
+
+
+# The files that take longest (`make test` prints the slowest tests), longest first. `make test` hands
+# whole files to its workers in collection order (--no-loadscope-reorder); starting with the longest
+# lets the workers finish together instead of one running a multi-minute file at the end alone.
+LONGEST_FILES = (
+    "test_pretrain_distributed.py",
+    "test_cluster.py",
+    "test_experiment.py",
+    "test_eval_distributed.py",
+    "test_experiment_processes.py",
+    "test_tune.py",
+    "test_precision.py",
+    "test_gpu_check.py",
+    "test_run_safety.py",
+    "test_validation_loss.py",
+    "test_bench_throughput.py",
+    "test_eval_pipeline.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))

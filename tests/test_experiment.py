@@ -504,3 +504,31 @@ def test_the_shipped_demo_experiment_plans_its_cells_under_the_launcher(tmp_path
     one = module_command(analyse.module_args, analyse.resources)[0]
     assert Path(one[one.index("-m") - 1]).name.startswith("python") and "deepspeed" not in " ".join(one)
     assert one[one.index("-m") + 1 :] == list(analyse.module_args)
+
+
+@pytest.fixture(scope="module")
+def findings(tmp_path_factory) -> Path:
+    """A multi-label set, for the NIH experiment at GPU scale (14 findings there)."""
+    return pack_dataset(tmp_path_factory.mktemp("findings"), {"train": 48, "val": 16, "test": 24}, 4, True)
+
+
+@pytest.mark.parametrize("name", ["idc_cpu", "nih64_cpu", "idc_gpu", "nih_gpu"])
+def test_the_shipped_paper_experiments_pretrain_every_method_and_seed(tmp_path, data, findings, name):
+    dataset = findings if name == "nih_gpu" else data
+    changes = [f"dataset={dataset}", f"output_dir={tmp_path}", "fractions=[0.5,1.0]"]
+    exp = load_experiment(REPO / "configs" / "experiments" / f"{name}.yaml", changes)
+    pretrained = ["moco", "moco_mse", "moco_bt"]
+    assert exp.comparisons == [(m, "random_init") for m in pretrained] + [
+        ("moco_mse", "moco"),
+        ("moco_bt", "moco"),
+    ]
+    cells = plan(exp)
+    assert sorted(c.id for c in cells if c.kind == "pretrain") == [
+        f"s{seed}/{m}/pretrain" for seed in (0, 1, 2) for m in sorted(pretrained)
+    ]
+    for cell in (c for c in cells if c.kind == "pretrain"):
+        args = pretrain_parser().parse_intermixed_args(list(cell.module_args[1:]))
+        run = load_config(args.config, args.overrides)
+        method = cell.id.split("/")[1]
+        assert run.loss.type == {"moco": "none", "moco_mse": "mse", "moco_bt": "bt"}[method]
+        assert Path(run.data.shards) == dataset and run.name == method
