@@ -65,8 +65,8 @@ def probe_auc(train: np.ndarray, train_labels: np.ndarray, val: np.ndarray, val_
     """Val AUC of a standardised logistic regression (one per finding for multi-label, macro mean)."""
     scaler = StandardScaler().fit(train)
     x_train, x_val = scaler.transform(train), scaler.transform(val)
-    columns = train_labels.reshape(len(train_labels), -1) if train_labels.ndim > 1 else train_labels[:, None]
-    val_columns = val_labels.reshape(len(val_labels), -1) if val_labels.ndim > 1 else val_labels[:, None]
+    columns = train_labels.reshape(len(train_labels), -1)  # [N] binary labels: one column
+    val_columns = val_labels.reshape(len(val_labels), -1)
     aucs = []
     for c in range(columns.shape[1]):
         clf = LogisticRegression(C=1.0, max_iter=2000).fit(x_train, columns[:, c])
