@@ -1,10 +1,12 @@
 """What costs time in a CPU pretraining step: variants side by side in one run, with ratios.
 
-Every variant trains the same RunConfig (``--config`` + ``--set``; default ResNet-18, 64 px, batch 64,
-MoCo v2, fp32 DeepSpeed engine at world size 1) from the same initial weights. Rounds are interleaved
+Every variant trains the same RunConfig (``--config`` + ``--set``; without ``--config``, the MoCo v2 preset
+at ResNet-18, 64 px, batch 64, queue 4,096; always an fp32 DeepSpeed engine at world size 1, the torch
+data backend and a constant learning rate) from the same initial weights. Rounds are interleaved
 (round r runs every variant for ``--steps`` steps after ``--warmup``), so load from other jobs on the
-machine hits all variants alike; a variant's time is the median over all its timed steps and a ratio is
-the median over rounds of the per-round ratio to the reference variant.
+machine hits all variants alike, and every other round runs them in reverse order, so that no variant
+always runs right after the same one; a variant's time is the median over all its timed steps and a
+ratio is the median over rounds of the per-round ratio to the reference variant.
 
 Step variants (in-memory batches made once by the torch backend, so no data loading is timed):
 
@@ -33,11 +35,13 @@ count and worker count, with both augmentation sets (2 cores: do the workers ove
 Usage::
 
     python bench/cpu_step.py --shards DATA_DIR [--set data.image_size=32 ...] [--rounds 5] [--data]
+        [--variants no_reduce ...]   # the reference and these only (default: all)
 
 Writes ``bench/results/cpu_step_<device>.json``: ``device``, ``commit``, ``command``, ``settings``,
 ``load_avg`` (before and after), ``variants`` (``samples_per_s``, ``step_ms``, ``step_cpu_ms``: the
 process's CPU time per step, all threads, less sensitive to other jobs than wall time; ``rounds_ms``),
-``ratios`` (``<variant>/deepspeed``: samples/s ratio, median and range over rounds), ``bf16_accuracy``,
+``ratios`` (``<variant>/deepspeed``: samples/s ratio, median and range over rounds), ``bf16_accuracy``
+(null when ``--variants`` leaves out the bf16 variant),
 ``first_step_max_abs_weight_diff`` (every variant's weights after one step from the same state, against
 the reference's: 0 where the variant computes the same update),
 ``data`` (``loader_samples_per_s``, ``ms_per_view_1core``, ``end_to_end_samples_per_s``) and ``profile``.
@@ -67,18 +71,35 @@ from ilm_dist.data.shard_reader import ShardReader
 from ilm_dist.eval.fit import torch_threads
 from ilm_dist.train.trainer import Trainer
 
+PRESET = "configs/presets/mocov2.yaml"
+PRESET_SIZE = ["model.arch=resnet18", "data.image_size=64", "data.batch_size=64", "moco.queue_size=4096"]
 REFERENCE = "deepspeed"
+STEP_VARIANTS = (
+    REFERENCE,
+    "no_reduce",
+    "no_reduce_channels_last",
+    "no_reduce_bf16_autocast",
+    "no_reduce_threads1",
+)
 LIGHT_AUG = ["aug.color_jitter_p=0", "aug.grayscale_p=0", "aug.blur_p=0"]
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", type=Path, required=True, help="packed dataset (data_tools.pack)")
-    parser.add_argument("--config", default="configs/presets/mocov2.yaml", help="base RunConfig")
+    parser.add_argument(
+        "--config", help=f"base RunConfig, its sizes kept (default: {PRESET} with {' '.join(PRESET_SIZE)})"
+    )
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="RunConfig overrides")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds over all step variants")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant and round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant and round")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=STEP_VARIANTS[1:],
+        help="step variants beside the reference (default: all)",
+    )
     parser.add_argument("--data", action="store_true", help="also time the data path")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader workers to try")
     parser.add_argument("--data-batches", type=int, default=10, help="batches per loader measurement")
@@ -96,13 +117,10 @@ def parse_args() -> argparse.Namespace:
 
 def bench_config(args: argparse.Namespace, out: Path, extra: list[str] = ()) -> RunConfig:
     overrides = [
-        "model.arch=resnet18",
+        *([] if args.config else PRESET_SIZE),
         "data.backend=torch",
         f"data.shards={args.shards}",
-        "data.image_size=64",
-        "data.batch_size=64",
         "data.num_workers=0",
-        "moco.queue_size=4096",
         f"engine.deepspeed_config={ROOT / 'configs/deepspeed/fp32.json'}",
         "optim.schedule=constant",
         "train.max_steps=1000000",
@@ -111,7 +129,7 @@ def bench_config(args: argparse.Namespace, out: Path, extra: list[str] = ()) -> 
         *args.set,
         *extra,
     ]
-    return load_config(ROOT / args.config, overrides)
+    return load_config(ROOT / (args.config or PRESET), overrides)
 
 
 # --------------------------------------------------------------------------- step variants
@@ -152,13 +170,17 @@ def build_variants(args: argparse.Namespace, tmp: Path) -> dict[str, StepVariant
     def trainer(name: str, *extra: str) -> Trainer:
         return Trainer(bench_config(args, tmp / name, list(extra)))
 
-    return {
-        REFERENCE: StepVariant(with_reduce(trainer(REFERENCE)), None, False),
-        "no_reduce": StepVariant(trainer("no_reduce"), None, False),
-        "no_reduce_channels_last": StepVariant(trainer("cl", "model.channels_last=true"), None, False),
-        "no_reduce_bf16_autocast": StepVariant(trainer("bf16"), None, True),
-        "no_reduce_threads1": StepVariant(trainer("t1"), 1, False),
+    builders: dict[str, Callable[[], StepVariant]] = {
+        REFERENCE: lambda: StepVariant(with_reduce(trainer(REFERENCE)), None, False),
+        "no_reduce": lambda: StepVariant(trainer("no_reduce"), None, False),
+        "no_reduce_channels_last": lambda: StepVariant(
+            trainer("cl", "model.channels_last=true"), None, False
+        ),
+        "no_reduce_bf16_autocast": lambda: StepVariant(trainer("bf16"), None, True),
+        "no_reduce_threads1": lambda: StepVariant(trainer("t1"), 1, False),
     }
+    chosen = set(args.variants or STEP_VARIANTS) | {REFERENCE}
+    return {name: build() for name, build in builders.items() if name in chosen}
 
 
 def fixed_batches(trainer: Trainer, count: int) -> list[TwoViewBatch]:
@@ -176,7 +198,8 @@ def time_variants(args: argparse.Namespace, variants: dict[str, StepVariant], ba
     rounds: dict[str, list[float]] = {name: [] for name in variants}
     steps: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     for r in range(args.rounds):
-        for name, variant in variants.items():
+        order = list(variants.items())
+        for name, variant in order if r % 2 == 0 else reversed(order):
             variant.run(batches, args.warmup)
             times = variant.run(batches, args.steps)
             steps[name] += times
@@ -361,7 +384,8 @@ def first_step_differences(variants: dict[str, StepVariant], batch: TwoViewBatch
 def run(args: argparse.Namespace, tmp: Path) -> dict:
     variants = build_variants(args, tmp)
     batches = fixed_batches(variants[REFERENCE].trainer, 4)
-    accuracy = bf16_accuracy(variants["no_reduce_bf16_autocast"].trainer, batches[0])
+    bf16 = variants.get("no_reduce_bf16_autocast")
+    accuracy = bf16_accuracy(bf16.trainer, batches[0]) if bf16 else None
     differences = first_step_differences(variants, batches[0])
     results = time_variants(args, variants, batches)
     reference = variants[REFERENCE]
@@ -397,7 +421,8 @@ def main() -> None:
     }
     for name, ratio in record["ratios"].items():
         print(f"{name}: {ratio['median']}x samples/s (range {ratio['range'][0]}-{ratio['range'][1]})")
-    print("bf16 autocast vs fp32:", {k: round(v, 5) for k, v in result["bf16_accuracy"].items()})
+    if result["bf16_accuracy"]:
+        print("bf16 autocast vs fp32:", {k: round(v, 5) for k, v in result["bf16_accuracy"].items()})
     write_result(record, args.out or ROOT / "bench" / "results" / f"cpu_step_{record['device']}.json")
 
 

@@ -1,6 +1,7 @@
 """bench/cpu_step.py at toy size: it runs every variant, writes the documented JSON, and its ratios
 and bf16 check are computed from what it measured."""
 
+import argparse
 import json
 import os
 import statistics
@@ -10,6 +11,9 @@ import sys
 import pytest
 
 from tests.launcher import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import cpu_step
 
 VARIANTS = {
     "deepspeed",
@@ -74,3 +78,44 @@ def test_cpu_step_benchmark_writes_the_documented_json(packed_tiny, tmp_path):
     assert set(e2e) == {"config_aug/threads1_workers0", "crop_flips_only/threads1_workers0"}
     assert all(v > 0 for v in e2e.values())
     assert result["profile"] and all(row["self_cpu_ms"] >= 0 for row in result["profile"])
+
+
+class RecordingVariant:
+    """Stands in for a StepVariant: records when it ran, takes 1 ms per step."""
+
+    def __init__(self, name: str, calls: list[str]):
+        self.name, self.calls = name, calls
+
+    def run(self, batches, count):
+        self.calls.append(self.name)
+        return [(1.0, 1.0)] * count
+
+
+def test_rounds_alternate_the_variant_order_so_no_variant_always_follows_the_same_one():
+    calls: list[str] = []
+    variants = {
+        name: RecordingVariant(name, calls) for name in ("deepspeed", "no_reduce", "no_reduce_threads1")
+    }
+    args = argparse.Namespace(rounds=3, warmup=0, steps=2)
+    results = cpu_step.time_variants(args, variants, [argparse.Namespace(view1=[0] * 8)])
+    timed = calls[1::2]  # each variant runs warm-up, then its timed steps
+    forward = ["deepspeed", "no_reduce", "no_reduce_threads1"]
+    assert timed == [*forward, *reversed(forward), *forward]
+    assert all(r["samples_per_s"] == 8000.0 and len(r["rounds_ms"]) == 3 for r in results.values())
+
+
+def test_a_given_config_keeps_its_own_sizes_and_the_preset_gets_the_documented_ones(packed_tiny, tmp_path):
+    def cfg(config):
+        args = argparse.Namespace(shards=packed_tiny, config=config, set=[])
+        return cpu_step.bench_config(args, tmp_path / "run")
+
+    recipe = cfg("configs/experiments/cpu/idc.yaml")
+    assert (recipe.data.image_size, recipe.moco.queue_size, recipe.aug.color_jitter_p) == (32, 1024, 0.5)
+    preset = cfg(None)
+    assert (preset.model.arch, preset.data.image_size, preset.data.batch_size, preset.moco.queue_size) == (
+        "resnet18",
+        64,
+        64,
+        4096,
+    )
+    assert recipe.data.num_workers == preset.data.num_workers == 0  # in-memory batches
