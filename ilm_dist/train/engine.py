@@ -94,7 +94,7 @@ def wrap(model: torch.nn.Module, optimizer, scheduler, ds_config: dict[str, Any]
     engine.checkpoint_engine = safe_checkpoint_engine(engine._config)
     if engine.dp_world_size == 1 and engine.zero_optimization_stage() == 0:
         # one rank: DeepSpeed would still flatten, all-reduce and copy back every gradient each step, which
-        # changes nothing and costs ~20% of a CPU step (bench/cpu_step.py: deepspeed vs no_reduce)
+        # changes nothing (same weights, bitwise) and costs 2-7% of a CPU step (bench/NOTES.md, section g)
         engine.enable_backward_allreduce = False
     return engine
 
