@@ -107,7 +107,7 @@ real, started = shards.render, Path(sys.argv[1])
 
 def slow_render(*args, **kwargs):
     started.touch()
-    time.sleep(0.1)
+    time.sleep(1.0)  # 40 samples on 2 workers: ~20 s, so Ctrl-C lands mid-pack even on a loaded machine
     return real(*args, **kwargs)
 
 shards.render = slow_render
