@@ -14,7 +14,6 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, TypeVar
 
 import torch
@@ -49,24 +48,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def shm_allreduce_segment(rank: int, addr: str | None = None, port: str | None = None) -> Path:
-    """The /dev/shm segment DeepSpeed's CPU backend creates for ``rank`` (name as in its ``shm.cpp``);
-    ``addr``/``port`` default to the rendezvous in the environment."""
-    addr, port = addr or os.environ["MASTER_ADDR"], port or os.environ["MASTER_PORT"]
-    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+def _skip_shm_allreduce_op() -> None:
+    """Keep DeepSpeed's CPU backend from building and mapping its shared-memory all-reduce op.
 
-
-def _unlink_shm_allreduce_segment(segment: Path) -> None:
-    """Unlink this rank's DeepSpeed shared-memory all-reduce segment once every rank has mapped it.
-
-    On the CPU accelerator DeepSpeed maps a ~66 MiB segment per rank (for ``inference_all_reduce``,
-    which training never uses) and never unlinks it, so every run, finished or killed, left its
-    segments in /dev/shm: RAM gone until reboot (sglang#38638 hit the same). After the barrier every
-    rank has mapped its peers' segments, so unlinking only drops the name; the memory is freed when
-    the last rank exits, however it exits.
+    On the CPU accelerator ``deepspeed.init_distributed`` JIT-compiles that op (about a minute on two
+    cores, on the first run on a machine) and maps a ~66 MiB /dev/shm segment per rank that it never
+    unlinks, so every run, finished or killed, left its segments behind (sglang#38638 hit the same). The op
+    serves only ``inference_all_reduce``, which training never calls; without it that call falls back to
+    ``torch.distributed``. DeepSpeed consults this table of compatible ops before building
+    (``deepspeed.comm.torch.build_shm_op``); tests/test_shm_segments.py fails if a DeepSpeed ignores it.
     """
-    barrier()
-    segment.unlink(missing_ok=True)
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if compatible is not None:
+        compatible["deepspeed_shm_comm"] = False
 
 
 def init_process_group(
@@ -85,9 +81,11 @@ def init_process_group(
     rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     if not launched:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", **rendezvous})
-    segment = shm_allreduce_segment(int(os.environ.get("RANK", "0")))
     try:
         import deepspeed
+
+        if accelerator == "cpu":
+            _skip_shm_allreduce_op()
 
         if backend == "auto":
             backend = "nccl" if accelerator == "cuda" else "gloo"
@@ -99,7 +97,6 @@ def init_process_group(
                 os.environ.pop(key, None)
     info = dist_info()
     if accelerator == "cpu":
-        _unlink_shm_allreduce_segment(segment)
         return info, torch.device("cpu")
     torch.cuda.set_device(info.local_rank)
     return info, torch.device("cuda", info.local_rank)

@@ -44,11 +44,14 @@ def pretrain_main(argv: list[str] | None = None) -> None:
     setup_logging()
     with exit_on_input_error():
         cfg = preflight(args.config, args.overrides)
-    from ilm_dist.eval.monitor import KnnMonitor
     from ilm_dist.train.trainer import Trainer
     from ilm_dist.train.validation import ValidationLoss
 
-    validators = [KnnMonitor.builder(cfg)] if cfg.monitor.every else []
+    validators = []
+    if cfg.monitor.every:  # imported only then: scikit-learn adds ~3 s to every rank's start
+        from ilm_dist.eval.monitor import KnnMonitor
+
+        validators.append(KnnMonitor.builder(cfg))
     if cfg.val.every:
         validators.append(ValidationLoss.builder(cfg))
     try:

@@ -2,6 +2,8 @@
 
 import json
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +26,12 @@ TINY = [
 ]
 
 
+def base_args(out) -> list[str]:
+    return ["--config", "configs/demo.yaml", f"output_dir={out}", *TINY]
+
+
 def pretrain(out, *extra, resume=False):
-    args = ["--config", "configs/demo.yaml", f"output_dir={out}", *TINY, *extra]
+    args = [*base_args(out), *extra]
     return run_deepspeed("launch/pretrain.py", [*args, "--resume"] if resume else args)
 
 
@@ -52,31 +58,39 @@ def test_two_ranks_train_with_identical_queues(uninterrupted):
     assert list((uninterrupted / "tensorboard").iterdir())
 
 
-def test_resume_continues_from_the_saved_step(uninterrupted, tmp_path):
-    pretrain(tmp_path, "train.max_steps=12", "train.ckpt_every=6", "train.epochs=1")
-    first = read_metrics(tmp_path / "metrics.jsonl")
-    # simulate the loss of the tail: keep the checkpoint at step 6 only, metrics up to step 6
-    (tmp_path / "checkpoints" / "latest").write_text("step_6")
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first[:6]))
-    proc = pretrain(tmp_path, "train.max_steps=12", "train.ckpt_every=6", resume=True)
-    assert "resumed at step 6" in proc.stdout + proc.stderr
-    resumed = read_metrics(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in resumed] == list(range(1, 13))
-    reference = read_metrics(uninterrupted / "metrics.jsonl")
-    for got, want in zip(resumed[6:], reference[6:], strict=True):
-        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4, abs=1e-5), got["step"]
-    final = torch.load(tmp_path / "backbone.pt")
-    ref = torch.load(uninterrupted / "backbone.pt")
-    for key in ref:
-        torch.testing.assert_close(final[key], ref[key], rtol=1e-4, atol=1e-5)
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory):
+    """``crashed(fault)``: a 12-step run (checkpoints every 3 steps) SIGKILLed by ``ILM_DIST_FAULT=fault``;
+    made once per fault and shared, read-only: a test resumes a copy."""
+    runs = {}
+
+    def run(fault: str) -> Path:
+        if fault not in runs:
+            out = tmp_path_factory.mktemp("crashed")
+            proc = run_deepspeed(
+                "launch/pretrain.py",
+                [*base_args(out), "train.max_steps=12", "train.ckpt_every=3"],
+                check=False,
+                ILM_DIST_FAULT=fault,
+            )
+            assert proc.returncode != 0, proc.stdout[-3000:]
+            runs[fault] = out
+        return runs[fault]
+
+    return run
+
+
+def resumable_copy(crashed_run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(crashed_run, out)
+    return out
 
 
 def assert_same_run(out, reference, first_step):
-    got = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
-    want = {r["step"]: r for r in read_metrics(reference / "metrics.jsonl")}
-    assert sorted(got) == sorted(want)
-    for step in range(first_step, 13):
-        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-4, abs=1e-5), step
+    got, want = read_metrics(out / "metrics.jsonl"), read_metrics(reference / "metrics.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 13))  # each step once
+    for g, w in zip(got[first_step - 1 :], want[first_step - 1 :], strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-4, abs=1e-5), g["step"]
     final, ref = torch.load(out / "backbone.pt"), torch.load(reference / "backbone.pt")
     for key in ref:
         torch.testing.assert_close(final[key], ref[key], rtol=1e-4, atol=1e-5)
@@ -85,53 +99,35 @@ def assert_same_run(out, reference, first_step):
 
 
 @pytest.mark.parametrize(("fault", "resumed_from"), [("step@8", 6), ("save@6", 3)])
-def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, tmp_path, fault, resumed_from):
-    """SIGKILL mid-epoch (step 8) or inside the checkpoint save at step 6; the resume is exact."""
-    crashed = run_deepspeed(
-        "launch/pretrain.py",
-        [
-            "--config",
-            "configs/demo.yaml",
-            f"output_dir={tmp_path}",
-            *TINY,
-            "train.max_steps=12",
-            "train.ckpt_every=3",
-        ],
-        check=False,
-        ILM_DIST_FAULT=fault,
-    )
-    assert crashed.returncode != 0
-    assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{resumed_from}"
-    assert not (tmp_path / "backbone.pt").exists()
-    proc = pretrain(tmp_path, "train.max_steps=12", "train.ckpt_every=3", resume=True)
+def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, crashed, tmp_path, fault, resumed_from):
+    """SIGKILL mid-epoch (step 8) or inside the checkpoint save at step 6 (its folder written, ``latest``
+    still naming step 3); the resume follows ``latest`` and is exact: the losses, weights and queues of the
+    run that was never interrupted (and never checkpointed)."""
+    run = crashed(fault)
+    assert (run / "checkpoints" / "latest").read_text() == f"step_{resumed_from}"
+    assert not (run / "backbone.pt").exists()
+    out = resumable_copy(run, tmp_path)
+    proc = pretrain(out, "train.max_steps=12", "train.ckpt_every=3", resume=True)
     assert f"resumed at step {resumed_from}" in proc.stdout + proc.stderr
-    assert_same_run(tmp_path, uninterrupted, resumed_from + 1)
+    assert_same_run(out, uninterrupted, resumed_from + 1)
 
 
-def test_resume_on_another_world_size(uninterrupted, tmp_path):
-    pretrain(tmp_path, "train.max_steps=6")
+def test_resume_on_another_world_size(crashed, tmp_path):
+    out = resumable_copy(crashed("step@8"), tmp_path)
     proc = run_deepspeed(
         "launch/pretrain.py",
-        [
-            "--config",
-            "configs/demo.yaml",
-            f"output_dir={tmp_path}",
-            *TINY,
-            "data.batch_size=16",
-            "train.max_steps=12",
-            "--resume",
-        ],
+        [*base_args(out), "data.batch_size=16", "train.max_steps=12", "--resume"],
         num_procs=1,
     )
-    out = proc.stdout + proc.stderr
+    log = proc.stdout + proc.stderr
     assert (
         "resuming on 1 ranks x batch 16 (checkpoint: 2 x 8): data re-sharded, 96 samples of epoch 0 done"
-        in out
+        in log
     )
-    assert "resumed at step 6 (epoch 0, batch 6 of the epoch)" in out
-    steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")]
-    assert steps == list(range(1, 13))
-    assert json.loads((tmp_path / "final_state.json").read_text())["queue_ptr"] == 12 * 16 % 48
+    assert "resumed at step 6 (epoch 0, batch 6 of the epoch)" in log
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")]
+    assert steps == list(range(1, 13))  # the crashed run's steps 7-8 are logged once, by the resume
+    assert json.loads((out / "final_state.json").read_text())["queue_ptr"] == 12 * 16 % 48
 
 
 def test_zero_optimizer_state_survives_another_world_size(tmp_path):
@@ -160,10 +156,7 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path):
     proc = run_deepspeed(
         "launch/pretrain.py",
         [
-            "--config",
-            "configs/demo.yaml",
-            f"output_dir={tmp_path}",
-            *TINY,
+            *base_args(tmp_path),
             "optim.lr=1e30",
             "train.max_steps=12",
             "train.ckpt_every=1",
@@ -183,10 +176,7 @@ def test_dead_rank_fails_the_job_naming_it(tmp_path):
     proc = run_deepspeed(
         "launch/pretrain.py",
         [
-            "--config",
-            "configs/demo.yaml",
-            f"output_dir={tmp_path}",
-            *TINY,
+            *base_args(tmp_path),
             "train.max_steps=12",
             "engine.collective_timeout_s=30",
         ],
