@@ -42,17 +42,18 @@ def packed_tiny(tmp_path_factory):
 # lets the workers finish together instead of one running a multi-minute file at the end alone.
 LONGEST_FILES = (
     "test_pretrain_distributed.py",
-    "test_cluster.py",
-    "test_experiment.py",
     "test_eval_distributed.py",
+    "test_cluster.py",
     "test_experiment_processes.py",
+    "test_run_safety.py",
     "test_tune.py",
     "test_precision.py",
+    "test_experiment.py",
     "test_gpu_check.py",
-    "test_run_safety.py",
     "test_validation_loss.py",
-    "test_bench_throughput.py",
+    "test_shuffle_bn_distributed.py",
     "test_eval_pipeline.py",
+    "test_bench_throughput.py",
 )
 
 
