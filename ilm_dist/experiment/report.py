@@ -424,10 +424,19 @@ def per_seed_rows(exp: Experiment, results: Results, scores: dict) -> list[dict]
 # --------------------------------------------------------------------------- plots
 
 
-def legend(ax) -> None:
-    """A legend where the panel has labelled artists (a panel of missing results has none)."""
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+def share_legend_and_labels(axes: list) -> None:
+    """Panels side by side show the same series: one legend (in the last panel, every series once; none
+    where no panel has results) and a y label only where it differs from the one on its left."""
+    ylabels = [ax.get_ylabel() for ax in axes]
+    for ax, ylabel, left in zip(axes[1:], ylabels[1:], ylabels, strict=False):
+        if ylabel == left:
+            ax.set_ylabel("")
+    series = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            series.setdefault(label, handle)
+    if series:
+        axes[-1].legend(list(series.values()), list(series), fontsize=7)
 
 
 def plot_differences(exp: Experiment, comparisons: list[Comparison], path: Path) -> None:
@@ -448,7 +457,7 @@ def plot_differences(exp: Experiment, comparisons: list[Comparison], path: Path)
             ylabel=f"Δ test {reported_metric(exp, evaluation)}",
             title=evaluation,
         )
-        legend(ax)
+    share_legend_and_labels(list(axes[0]))
     save_figure(fig, path)
 
 
@@ -470,7 +479,7 @@ def plot_means(exp: Experiment, scores: dict, path: Path) -> None:
             ylabel=f"test {reported_metric(exp, evaluation)}",
             title=evaluation,
         )
-        legend(ax)
+    share_legend_and_labels(list(axes[0]))
     save_figure(fig, path)
 
 
@@ -490,7 +499,7 @@ def _block_panels(
                 range(1, 5), [s.mean for s in summaries], yerr=errs, marker="o", capsize=3, label=name
             )
         ax.set(xlabel="block", ylabel=ylabel, title=f"{pct(fraction)} labels", xticks=[1, 2, 3, 4])
-        legend(ax)
+    share_legend_and_labels(list(axes[0]))
     save_figure(fig, path)
 
 
@@ -530,5 +539,5 @@ def plot_ks(exp: Experiment, results: Results, path: Path) -> None:
         [f"{m} {pct(f)}" for m, f in groups],
     )
     ax.set(ylabel="KS statistic vs 100% labels", title="output shift (mean over classes)")
-    legend(ax)
+    share_legend_and_labels([ax])
     save_figure(fig, path)
