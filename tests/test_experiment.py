@@ -22,12 +22,10 @@ from ilm_dist.errors import InputError
 from ilm_dist.eval.__main__ import main as eval_main
 from ilm_dist.eval.commands import analyse_parser, finetune_parser, probe_parser
 from ilm_dist.eval.metrics import compute_metrics
-from ilm_dist.eval.report import new_figure
 from ilm_dist.experiment.backends import run_command
 from ilm_dist.experiment.cells import cka_params, plan
 from ilm_dist.experiment.command import experiment_main, run_experiment
 from ilm_dist.experiment.config import load_experiment
-from ilm_dist.experiment.report import share_legend_and_labels
 from ilm_dist.experiment.state import State, hold_lock
 from ilm_dist.experiment.stats import Resamples, over_seeds, paired_difference, resampled_metric, score
 from ilm_dist.pretrain import pretrain_parser
@@ -534,23 +532,3 @@ def test_the_shipped_paper_experiments_pretrain_every_method_and_seed(tmp_path, 
         method = cell.id.split("/")[1]
         assert run.loss.type == {"moco": "none", "moco_mse": "mse", "moco_bt": "bt"}[method]
         assert Path(run.data.shards) == dataset and run.name == method
-
-
-def test_side_by_side_panels_share_one_legend_and_repeat_no_y_label():
-    panels = list(new_figure(3)[1][0])
-    for ax, (ylabel, names) in zip(
-        panels, [("test auc", ["moco", "random_init"]), ("test auc", ["moco_bt"]), ("kappa", [])], strict=True
-    ):
-        for name in names:
-            ax.plot([0, 1], [0, 1], label=name)
-        ax.set_ylabel(ylabel)
-    share_legend_and_labels(panels)
-    assert [ax.get_ylabel() for ax in panels] == ["test auc", "", "kappa"]
-    assert [ax.get_legend() is None for ax in panels] == [True, True, False]
-    assert [t.get_text() for t in panels[-1].get_legend().get_texts()] == ["moco", "random_init", "moco_bt"]
-    empty = list(new_figure(3)[1][0])
-    for ax in empty:
-        ax.set_ylabel("test auc")
-    share_legend_and_labels(empty)  # no results in any panel: no legend
-    assert [ax.get_ylabel() for ax in empty] == ["test auc", "", ""]
-    assert all(ax.get_legend() is None for ax in empty)

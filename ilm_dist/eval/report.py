@@ -122,6 +122,21 @@ def new_figure(ncols: int, nrows: int = 1) -> tuple[Figure, list]:
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
+def share_legend_and_labels(axes: list) -> None:
+    """Panels side by side show the same series: one legend (in the last panel, every series once; none
+    where no panel has results) and a y label only where it differs from the one on its left."""
+    ylabels = [ax.get_ylabel() for ax in axes]
+    for ax, ylabel, left in zip(axes[1:], ylabels[1:], ylabels, strict=False):
+        if ylabel == left:
+            ax.set_ylabel("")
+    series = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            series.setdefault(label, handle)
+    if series:
+        axes[-1].legend(list(series.values()), list(series), fontsize=7)
+
+
 def save_figure(fig: Figure, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -164,7 +179,7 @@ def plot_finetune(methods: list[MethodResults], path: Path) -> None:
             ylabel=f"test {metric}",
             title=f"{mode} fine-tuning",
         )
-        ax.legend(fontsize=8)
+    share_legend_and_labels(list(axes[0]))
     save_figure(fig, path)
 
 
@@ -188,7 +203,7 @@ def plot_probe(methods: list[MethodResults], path: Path) -> None:
             title=f"linear probe ({pct(fraction)} labels)",
             xticks=[1, 2, 3, 4],
         )
-        ax.legend(fontsize=8)
+    share_legend_and_labels(list(axes[0]))
     save_figure(fig, path)
 
 
@@ -209,7 +224,8 @@ def plot_cka(cka: dict, path: Path) -> None:
                 title=f"before vs after ({pct(fraction)} labels)",
                 xticks=[1, 2, 3, 4],
             )
-            ax.legend(fontsize=8)
+    for row in axes:  # linear CKA above, RBF CKA below
+        share_legend_and_labels(list(row))
     save_figure(fig, path)
 
 
@@ -226,7 +242,7 @@ def plot_ks(ks: dict, path: Path) -> None:
         [f"{mode} {pct(f)}" for mode, f in groups],
     )
     ax.set(ylabel="KS statistic vs 100% labels", title="output shift (mean over classes)")
-    ax.legend(fontsize=8)
+    share_legend_and_labels([ax])
     save_figure(fig, path)
 
 

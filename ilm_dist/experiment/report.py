@@ -23,7 +23,7 @@ from ilm_dist.eval.analysis import load_method, summarise
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.metrics import check_metric
 from ilm_dist.eval.probe import PREDICTIONS
-from ilm_dist.eval.report import md_table, new_figure, pct, save_figure, write_csv
+from ilm_dist.eval.report import md_table, new_figure, pct, save_figure, share_legend_and_labels, write_csv
 from ilm_dist.eval.store import finetune_dir, load_npz, probe_result_dir, read_json, write_json
 from ilm_dist.experiment.cells import cell_id, cka_params
 from ilm_dist.experiment.config import FINETUNE_MODES, Experiment
@@ -422,21 +422,6 @@ def per_seed_rows(exp: Experiment, results: Results, scores: dict) -> list[dict]
 
 
 # --------------------------------------------------------------------------- plots
-
-
-def share_legend_and_labels(axes: list) -> None:
-    """Panels side by side show the same series: one legend (in the last panel, every series once; none
-    where no panel has results) and a y label only where it differs from the one on its left."""
-    ylabels = [ax.get_ylabel() for ax in axes]
-    for ax, ylabel, left in zip(axes[1:], ylabels[1:], ylabels, strict=False):
-        if ylabel == left:
-            ax.set_ylabel("")
-    series = {}
-    for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            series.setdefault(label, handle)
-    if series:
-        axes[-1].legend(list(series.values()), list(series), fontsize=7)
 
 
 def plot_differences(exp: Experiment, comparisons: list[Comparison], path: Path) -> None:

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from ilm_dist.eval.analysis import CkaParams, load_method
-from ilm_dist.eval.report import write_report
+from ilm_dist.eval.report import new_figure, share_legend_and_labels, write_report
 from tests.eval.method_dirs import write_method
 
 NAMES = ("moco_mse", "imagenet", "random_init")
@@ -238,3 +238,23 @@ def test_fine_tuning_without_a_bootstrap_writes_its_files_and_no_intervals(tmp_p
             assert_cell(cell, m.finetune[("full", fraction)], "auc")
     finetune = read_csv(path.parent / "finetune.csv")
     assert {(row["ci95_low"], row["ci95_high"]) for row in finetune} == {("", "")}
+
+
+def test_side_by_side_panels_share_one_legend_and_repeat_no_y_label():
+    panels = list(new_figure(3)[1][0])
+    for ax, (ylabel, names) in zip(
+        panels, [("test auc", ["moco", "random_init"]), ("test auc", ["moco_bt"]), ("kappa", [])], strict=True
+    ):
+        for name in names:
+            ax.plot([0, 1], [0, 1], label=name)
+        ax.set_ylabel(ylabel)
+    share_legend_and_labels(panels)
+    assert [ax.get_ylabel() for ax in panels] == ["test auc", "", "kappa"]
+    assert [ax.get_legend() is None for ax in panels] == [True, True, False]
+    assert [t.get_text() for t in panels[-1].get_legend().get_texts()] == ["moco", "random_init", "moco_bt"]
+    empty = list(new_figure(3)[1][0])
+    for ax in empty:
+        ax.set_ylabel("test auc")
+    share_legend_and_labels(empty)  # no results in any panel: no legend
+    assert [ax.get_ylabel() for ax in empty] == ["test auc", "", ""]
+    assert all(ax.get_legend() is None for ax in empty)
