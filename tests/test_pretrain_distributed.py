@@ -26,13 +26,10 @@ TINY = [
 ]
 
 
-def base_args(out) -> list[str]:
-    return ["--config", "configs/demo.yaml", f"output_dir={out}", *TINY]
-
-
-def pretrain(out, *extra, resume=False):
-    args = [*base_args(out), *extra]
-    return run_deepspeed("launch/pretrain.py", [*args, "--resume"] if resume else args)
+def pretrain(out, *extra, resume=False, **launch):
+    """``launch/pretrain.py`` on configs/demo.yaml + TINY + ``extra``; ``launch``: run_deepspeed's options."""
+    args = ["--config", "configs/demo.yaml", f"output_dir={out}", *TINY, *extra]
+    return run_deepspeed("launch/pretrain.py", [*args, "--resume"] if resume else args, **launch)
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +64,8 @@ def crashed(tmp_path_factory):
     def run(fault: str) -> Path:
         if fault not in runs:
             out = tmp_path_factory.mktemp("crashed")
-            proc = run_deepspeed(
-                "launch/pretrain.py",
-                [*base_args(out), "train.max_steps=12", "train.ckpt_every=3"],
-                check=False,
-                ILM_DIST_FAULT=fault,
+            proc = pretrain(
+                out, "train.max_steps=12", "train.ckpt_every=3", check=False, ILM_DIST_FAULT=fault
             )
             assert proc.returncode != 0, proc.stdout[-3000:]
             runs[fault] = out
@@ -114,11 +108,7 @@ def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, crashed, tmp_pa
 
 def test_resume_on_another_world_size(crashed, tmp_path):
     out = resumable_copy(crashed("step@8"), tmp_path)
-    proc = run_deepspeed(
-        "launch/pretrain.py",
-        [*base_args(out), "data.batch_size=16", "train.max_steps=12", "--resume"],
-        num_procs=1,
-    )
+    proc = pretrain(out, "data.batch_size=16", "train.max_steps=12", resume=True, num_procs=1)
     log = proc.stdout + proc.stderr
     assert (
         "resuming on 1 ranks x batch 16 (checkpoint: 2 x 8): data re-sharded, 96 samples of epoch 0 done"
@@ -153,16 +143,7 @@ def test_zero_optimizer_state_survives_another_world_size(tmp_path):
 
 
 def test_non_finite_loss_stops_with_step_and_term(tmp_path):
-    proc = run_deepspeed(
-        "launch/pretrain.py",
-        [
-            *base_args(tmp_path),
-            "optim.lr=1e30",
-            "train.max_steps=12",
-            "train.ckpt_every=1",
-        ],
-        check=False,
-    )
+    proc = pretrain(tmp_path, "optim.lr=1e30", "train.max_steps=12", "train.ckpt_every=1", check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     match = re.search(r"step (\d+): non-finite loss term\(s\) \{'loss'", out)
@@ -173,13 +154,10 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path):
 
 
 def test_dead_rank_fails_the_job_naming_it(tmp_path):
-    proc = run_deepspeed(
-        "launch/pretrain.py",
-        [
-            *base_args(tmp_path),
-            "train.max_steps=12",
-            "engine.collective_timeout_s=30",
-        ],
+    proc = pretrain(
+        tmp_path,
+        "train.max_steps=12",
+        "engine.collective_timeout_s=30",
         check=False,
         timeout=240,
         ILM_DIST_FAULT="step@3:1",
