@@ -98,10 +98,14 @@ def test_full_disk_names_the_file_and_leaves_nothing(
 
 
 SLOW_PACK = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
 import data_tools.shard_writer as shards
 from data_tools.pack import main
+
+# as a terminal's foreground job: a suite started in the background by a non-interactive shell (`make test &`)
+# passes SIGINT down ignored, and Python then never raises KeyboardInterrupt
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 real, started = shards.render, Path(sys.argv[1])
 
@@ -135,7 +139,7 @@ def test_ctrl_c_prints_one_line_and_cleans_up(packed, tmp_path: Path) -> None:
     assert started.exists() and list(tmp_path.glob("out.tmp-*"))
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 2
+    assert proc.returncode == 2, stderr
     assert stderr == f"interrupted: nothing was written, {out} is as it was\n", stderr
     assert stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "slow_pack.py", "src", "started"]
