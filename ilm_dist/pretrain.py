@@ -14,6 +14,7 @@ import sys
 
 from ilm_dist.distributed import shutdown
 from ilm_dist.errors import EXIT_INPUT_ERROR, ArgumentParser, InputError, exit_on_input_error, fail
+from ilm_dist.paths import check_output_dir
 from ilm_dist.serialization import CheckpointWriteError
 from ilm_dist.train.preflight import preflight
 
@@ -44,6 +45,7 @@ def pretrain_main(argv: list[str] | None = None) -> None:
     setup_logging()
     with exit_on_input_error():
         cfg = preflight(args.config, args.overrides)
+        check_output_dir(cfg.output_dir, "output_dir")
     from ilm_dist.train.trainer import Trainer
     from ilm_dist.train.validation import ValidationLoss
 

@@ -13,6 +13,7 @@ LAYERS = [
     [
         "ilm_dist._C",
         "ilm_dist.errors",
+        "ilm_dist.paths",
         "ilm_dist.distributed",
         "ilm_dist.serialization",
         "ilm_dist.options",

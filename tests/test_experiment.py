@@ -480,6 +480,17 @@ def test_the_command_reports_a_bad_experiment_file_in_one_line(tmp_path, data, c
     assert capsys.readouterr().err == f"error: {path}: seeds: [1, 1]: repeated seed\n"
 
 
+def test_the_command_refuses_a_file_as_output_dir_in_one_line(tmp_path, data, capsys):
+    (tmp_path / "f").touch()
+    path = write_experiment(tmp_path / "exp.yaml", experiment_dict(data, tmp_path / "f" / "out"))
+    with pytest.raises(SystemExit) as exit_:
+        experiment_main(["--config", str(path)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: output_dir {tmp_path}/f/out: cannot be created, {tmp_path}/f is a file, not a directory\n"
+    )
+
+
 def test_the_shipped_demo_experiment_plans_its_cells_under_the_launcher(tmp_path, data):
     exp = load_experiment(
         REPO / "configs" / "experiments" / "demo.yaml",

@@ -216,6 +216,16 @@ def test_cli_reports_space_errors_before_ray(tmp_path, packed_tiny, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_refuses_a_file_as_output_dir_before_ray(tmp_path, packed_tiny, capsys):
+    (tmp_path / "f").touch()
+    space = {"optim.lr": {"loguniform": [0.01, 0.1]}}
+    path = write_sweep(tmp_path / "sweep.yaml", packed_tiny, space, output_dir=str(tmp_path / "f"))
+    with pytest.raises(SystemExit) as exit_info:
+        tune_main(["--config", str(path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: output_dir {tmp_path}/f: exists and is not a directory\n"
+
+
 def test_shipped_sweeps_parse(packed_tiny):
     for name in ("demo", "idc"):
         sweep = load_sweep(REPO / "configs" / "sweeps" / f"{name}.yaml", [f"data.shards={packed_tiny}"])

@@ -38,6 +38,7 @@ from ilm_dist.eval.probe import ProbeSettings, probe
 from ilm_dist.eval.protocol import settings_from_args
 from ilm_dist.eval.report import write_report
 from ilm_dist.options import add_options, from_args
+from ilm_dist.paths import check_output_dir
 
 log = logging.getLogger("ilm_dist")
 
@@ -159,6 +160,7 @@ def _analyse(args: argparse.Namespace) -> None:
     if not dist_info().is_main:
         return  # only reads saved files: rank 0 alone, with no process group
     from_args(CkaParams, args)  # checks the flags' values before any work
+    check_output_dir(args.out, "--out")
     methods = [load_method(path) for path in expand_dirs(args.dirs)]
     check_comparable(methods)
     protocol = check_protocol(methods, args.protocol)

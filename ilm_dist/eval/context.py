@@ -32,6 +32,7 @@ from ilm_dist.eval.store import dataset_id, digest, load_npz, read_json, save_np
 from ilm_dist.eval.weights import InitSpec, build_classifier, check_fits, load_state, resolve_init
 from ilm_dist.model.encoder import build_resnet
 from ilm_dist.options import check_bounds, option
+from ilm_dist.paths import check_output_dir
 
 log = logging.getLogger("ilm_dist")
 
@@ -194,6 +195,7 @@ def open_context(target: EvalTarget, device: torch.device | None = None) -> Eval
     process group when there is one).
     """
     weights, config, overrides = target.weights, target.config, target.overrides
+    check_output_dir(target.out, "--out")
     protocol_file = load_protocol(target.protocol)
     init = resolve_init(weights)
     config_path = Path(config) if config else init.run_config

@@ -23,6 +23,7 @@ from ilm_dist.experiment.cells import check_saved, log_path, plan
 from ilm_dist.experiment.config import Experiment, load_experiment
 from ilm_dist.experiment.report import write_report
 from ilm_dist.experiment.state import State, hold_lock
+from ilm_dist.paths import check_output_dir
 from ilm_dist.processes import module_command
 
 EXIT_INCOMPLETE = 1
@@ -65,6 +66,7 @@ def run_experiment(
 ) -> int:
     """Run what is not done (``execute``: how one cell runs on this machine, default a child process)."""
     exp = load_experiment(config, overrides)
+    check_output_dir(exp.output, "output_dir")
     check_saved(exp)
     cells = plan(exp)
     if dry_run:

@@ -8,6 +8,7 @@ import sys
 
 from ilm_dist.config import ConfigError
 from ilm_dist.errors import ArgumentParser, exit_on_input_error
+from ilm_dist.paths import check_output_dir
 from ilm_dist.ray_connect import init_ray
 from ilm_dist.tune import results
 from ilm_dist.tune.spec import Sweep, load_sweep
@@ -38,21 +39,18 @@ def tune_parser() -> argparse.ArgumentParser:
 def tune_main(argv: list[str] | None = None) -> None:
     args = tune_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    with exit_on_input_error():
         sweep = load_sweep(
             args.config, args.overrides, output_dir=args.output_dir, num_samples=args.num_samples
         )
         _check_output(sweep, args.resume)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    with exit_on_input_error():
         init_ray(args.address, args.num_cpus, args.num_gpus)
     run_sweep(sweep, resume=args.resume, retry_errored=args.retry_errored)
     sys.exit(write_outputs(sweep))
 
 
 def _check_output(sweep: Sweep, resume: bool) -> None:
+    check_output_dir(sweep.output, "output_dir")
     if (sweep.output / EXPERIMENT).exists() and not resume:
         raise ConfigError(f"output_dir: {sweep.output} holds a sweep; pass --resume to continue it")
 
