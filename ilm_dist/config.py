@@ -235,14 +235,9 @@ def load_yaml_chain(
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: circular 'base' chain")
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = read_yaml_mapping(path, "the config file")
     bases = data.pop("base", []) or []
     _resolve_paths(data, path.parent, path_keys)
     merged: dict[str, Any] = {}
@@ -250,6 +245,31 @@ def load_yaml_chain(
         _deep_merge(merged, load_yaml_chain(path.parent / base, path_keys, (*seen, path)))
     _deep_merge(merged, data)
     return merged
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The mapping at the top of the YAML file ``path`` ({} when empty); a one-line :class:`ConfigError`
+    naming the file (``what``: e.g. "the sweep file") when it cannot be read, is not YAML or not a mapping."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read {what} ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: {what} is not a UTF-8 text file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: {what} is not valid YAML ({_yaml_problem(err)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: where, what, and while doing what."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(err).split())
+    context = getattr(err, "context", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (f", {context}" if context else "")
 
 
 def path_keys(cls: type | None = None, prefix: str = "") -> list[str]:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from ilm_dist.config import ConfigError, absolute_overrides, load_config, save_config
+from ilm_dist.config import ConfigError, absolute_overrides, load_config, read_yaml_mapping, save_config
 from ilm_dist.data.manifest import ManifestError
 from ilm_dist.train.engine import resolve_deepspeed_config
 from ilm_dist.train.preflight import preflight
@@ -78,6 +78,53 @@ def test_file_errors(tmp_path):
         load_config(write(tmp_path / "a.yaml", "base: a.yaml\n"))
     with pytest.raises(ConfigError, match=r"unknown key 'data\.shard'"):
         load_config(write(tmp_path / "b.yaml", "data:\n  shard: x\n"))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            ": : :\n",
+            "x is not valid YAML (line 1, column 1: expected <block end>, but found ':', while parsing a block mapping)",
+        ),
+        ("a: 1\n b: 2\n", "x is not valid YAML (line 2, column 3: mapping values are not allowed here)"),
+        (b"\xf6\x00\xff", "x is not a UTF-8 text file"),
+        ("- 1\n- 2\n", "expected a mapping at the top level"),
+        (None, "cannot read x (Is a directory)"),
+    ],
+    ids=["parser", "scanner", "binary", "a list", "a directory"],
+)
+def test_a_yaml_file_that_cannot_be_read_is_one_line(tmp_path, content, message):
+    path = tmp_path / "c.yaml"
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as err:
+        read_yaml_mapping(path, "x")
+    assert str(err.value) == f"{path}: {message}"
+    assert read_yaml_mapping(write(tmp_path / "empty.yaml", ""), "x") == {}
+
+
+@pytest.mark.parametrize("command", ["pretrain", "tune", "experiment"])
+def test_every_command_names_its_unreadable_file_in_one_line(tmp_path, capsys, command):
+    from ilm_dist.experiment.command import experiment_main
+    from ilm_dist.pretrain import pretrain_main
+    from ilm_dist.tune.command import tune_main
+
+    main, what = {
+        "pretrain": (pretrain_main, "the config file"),
+        "tune": (tune_main, "the sweep file"),
+        "experiment": (experiment_main, "the experiment file"),
+    }[command]
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"\xf6\x00\xff")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(path)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"error: {path}: {what} is not a UTF-8 text file\n"
 
 
 def test_missing_shards_fail_before_training(tmp_path):

@@ -44,8 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ilm_dist.config import (
     ConfigError,
     RunConfig,
@@ -54,6 +52,7 @@ from ilm_dist.config import (
     from_dict,
     load_config,
     parse_override,
+    read_yaml_mapping,
     set_dotted,
 )
 from ilm_dist.data.manifest import Manifest, ManifestError, load_manifest
@@ -254,7 +253,7 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
 
 
 def _load_experiment(path: Path, overrides: list[str] | tuple[str, ...]) -> Experiment:
-    raw = _read_yaml(path)
+    raw = read_yaml_mapping(path, "the experiment file")
     for item in overrides:
         key, value = parse_override(item)
         if key in ("dataset", "output_dir") and isinstance(value, str):
@@ -304,16 +303,6 @@ def _load_protocol(settings: ExperimentSettings, manifest: Manifest) -> EvalProt
         return load_protocol(settings.protocol).resolve(manifest.task, settings.protocol_dataset)
     except EvalError as err:
         raise ConfigError(f"{key}: {err}") from None
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read the experiment file ({err})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return raw
 
 
 def _check_settings(s: ExperimentSettings) -> None:

@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from ilm_dist.config import (
     ConfigError,
     RunConfig,
@@ -21,6 +19,7 @@ from ilm_dist.config import (
     format_override,
     from_dict,
     load_config,
+    read_yaml_mapping,
 )
 from ilm_dist.data.manifest import ManifestError, load_manifest
 from ilm_dist.eval.monitor import metric_names
@@ -97,12 +96,7 @@ def load_sweep(path: str | Path, run_overrides: list[str] = (), **settings: Any)
     relative to the file; in ``run_overrides`` and ``settings`` (the command line), to the working directory.
     """
     path = Path(path).resolve()
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read the sweep file ({err})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path, "the sweep file")
     raw_space = raw.pop("space", None)
     sweep_settings: SweepSettings = from_dict(SweepSettings, raw)
     sweep_settings.output_dir = str(path.parent / sweep_settings.output_dir)
