@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from ilm_dist.config import ConfigError, absolute_overrides, load_config, read_yaml_mapping, save_config
-from ilm_dist.data.manifest import ManifestError
+from ilm_dist.data.manifest import ManifestError, load_manifest
 from ilm_dist.train.engine import resolve_deepspeed_config
 from ilm_dist.train.preflight import preflight
 from ilm_dist.train.run_plan import training_plan
@@ -140,6 +140,25 @@ def test_deepspeed_json_may_not_set_batch(tmp_path):
     cfg = load_config("configs/demo.yaml", ["data.batch_size=48"])
     resolved = resolve_deepspeed_config(cfg.engine.deepspeed_config, cfg.data.batch_size)
     assert resolved["train_micro_batch_size_per_gpu"] == 48
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"bf16": ', "not valid JSON (Expecting value: line 1 column 10 (char 9))"),
+        (b"\xf6\x00\xff", "not valid JSON ('utf-8' codec can't decode byte 0xf6 in position 0"),
+        (b"[1, 2]", "holds list, expected a JSON object"),
+    ],
+    ids=["truncated", "binary", "a list"],
+)
+def test_an_unreadable_json_file_is_one_line_naming_it(tmp_path, content, message):
+    (tmp_path / "manifest.json").write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        resolve_deepspeed_config(str(tmp_path / "manifest.json"), 8)
+    assert str(err.value).startswith(f"engine.deepspeed_config: {tmp_path}/manifest.json: {message}")
+    with pytest.raises(ManifestError) as err:
+        load_manifest(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path}/manifest.json: {message}")
 
 
 def test_relative_paths_are_relative_to_the_file_that_names_them(tmp_path, monkeypatch):

@@ -121,8 +121,10 @@ def load_manifest(root: str | Path, check_files: bool = True) -> Manifest:
         raise ManifestError(f"{path}: not found (is {root} a directory written by data_tools.pack?)")
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError for a binary file
         raise ManifestError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{path}: holds {type(raw).__name__}, expected a JSON object")
     if raw.get("format") != FORMAT:
         raise ManifestError(f"{path}: format is {raw.get('format')!r}, expected {FORMAT!r}")
     for key in ("task", "class_names", "image_mode", "splits"):

@@ -40,8 +40,12 @@ def resolve_deepspeed_config(path: str | None, micro_batch: int) -> dict[str, An
     the per-rank batch ``micro_batch`` (``data.batch_size``) and ilm_dist's fixed settings."""
     try:
         ds = json.loads(Path(path).read_text()) if path else dict(DEFAULT_DS_CONFIG)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"engine.deepspeed_config: {path} is not valid JSON ({err})") from None
+    except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError for a binary file
+        raise ConfigError(f"engine.deepspeed_config: {path}: not valid JSON ({err})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(
+            f"engine.deepspeed_config: {path}: holds {type(ds).__name__}, expected a JSON object"
+        )
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "optimizer", "scheduler"):
         if key in ds:
             raise ConfigError(
