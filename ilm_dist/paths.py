@@ -11,8 +11,8 @@ from ilm_dist.errors import InputError
 def check_output_dir(path: str | Path, key: str) -> None:
     """Raise :class:`InputError` unless ``path`` is a folder this process can write, or one it can create.
 
-    Creates nothing (a sweep checks each trial's config this way). ``key`` names the setting in the
-    message, e.g. ``output_dir`` or ``--out``.
+    Creates nothing, so a dry run or a refused command leaves no folder behind. ``key`` names the setting in
+    the message, e.g. ``output_dir`` or ``--out``.
     """
     target = Path(os.path.abspath(path))
     existing = next(p for p in (target, *target.parents) if os.path.lexists(p))
