@@ -157,6 +157,7 @@ def test_overwrite_starts_over_and_says_what_it_deleted(run, tmp_path):
         ("truncate", [], ["mp_rank_00_model_states.pt", "cannot read"]),
         ("no_latest", [], ["--resume: no checkpoint in", "checkpoints"]),
         ("none", ["moco.dim=64"], ["--resume:", "step_4 does not fit this run's model"]),
+        ("binary_config", [], ["config.yaml: the run's saved config is not a UTF-8 text file"]),
     ],
 )
 def test_a_failed_resume_leaves_the_run_as_it_was(run, tmp_path, damage, extra, fragments):
@@ -167,6 +168,8 @@ def test_a_failed_resume_leaves_the_run_as_it_was(run, tmp_path, damage, extra, 
         states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
     if damage == "no_latest":
         (out / "checkpoints/latest").unlink()
+    if damage == "binary_config":
+        (out / "config.yaml").write_bytes(b"\xf6\x00\xff")
     before = tree(out)
     proc = pretrain(out, "--resume", "train.max_steps=6", *extra)
     assert_one_line_error(proc, *fragments)

@@ -18,11 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from ilm_dist import distributed as D
-from ilm_dist.config import RunConfig, save_config
+from ilm_dist.config import RunConfig, read_yaml_mapping, save_config
 from ilm_dist.data import Placement, TwoViewBatch, build_pretrain_loader
 from ilm_dist.errors import InputError
 from ilm_dist.moco.key_encoder import KeyEncoder
@@ -233,7 +232,7 @@ class Trainer:
         saved = self.out / run_dir.CONFIG
         if not saved.is_file():
             return
-        arch = (yaml.safe_load(saved.read_text()) or {}).get("model", {}).get("arch")
+        arch = read_yaml_mapping(saved, "the run's saved config").get("model", {}).get("arch")
         if arch and arch != self.cfg.model.arch:
             raise InputError(
                 f"--resume: the run in {self.out} was trained with model.arch={arch} ({saved}); this config "
