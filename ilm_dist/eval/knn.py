@@ -19,7 +19,15 @@ def knn_scores(
     temperature: float = 0.07,
     chunk: int = 1024,
 ) -> np.ndarray:
-    """[N_test, C] vote mass per class; ``train_targets`` is one-hot or multi-hot [N_train, C]."""
+    """[N_test, C] vote mass per class; ``train_targets`` is one-hot or multi-hot [N_train, C]. In fp32
+    whatever autocast the caller runs under (the trainer runs its validators under the run's autocast)."""
+    with torch.autocast("cpu", enabled=False):
+        return _knn_scores(train, train_targets, test, k, temperature, chunk)
+
+
+def _knn_scores(
+    train: np.ndarray, train_targets: np.ndarray, test: np.ndarray, k: int, temperature: float, chunk: int
+) -> np.ndarray:
     train_t = torch.nn.functional.normalize(torch.as_tensor(train, dtype=torch.float32), dim=1)
     test_t = torch.nn.functional.normalize(torch.as_tensor(test, dtype=torch.float32), dim=1)
     targets = torch.as_tensor(train_targets, dtype=torch.float32)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from sklearn.neighbors import KNeighborsClassifier
 
 from ilm_dist.eval.knn import knn_accuracy, knn_predict, knn_scores
@@ -98,3 +99,14 @@ def test_predictions_and_accuracy_agree_with_scikit_learn(data):
     assert knn_accuracy(train, labels, test, test_labels, k=10, temperature=temperature) == pytest.approx(
         sk.score(test, test_labels)
     )
+
+
+def test_scores_stay_fp32_under_the_callers_bf16_autocast(data):
+    """The trainer runs its validators (the kNN monitor) under the run's autocast: bf16 on an AMX CPU
+    with engine.cpu_autocast=auto, where the scores once came back as bf16 and NumPy refused them."""
+    train, labels, test = data
+    targets = np.eye(4)[labels]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = knn_scores(train, targets, test, k=5, temperature=0.1)
+    assert scores.dtype == np.float32
+    np.testing.assert_allclose(scores, reference_scores(train, targets, test, 5, 0.1), rtol=1e-4)
