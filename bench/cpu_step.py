@@ -19,14 +19,17 @@ Step variants (in-memory batches made once by the torch backend, so no data load
 - ``no_reduce_channels_last``: ``no_reduce`` with NHWC inputs and key encoder (the trainer's weights stay
   NCHW: DeepSpeed's flat buffers need them contiguous);
 - ``no_reduce_bf16_autocast``: ``no_reduce`` under ``torch.autocast("cpu", torch.bfloat16)``, fp32
-  weights (what a bf16 route with fp32 master weights computes); its accuracy is checked separately:
-  loss and gradients of one step against fp32 on the same batch and weights (``bf16_accuracy``);
+  weights (what a bf16 route with fp32 master weights computes, ``engine.cpu_autocast=auto`` on an AMX
+  CPU); its accuracy is checked separately: loss and gradients of one step against fp32 on the same batch
+  and weights (``bf16_accuracy``);
+- ``no_reduce_channels_last_bf16_autocast``: both (oneDNN's AMX kernels want NHWC);
 - ``no_reduce_threads1``: ``no_reduce`` with ``torch.set_num_threads(1)`` (default: all cores).
 
 Data-path variants (``--data``): two-view samples/s of the torch backend's loader alone, for
 ``num_workers`` in ``--workers`` with the config's augmentations and with crop + flips only
 (``aug.color_jitter_p=0 aug.grayscale_p=0 aug.blur_p=0``), and milliseconds per view of each
 augmentation (decode, crop + flips, + colour jitter without hue, + hue, + grayscale, + blur) on one core,
+torchvision's transforms one image at a time beside ilm_dist's batched ``MocoViews``,
 and end to end (``--e2e THREADS:WORKERS ...``): ``no_reduce`` steps fed by that loader, per torch thread
 count and worker count, with both augmentation sets (2 cores: do the workers overlap or compete?).
 
@@ -41,7 +44,7 @@ Writes ``bench/results/cpu_step_<device>.json``: ``device``, ``commit``, ``comma
 ``load_avg`` (before and after), ``variants`` (``samples_per_s``, ``step_ms``, ``step_cpu_ms``: the
 process's CPU time per step, all threads, less sensitive to other jobs than wall time; ``rounds_ms``),
 ``ratios`` (``<variant>/deepspeed``: samples/s ratio, median and range over rounds), ``bf16_accuracy``
-(null when ``--variants`` leaves out the bf16 variant),
+(per bf16 variant that ran),
 ``first_step_max_abs_weight_diff`` (every variant's weights after one step from the same state, against
 the reference's: 0 where the variant computes the same update),
 ``data`` (``loader_samples_per_s``, ``ms_per_view_1core``, ``end_to_end_samples_per_s``) and ``profile``.
@@ -59,13 +62,15 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 from common import ROOT, device_slug, source_commit, write_result
+from moco_baseline import torchvision_view_transform
 from torch.profiler import ProfilerActivity, profile
 
 from ilm_dist.config import AugConfig, RunConfig, load_config
 from ilm_dist.data import Placement, TwoViewBatch, build_pretrain_loader
-from ilm_dist.data.augment import moco_view_transform
+from ilm_dist.data.augment import MocoViews
 from ilm_dist.data.manifest import load_manifest
 from ilm_dist.data.shard_reader import ShardReader
 from ilm_dist.eval.fit import torch_threads
@@ -81,6 +86,7 @@ STEP_VARIANTS: dict[str, tuple[list[str], int | None, bool]] = {
     "no_reduce": ([], None, False),
     "no_reduce_channels_last": (["model.channels_last=true"], None, False),
     "no_reduce_bf16_autocast": ([], None, True),
+    "no_reduce_channels_last_bf16_autocast": (["model.channels_last=true"], None, True),
     "no_reduce_threads1": ([], 1, False),
 }
 LIGHT_AUG = ["aug.color_jitter_p=0", "aug.grayscale_p=0", "aug.blur_p=0"]
@@ -275,8 +281,24 @@ def loader_rate(cfg: RunConfig, batches: int) -> float:
     return round(seen / (time.perf_counter() - start), 1)
 
 
-def augmentation_costs(cfg: RunConfig, count: int = 64) -> dict[str, float]:
-    """Milliseconds per view on one core, each step adding one transform to the previous."""
+def per_view_ms(images: list, aug: AugConfig, size: int) -> dict[str, float]:
+    """Milliseconds per view: torchvision's transforms one image at a time (the usual way) and
+    ilm_dist's MocoViews (parameters per sample, operations per batch of all ``images``)."""
+    transform, views = torchvision_view_transform(aug, size), MocoViews(aug, size, views=2)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    for image in images:
+        transform(image)
+    per_image = time.perf_counter() - start
+    gen = np.random.default_rng(0)
+    start = time.perf_counter()
+    views.collate([views.sample(torch.from_numpy(np.array(image)), gen) for image in images])
+    batched = (time.perf_counter() - start) / 2
+    return {"per_image": per_image / len(images) * 1e3, "batched": batched / len(images) * 1e3}
+
+
+def augmentation_costs(cfg: RunConfig, count: int = 64) -> dict[str, float | dict[str, float]]:
+    """Milliseconds per view on one core, each stage adding one transform to the previous."""
     reader = ShardReader(load_manifest(cfg.data.shards), cfg.data.split)
     count = min(count, len(reader))
     start = time.perf_counter()
@@ -300,13 +322,10 @@ def augmentation_costs(cfg: RunConfig, count: int = 64) -> dict[str, float]:
     }
     with torch_threads(1):
         for name, aug in stages.items():
-            transform = moco_view_transform(aug, cfg.data.image_size)
-            torch.manual_seed(0)
-            start = time.perf_counter()
-            for image in images:
-                transform(image)
-            costs[name] = (time.perf_counter() - start) / count * 1e3
-    return {k: round(v, 3) for k, v in costs.items()}
+            per_view = per_view_ms(images, aug, cfg.data.image_size)
+            costs[name] = {k: round(v, 3) for k, v in per_view.items()}
+    costs["decode"] = round(costs["decode"], 3)
+    return costs
 
 
 def data_path(args: argparse.Namespace, tmp: Path) -> dict:
@@ -381,8 +400,11 @@ def first_step_differences(variants: dict[str, StepVariant], batch: TwoViewBatch
 def run(args: argparse.Namespace, tmp: Path) -> dict:
     variants = build_variants(args, tmp)
     batches = fixed_batches(variants[REFERENCE].trainer, 4)
-    bf16 = variants.get("no_reduce_bf16_autocast")
-    accuracy = bf16_accuracy(bf16.trainer, batches[0]) if bf16 else None
+    accuracy = {
+        name: bf16_accuracy(variant.trainer, batches[0])
+        for name, variant in variants.items()
+        if variant.autocast
+    }
     differences = first_step_differences(variants, batches[0])
     results = time_variants(args, variants, batches)
     reference = variants[REFERENCE]
@@ -418,8 +440,8 @@ def main() -> None:
     }
     for name, ratio in record["ratios"].items():
         print(f"{name}: {ratio['median']}x samples/s (range {ratio['range'][0]}-{ratio['range'][1]})")
-    if result["bf16_accuracy"]:
-        print("bf16 autocast vs fp32:", {k: round(v, 5) for k, v in result["bf16_accuracy"].items()})
+    for name, accuracy in result["bf16_accuracy"].items():
+        print(f"{name} vs fp32:", {k: round(v, 5) for k, v in accuracy.items()})
     write_result(record, args.out or ROOT / "bench" / "results" / f"cpu_step_{record['device']}.json")
 
 

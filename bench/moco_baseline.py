@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.transforms import v2
 from xcorr import official_loss
 
-from ilm_dist.config import RunConfig
-from ilm_dist.data.augment import moco_view_transform
+from ilm_dist.config import AugConfig, RunConfig
+from ilm_dist.data.augment import blur_kernel_size
 from ilm_dist.data.manifest import load_manifest
 from ilm_dist.data.shard_reader import ShardReader
 from ilm_dist.losses.barlow_twins import bt_projector
@@ -36,12 +37,34 @@ from ilm_dist.train.timing import StepTimer
 from ilm_dist.train.trainer import Trainer
 
 
+def torchvision_view_transform(aug: AugConfig, image_size: int) -> v2.Compose:
+    """One MoCo v2 view the usual way: torchvision v2 transforms on one PIL image (uint8 until the end)."""
+    if aug.crop_scale is None:
+        geometry = [v2.Resize((image_size, image_size), antialias=True)]
+    else:
+        geometry = [v2.RandomResizedCrop(image_size, scale=tuple(aug.crop_scale), antialias=True)]
+    blur = v2.GaussianBlur(blur_kernel_size(image_size), sigma=tuple(aug.blur_sigma))
+    ops = [
+        v2.PILToTensor(),
+        *geometry,
+        v2.RandomApply([v2.ColorJitter(*aug.color_jitter)], p=aug.color_jitter_p),
+        v2.RandomGrayscale(p=aug.grayscale_p),
+        v2.RandomApply([blur], p=aug.blur_p),
+        *([v2.RandomRotation(aug.rotation)] if aug.rotation > 0 else []),
+        *([v2.RandomHorizontalFlip()] if aug.hflip else []),
+        *([v2.RandomVerticalFlip()] if aug.vflip else []),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(aug.mean, aug.std),
+    ]
+    return v2.Compose(ops)
+
+
 class ViewPairs(Dataset):
     """A plain map-style dataset over the packed shards: PIL decode, two torchvision MoCo v2 views."""
 
     def __init__(self, cfg: RunConfig):
         self.reader = ShardReader(load_manifest(cfg.data.shards), cfg.data.split)
-        self.transform = moco_view_transform(cfg.aug, cfg.data.image_size)
+        self.transform = torchvision_view_transform(cfg.aug, cfg.data.image_size)
 
     def __len__(self) -> int:
         return len(self.reader)

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image
 
 from ilm_dist.data.shard_format import (
     LabelSpace,
     index_text,
     iter_samples,
+    jpeg_size,
     parse_index,
     split_member,
     squeeze_labels,
@@ -92,3 +94,31 @@ def test_squeeze_labels_on_numpy_and_torch() -> None:
     assert squeeze_labels(multi) is multi and squeeze_labels(torch.from_numpy(multi)).shape == (2, 2)
     flat = np.array([3, 1])
     assert squeeze_labels(flat) is flat
+
+
+def jpeg_bytes(size: tuple[int, int], mode: str = "RGB", **save) -> bytes:
+    out = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(out, "JPEG", **save)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("size", "mode", "save"),
+    [
+        ((50, 50), "RGB", {}),
+        ((64, 17), "L", {}),
+        ((33, 70), "RGB", {"progressive": True}),
+        ((8, 9), "RGB", {"exif": b"Exif\0\0" + b"x" * 300}),
+    ],
+)
+def test_jpeg_size_reads_the_frame_header_as_pil_does(size, mode, save):
+    data = jpeg_bytes(size, mode, **save)
+    assert jpeg_size(data) == (size[1], size[0]) == Image.open(io.BytesIO(data)).size[::-1]
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"not a jpeg", b"\xff\xd8\xff\xe0\x00\x10", b"\xff\xd8" + b"\xff\xe0\x00\x04ab" * 3]
+)
+def test_jpeg_size_of_something_without_a_frame_is_none(data):
+    assert jpeg_size(data) is None

@@ -6,11 +6,12 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 import torch
 
 from ilm_dist.config import load_config
 from ilm_dist.data.batch import Placement
-from ilm_dist.data.manifest import load_manifest
+from ilm_dist.data.manifest import ManifestError, load_manifest
 from ilm_dist.data.shard_reader import ShardReader
 from ilm_dist.data.torch_backend import TorchLoader
 
@@ -87,3 +88,15 @@ def test_an_epoch_visits_each_sample_at_most_once(packed_tiny) -> None:
     one = loader(packed_tiny, batch=16)
     seen = np.concatenate([batch.indices.numpy() for batch in one.epoch(0)])
     assert len(seen) == one.steps_per_epoch * 16 and len(np.unique(seen)) == len(seen)
+
+
+def test_reader_pixels_are_the_decoded_image(packed_tiny, monkeypatch) -> None:
+    """libjpeg-turbo's pixels (the training path) equal PIL's image (evaluation), and an image above PIL's
+    decompression-bomb limit is refused by both, naming the sample."""
+    reader = ShardReader(load_manifest(packed_tiny), "train")
+    for i in (0, 5, len(reader) - 1):
+        assert torch.equal(reader.pixels(i), torch.from_numpy(np.array(reader.image(i))))
+    monkeypatch.setattr("PIL.Image.MAX_IMAGE_PIXELS", 32 * 32 // 2 - 1)
+    for read in (reader.pixels, reader.image):
+        with pytest.raises(ManifestError, match=r"train-000000\.tar: sample '[^']+': .*decompression"):
+            read(0)

@@ -1,6 +1,6 @@
 """MoCo v2 augmentations as a DALI graph: the GPU twin of :mod:`ilm_dist.data.augment`.
 
-Same operations, parameters and order as ``augment.moco_view_transform`` (Chen et al. 2020, MoCo v2;
+Same operations, parameters and order as ``augment.MocoViews`` (Chen et al. 2020, MoCo v2;
 blur from SimCLR, Chen et al. 2020; rotation and no-crop options from Kaku et al. 2021). Each
 ``RandomApply(p)`` is a DALI conditional on a per-sample coin flip, so the skipped samples cost nothing.
 Known differences from torchvision, all within the augmentations' own randomness:

@@ -222,3 +222,21 @@ def squeeze_labels(labels: Labels) -> Labels:
     """A batch of ``.lbl`` vectors as the task uses them: ``[N, 1]`` class indices -> ``[N]``; multi-hot
     ``[N, C]`` (and already squeezed ``[N]``) unchanged. Works on numpy arrays and torch tensors."""
     return labels[:, 0] if labels.ndim == 2 and labels.shape[1] == 1 else labels
+
+
+# JPEG start-of-frame markers (baseline, progressive, ...), whose segment holds the image size;
+# C4 (Huffman tables), C8 (reserved) and CC (arithmetic coding) share the range but are not frames
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` from a JPEG's start-of-frame segment, without decoding; None if there is none."""
+    pos = 2 if data[:2] == b"\xff\xd8" else len(data)
+    while pos + 9 <= len(data) and data[pos] == 0xFF:
+        marker, length = data[pos + 1], int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in _SOF_MARKERS:
+            return int.from_bytes(data[pos + 5 : pos + 7], "big"), int.from_bytes(
+                data[pos + 7 : pos + 9], "big"
+            )
+        pos += 2 + length
+    return None

@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ilm_dist.config import AugConfig, DataConfig
-from ilm_dist.data.augment import moco_view_transform
+from ilm_dist.data.augment import MocoViews
 from ilm_dist.data.batch import Placement, TwoViewBatch
 from ilm_dist.data.manifest import load_manifest
 from ilm_dist.data.sampling import rank_batches, sample_seed, steps_per_epoch
@@ -24,12 +25,13 @@ from ilm_dist.data.shard_reader import ShardReader
 
 
 class SplitDataset(Dataset):
-    """``(transform(image), label)`` of one split, in split order or at ``indices``.
+    """``(transform(image), label)`` of one split, in split order or at ``indices``; batches made by
+    :meth:`collate` (the DataLoader's ``collate_fn``).
 
-    With a ``seed``, the random transforms of sample ``index`` draw from torch's CPU generator seeded by
-    ``(seed, epoch, index)``: augmentations depend on the sample, not on the number of ranks or workers, the
-    batch a sample lands in or the step a run resumed from. torchvision's random transforms draw from that
-    global generator, so seeding it per sample in the worker that loads it is what makes them exact.
+    ``transform`` is a per-image transform (e.g. ``eval_transform``) or :class:`MocoViews`, whose random
+    views are drawn per sample here and computed per batch in :meth:`collate`. With a ``seed``, sample
+    ``index`` draws from a generator seeded by ``(seed, epoch, index)``: augmentations depend on the sample,
+    not on the number of ranks or workers, the batch a sample lands in or the step a run resumed from.
     """
 
     def __init__(
@@ -47,13 +49,23 @@ class SplitDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Any, Tensor]:
         index = self.indices[i]
-        if self.seed is not None:
-            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
-        return self.transform(self.reader.image(index)), torch.from_numpy(self.reader.label(index))
+        label = torch.from_numpy(self.reader.label(index))
+        if not isinstance(self.transform, MocoViews):
+            return self.transform(self.reader.image(index)), label
+        seed = None if self.seed is None else sample_seed(self.seed, self.epoch, index)
+        return self.transform.sample(self.reader.pixels(index), np.random.default_rng(seed)), label
+
+    def collate(self, items: list[tuple[Any, Tensor]]) -> tuple[Any, Tensor]:
+        """A batch: ``(views, labels)``, the views a list of ``[B, 3, S, S]`` tensors for 2+ views."""
+        if not isinstance(self.transform, MocoViews):
+            return default_collate(items)
+        samples, labels = zip(*items, strict=True)
+        views = self.transform.collate(list(samples))
+        return views[0] if len(views) == 1 else views, torch.stack(labels)
 
 
 class TwoViews:
-    """A transform that draws two independent views of one image (MoCo's query and key)."""
+    """A per-image transform applied twice: a query and a key view (the validation loss's ``eval`` views)."""
 
     def __init__(self, transform: Callable):
         self.transform = transform
@@ -77,7 +89,10 @@ def epoch_loader(
     and the DataLoader that yields them in that order; augmentations seeded by ``(seed, epoch, sample)``."""
     dataset.epoch = epoch
     batches = rank_batches(len(dataset), batch_size, rank, world_size, seed, epoch, start_step)
-    return batches, DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, **loader_options)
+    loader = DataLoader(
+        dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=dataset.collate, **loader_options
+    )
+    return batches, loader
 
 
 class TorchLoader:
@@ -85,7 +100,7 @@ class TorchLoader:
 
     def __init__(self, data: DataConfig, aug: AugConfig, where: Placement):
         manifest = load_manifest(data.shards)
-        views = TwoViews(moco_view_transform(aug, data.image_size))
+        views = MocoViews(aug, data.image_size, views=2)
         self.dataset = SplitDataset(ShardReader(manifest, data.split), views, seed=where.seed)
         self.data, self.where = data, where
         self.steps_per_epoch = steps_per_epoch(len(self.dataset), data.batch_size, where.world_size)

@@ -57,7 +57,7 @@ def eval_loader(
 ) -> DataLoader:
     """Deterministic views (resize + normalise) in a fixed order."""
     dataset = SplitDataset(reader, eval_transform(aug, image_size), indices)
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=dataset.collate)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from ilm_dist.data.augment import eval_transform, moco_view_transform
+from ilm_dist.data.augment import MocoViews, eval_transform
 from ilm_dist.data.sampling import steps_per_epoch
 from ilm_dist.data.torch_backend import SplitDataset, epoch_loader
 from ilm_dist.distributed import on_main, rank, world_size
@@ -114,13 +114,13 @@ def training_transform(ctx: EvalContext, train_aug: str, aug: dict[str, Any] | N
     if train_aug == "none":
         return eval_transform(run_aug, size)
     if train_aug == "moco":
-        return moco_view_transform(run_aug, size)
+        return MocoViews(run_aug, size, views=1)
     if aug is None:
         raise EvalError(
             f"--train-aug protocol: protocol {ctx.protocol.name!r} sets no training augmentations here "
             "(an 'aug' section); use --train-aug moco or none"
         )
-    return moco_view_transform(dataclasses.replace(run_aug, **aug), size)
+    return MocoViews(dataclasses.replace(run_aug, **aug), size, views=1)
 
 
 def train_loader(

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from ilm_dist import distributed as D
 from ilm_dist.config import RunConfig, ValConfig
-from ilm_dist.data.augment import eval_transform, moco_view_transform
+from ilm_dist.data.augment import MocoViews, eval_transform
 from ilm_dist.data.manifest import load_manifest
 from ilm_dist.data.sampling import rank_shard, seeded_draw
 from ilm_dist.data.shard_reader import ShardReader
@@ -93,13 +93,15 @@ class ValidationLoss:
                 f"fewer than one batch of data.batch_size={batch}"
             )
         mine = drawn[: self.num_samples][rank_shard(self.num_samples, batch, D.rank(), D.world_size())]
-        view = (
-            moco_view_transform(cfg.aug, cfg.data.image_size)
+        views = (
+            MocoViews(cfg.aug, cfg.data.image_size, views=2)
             if val.views == "augmented"
-            else eval_transform(cfg.aug, cfg.data.image_size)
+            else TwoViews(eval_transform(cfg.aug, cfg.data.image_size))
         )
-        dataset = SplitDataset(reader, TwoViews(view), mine, seed=cfg.seed)
-        self.loader = DataLoader(dataset, batch_size=batch, num_workers=val.num_workers)
+        dataset = SplitDataset(reader, views, mine, seed=cfg.seed)
+        self.loader = DataLoader(
+            dataset, batch_size=batch, num_workers=val.num_workers, collate_fn=dataset.collate
+        )
         self.description = (
             f"validation loss every {val.every} steps and at the last: {self.num_samples} samples of "
             f"{cfg.data.shards} [{val.split}] ({len(drawn) - self.num_samples} of the draw dropped), "
