@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
+from ilm_dist.cpu_placement import CpuConfig
 from ilm_dist.errors import ConfigError
 from ilm_dist.losses import INTERMEDIATE_LOSSES, loss_types
 
@@ -146,6 +147,8 @@ class EngineConfig:
     deepspeed_config: str | None = field(default=None, metadata=PATH)  # DeepSpeed JSON; None: fp32, no ZeRO
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     collective_timeout_s: int = 600  # a rank that stops answering fails the job after this long
+    # "auto": bf16 autocast on CPU ranks whose CPU has AMX, where the DeepSpeed config sets no autocast
+    cpu_autocast: Literal["none", "auto"] = "none"
 
 
 @dataclass
@@ -197,6 +200,7 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     val: ValConfig = field(default_factory=ValConfig)
+    cpu: CpuConfig = field(default_factory=CpuConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
@@ -451,6 +455,9 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.train.log_every > 0, "train.log_every", "must be positive")
     _check(cfg.train.ckpt_every >= 0, "train.ckpt_every", "must be >= 0 (0: only at the end)")
     _check(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    _check(
+        cfg.cpu.threads is None or cfg.cpu.threads >= 1, "cpu.threads", "must be >= 1 (or null: automatic)"
+    )
     _check(cfg.engine.collective_timeout_s >= 10, "engine.collective_timeout_s", "must be >= 10 seconds")
     _check(
         cfg.engine.deepspeed_config is None or Path(cfg.engine.deepspeed_config).is_file(),

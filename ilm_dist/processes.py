@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from ilm_dist.config import ConfigError
+from ilm_dist.cpu_placement import THREADS_ENV, available_cores
 from ilm_dist.distributed import free_port
 
 STOP_GRACE_S = 10.0
@@ -60,9 +61,12 @@ def module_command(
 ) -> tuple[list[str], dict[str, str]]:
     """The command line and environment running ``python -m <module_args>`` on ``resources``: one process,
     or ``deepspeed --module`` with ``num_ranks`` ranks (CPU ranks when ``gpus`` is 0; with GPUs, the
-    launcher takes ``CUDA_VISIBLE_DEVICES`` as it is, e.g. as Ray set it)."""
+    launcher takes ``CUDA_VISIBLE_DEVICES`` as it is, e.g. as Ray set it). A command given the whole
+    machine places its ranks itself (:mod:`ilm_dist.cpu_placement`); one given a share of it
+    (``cpus`` below the cores) gets ``OMP_NUM_THREADS`` = its share per rank, unless the caller set one."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env["OMP_NUM_THREADS"] = str(max(1, int(resources.cpus // resources.num_ranks)))
+    if resources.cpus < len(available_cores()):  # a share of the machine: threads, the binding left to Ray
+        env.setdefault(THREADS_ENV, str(max(1, int(resources.cpus // resources.num_ranks))))
     if resources.num_ranks == 1:
         cmd = [sys.executable, "-m", *module_args]
     else:

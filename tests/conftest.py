@@ -1,11 +1,34 @@
-"""Shared fixtures: a tiny packed synthetic dataset made by the real packer."""
+"""Shared fixtures (a tiny packed synthetic dataset made by the real packer) and the suite's CPU placement."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 
+from ilm_dist.cpu_placement import apply_placement, plan_placement
 from tests.launcher import REPO
+
+
+def _worker_placement():
+    """The test workers as the ranks of one node: each xdist worker gets its own cores and one thread
+    per core; the ranks and loader workers a test launches inherit the worker's cores and place
+    themselves within them (ilm_dist.cpu_placement), so the suite never runs more busy threads than cores
+    beyond the ranks that one test starts on its worker's cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    return plan_placement(workers, loader_workers=0), index
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    placement, index = _worker_placement()
+    apply_placement(placement, index)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    workers = config.getoption("numprocesses", None)
+    count = workers if isinstance(workers, int) and workers > 0 else 1
+    return f"cpu placement of the test workers: {plan_placement(count, 0).describe()}"
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,9 @@ DEEPSPEED = Path(sys.executable).with_name("deepspeed")
 
 
 def cpu_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    """The launcher's environment for CPU ranks; their threads and cores come from the placement
+    (ilm_dist.cpu_placement), within the cores of the test worker that launches them."""
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", **extra}
 
 
 def run_deepspeed(

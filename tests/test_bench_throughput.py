@@ -1,7 +1,6 @@
 """The end-to-end throughput benchmark (bench/pretrain_throughput.py) at CPU size, and its step timer."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -47,11 +46,9 @@ def test_cpu_benchmark_writes_the_documented_json(packed_tiny, tmp_path):
     args = ["--shards", str(packed_tiny), "--arch", "resnet18", "--size", "32", "--batch", "4"]
     args += ["--steps", "2", "--warmup", "1", "--threads", "1", "--curve-steps", "2", "--out", str(out)]
     args += ["--set", "loss.bt.proj_dims=[64, 64]", "moco.queue_size=64"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "bench/pretrain_throughput.py", *args],
         cwd=REPO,
-        env=env,
         capture_output=True,
         text=True,
         timeout=600,

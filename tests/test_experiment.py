@@ -510,7 +510,9 @@ def test_the_shipped_demo_experiment_plans_its_cells_under_the_launcher(tmp_path
     launcher = cmd[cmd.index("--") + 1 :] if "--" in cmd else cmd
     assert Path(launcher[0]).name == "deepspeed" and launcher[launcher.index("--num_gpus") + 1] == "2"
     assert launcher[launcher.index("--module") + 1 :] == list(pretrain.module_args)
-    assert env["DS_ACCELERATOR"] == "cpu" and env["OMP_NUM_THREADS"] == "1"
+    assert env["DS_ACCELERATOR"] == "cpu"
+    # the whole machine: the ranks place themselves (ilm_dist.cpu_placement), no thread count imposed
+    assert env.get("OMP_NUM_THREADS") == os.environ.get("OMP_NUM_THREADS")
     analyse = next(c for c in cells if c.kind == "analyse")  # one process
     one = module_command(analyse.module_args, analyse.resources)[0]
     assert Path(one[one.index("-m") - 1]).name.startswith("python") and "deepspeed" not in " ".join(one)

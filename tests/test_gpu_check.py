@@ -150,7 +150,6 @@ def test_dry_run_runs_every_stage_and_prints_the_device_calls(tmp_path):
         **os.environ,
         "PYTHON": sys.executable,
         "GPU_CHECK_WORK": str(tmp_path / "work"),
-        "OMP_NUM_THREADS": "1",
     }
     proc = subprocess.run(
         ["bash", "bench/gpu_check.sh", "--dry-run", str(out)],

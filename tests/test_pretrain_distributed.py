@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ilm_dist.cpu_placement import available_cores, plan_placement
 from ilm_dist.serialization import load_tensors
 from tests.launcher import read_metrics, run_deepspeed
 
@@ -50,6 +51,11 @@ def test_two_ranks_train_with_identical_queues(uninterrupted):
     assert state["world_size"] == 2 and state["step"] == 12
     assert state["queue_ptr"] == 12 * 16 % 48
     assert len(set(state["queue_sha256_per_rank"])) == 1
+    # each rank ran with the threads and cores its placement gave it, read back on the rank itself
+    plan = plan_placement(2, loader_workers=1, cores=available_cores())  # demo.yaml: 1 loader worker
+    cores = [list(plan.cores_of(r)) if plan.bound else list(available_cores()) for r in range(2)]
+    assert state["cpu_per_rank"] == [{"threads": plan.threads, "cores": c} for c in cores]
+    assert state["cpu_placement"] == plan.describe()
     for name in ("config.yaml", "backbone.pt", "checkpoints/latest"):
         assert (uninterrupted / name).exists(), name
     assert list((uninterrupted / "tensorboard").iterdir())

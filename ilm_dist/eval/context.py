@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from ilm_dist.config import RunConfig, load_config
+from ilm_dist.cpu_placement import place_this_process
 from ilm_dist.data.manifest import Manifest, load_manifest
 from ilm_dist.data.shard_reader import ShardReader
 from ilm_dist.distributed import dist_info, init_process_group, on_main
@@ -206,7 +207,7 @@ def open_context(target: EvalTarget, device: torch.device | None = None) -> Eval
         )
     cfg = load_config(config_path, overrides)
     if device is None:
-        device = join_launcher(cfg)
+        device = join_launcher(cfg, target.workers)
     if cfg.data.shards is None:
         raise EvalError(f"{config_path}: data.shards is not set (evaluation needs a packed dataset)")
     manifest = load_manifest(cfg.data.shards)
@@ -259,11 +260,13 @@ def apply_inputs(cfg: RunConfig, protocol: EvalProtocol, init: InitSpec) -> None
     cfg.aug.mean, cfg.aug.std = unit
 
 
-def join_launcher(cfg: RunConfig) -> torch.device:
-    """This process's device. Under the ``deepspeed`` launcher (``WORLD_SIZE`` > 1) it joins the process
-    group as pretraining does (:func:`ilm_dist.distributed.init_process_group`: NCCL on GPUs, gloo on
-    CPUs, ``engine.collective_timeout_s``) and takes its local GPU; in one process (plain ``python``)
+def join_launcher(cfg: RunConfig, workers: int) -> torch.device:
+    """This process's device, its CPU placement applied first (``workers`` loader workers per rank, see
+    :mod:`ilm_dist.cpu_placement`). Under the ``deepspeed`` launcher (``WORLD_SIZE`` > 1) it joins the
+    process group as pretraining does (:func:`ilm_dist.distributed.init_process_group`: NCCL on GPUs, gloo
+    on CPUs, ``engine.collective_timeout_s``) and takes its local GPU; in one process (plain ``python``)
     there is no process group: CUDA when available, else the CPU."""
+    place_this_process(workers, cfg.cpu, gpu=torch.cuda.is_available())
     if dist_info().world_size > 1:
         return init_process_group(cfg.engine.dist_backend, cfg.engine.collective_timeout_s)[1]
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ilm_dist.config import ConfigError, load_config
+from ilm_dist.cpu_placement import place_this_process
 from ilm_dist.data.manifest import ManifestError, load_manifest
 from ilm_dist.errors import ArgumentParser, fail
 from ilm_dist.eval.features import extract_block_features
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         trained = build_classifier(cfg.model.arch, load_state(resolve_init(str(run))), 1000, str(run))
     except (ConfigError, ManifestError, FileNotFoundError, ValueError) as err:
         fail(str(err))
+    print(f"cpu placement: {place_this_process(0, cfg.cpu, announce=False).describe()}")
     torch.manual_seed(cfg.seed + 1)
     results = {
         "trained": block_knn_accuracies(trained, manifest, cfg, args.bank_split, args.split),

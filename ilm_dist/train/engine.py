@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ilm_dist.config import ConfigError
+from ilm_dist.cpu_placement import cpu_has_amx
 from ilm_dist.serialization import load_tensors, save_tensors
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -68,6 +69,20 @@ def resolve_deepspeed_config(path: str | None, micro_batch: int) -> dict[str, An
     ds["zero_allow_untested_optimizer"] = True  # our torch optimizer, deliberately
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def with_cpu_autocast(
+    ds_config: dict[str, Any], mode: str, device: torch.device
+) -> tuple[dict[str, Any], str]:
+    """``engine.cpu_autocast``: with ``auto``, a CPU rank whose CPU has AMX runs bf16 autocast where the
+    DeepSpeed config sets none (on the project's AMX Xeon 1.7-2.5x faster at 64-224 px than fp32,
+    no faster at 32 px: bench/NOTES.md, section h). Returns the config and the reason, for the plan line."""
+    if mode == "none" or device.type != "cpu" or ds_config.get("torch_autocast", {}).get("enabled"):
+        return ds_config, ""
+    if not cpu_has_amx():
+        return ds_config, "engine.cpu_autocast=auto: fp32, this CPU has no AMX"
+    autocast = {"torch_autocast": {"enabled": True, "dtype": AUTOCAST_SPELLING["bf16"]}}
+    return {**ds_config, **autocast}, "engine.cpu_autocast=auto: bf16 autocast, this CPU has AMX"
 
 
 def precision_of(ds_config: dict[str, Any], path: str | Path = "the DeepSpeed config") -> str:

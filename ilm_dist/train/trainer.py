@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ilm_dist import distributed as D
 from ilm_dist.config import RunConfig, read_yaml_mapping, save_config
+from ilm_dist.cpu_placement import current_placement, place_this_process
 from ilm_dist.data import Placement, TwoViewBatch, build_pretrain_loader
 from ilm_dist.errors import InputError
 from ilm_dist.moco.key_encoder import KeyEncoder
@@ -57,6 +58,10 @@ class Trainer:
         timer: StepTimer | None = None,
     ):
         self.cfg = cfg
+        # before any thread exists: the rank's cores and intra-op threads (ilm_dist.cpu_placement)
+        self.cpu = place_this_process(
+            cfg.data.num_workers, cfg.cpu, gpu=D.select_accelerator() == "cuda", announce=False
+        )
         self.info, self.device = D.init_process_group(
             cfg.engine.dist_backend, cfg.engine.collective_timeout_s
         )
@@ -71,11 +76,17 @@ class Trainer:
         )
         self.loader = build_pretrain_loader(cfg.data, cfg.aug, where)
         ds_config = ds_engine.resolve_deepspeed_config(cfg.engine.deepspeed_config, cfg.data.batch_size)
+        ds_config, precision_note = ds_engine.with_cpu_autocast(
+            ds_config, cfg.engine.cpu_autocast, self.device
+        )
         self.grad_accum = ds_config["gradient_accumulation_steps"]
         self.total_steps = self._total_steps()
         if self.info.is_main:
             per_epoch = self.loader.steps_per_epoch // self.grad_accum
-            log.info("%s", training_plan(cfg, per_epoch, self.info.world_size, self.grad_accum))
+            plan = training_plan(cfg, per_epoch, self.info.world_size, self.grad_accum)
+            log.info(
+                "%s; cpu: %s%s", plan, self.cpu.describe(), f"; {precision_note}" if precision_note else ""
+            )
         self.dtype = ds_engine.DTYPES[ds_engine.precision_of(ds_config)]
         model = self._build_model()
         self.key_encoder = KeyEncoder(model.encoder).to(self.device, memory_format=self._memory_format())
@@ -335,6 +346,7 @@ class Trainer:
     def _write_final_state(self) -> None:
         """Check that every rank ended with the same queue, and record it in ``final_state.json``."""
         checksums = D.all_gather_object(self.queue.checksum())
+        placements = D.all_gather_object(current_placement())  # read back: what each rank ran with
         if len(set(checksums)) != 1:
             raise RuntimeError(f"the key queues differ between ranks at step {self.global_step}: {checksums}")
         if self.info.is_main:
@@ -344,6 +356,8 @@ class Trainer:
                 "queue_ptr": self.queue.ptr,
                 "queue_sha256_per_rank": checksums,
                 "world_size": self.info.world_size,
+                "cpu_placement": self.cpu.describe(),
+                "cpu_per_rank": placements,
                 "best": self.selection.record() if self.selection is not None else None,
                 "export": self.cfg.train.export,
             }

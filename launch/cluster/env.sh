@@ -15,5 +15,6 @@ export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-^lo,docker0}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 # A rank that dies makes the others fail after engine.collective_timeout_s instead of hanging.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-# One CPU thread per rank for intra-op work; DALI and the DataLoader have their own workers.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# CPU threads and cores per rank: ilm_dist places each rank itself (ilm_dist/cpu_placement.py: the node's
+# cores split between its ranks, the loader workers' share left to them). Setting OMP_NUM_THREADS here
+# overrides that thread count and turns the binding off.

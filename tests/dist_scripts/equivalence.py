@@ -43,6 +43,10 @@ def run(name: str, out: Path, shards: str, batch: int) -> None:
             "optim.lr=0.2",
             f"output_dir={out / name}",
             "train.deterministic=true",
+            # fp32 and NCHW on every machine: the demo's bf16 autocast (AMX CPUs) rounds a batch of 2B
+            # and two of B apart, which is not what this compares
+            "engine.cpu_autocast=none",
+            "model.channels_last=false",
         ],
     )
     trainer = Trainer(cfg)
