@@ -64,8 +64,8 @@ class Encoder(nn.Module):
         return EncoderOutput(self.head(feats["pooled"]), [feats[name] for name in BLOCK_NODES])
 
     def backbone_state_dict(self) -> dict[str, Tensor]:
-        """The backbone's weights under torchvision's names (no ``fc``), as fp32 CPU tensors."""
+        """The backbone's weights under torchvision's names (no ``fc``), as contiguous fp32 CPU tensors."""
         return {
-            k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
+            k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
             for k, v in self.backbone.state_dict().items()
         }

@@ -102,9 +102,16 @@ def precision_of(ds_config: dict[str, Any], path: str | Path = "the DeepSpeed co
     return AUTOCAST_NAMES[name]
 
 
-def wrap(model: torch.nn.Module, optimizer, scheduler, ds_config: dict[str, Any]):
+def wrap(
+    model: torch.nn.Module, optimizer, scheduler, ds_config: dict[str, Any], channels_last: bool = False
+):
     """Hand the trainable module to DeepSpeed; returns the engine, reading and writing its checkpoint
-    files through :func:`safe_checkpoint_engine`."""
+    files through :func:`safe_checkpoint_engine`. ``channels_last`` (``model.channels_last``): under ZeRO
+    stage 0 the module's weights turn channels-last once DeepSpeed has started (its start-up broadcast views
+    every weight as bytes, ``p.data.view(torch.uint8)``, which a channels-last weight refuses), so that
+    the convolutions of a channels-last step do not convert their weights every step (9% of a bf16 step at
+    64 px on the project's CPU, bench/NOTES.md section h); ZeRO 1/2 keep them contiguous in their flat
+    partitions."""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
@@ -115,6 +122,8 @@ def wrap(model: torch.nn.Module, optimizer, scheduler, ds_config: dict[str, Any]
         # one rank: DeepSpeed would still flatten, all-reduce and copy back every gradient each step, which
         # changes nothing (same weights, bitwise) and costs 2-7% of a CPU step (bench/NOTES.md, section g)
         engine.enable_backward_allreduce = False
+    if channels_last and engine.zero_optimization_stage() == 0:
+        engine.module.to(memory_format=torch.channels_last)
     return engine
 
 

@@ -93,7 +93,7 @@ class Trainer:
         global_batch = cfg.data.batch_size * self.info.world_size * self.grad_accum
         optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim, global_batch))
         scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
-        self.engine = ds_engine.wrap(model, optimizer, scheduler, ds_config)
+        self.engine = ds_engine.wrap(model, optimizer, scheduler, ds_config, cfg.model.channels_last)
         self.queue = KeyQueue(cfg.moco.queue_size, cfg.moco.dim, self.device, cfg.seed)
         self.epoch, self.step_in_epoch, self.micro_steps = 0, 0, 0
         self.selection = (
@@ -144,10 +144,9 @@ class Trainer:
         model = MoCoILM(self.cfg.model, self.cfg.moco, self.cfg.loss)
         if self.cfg.moco.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        # The engine's weights stay contiguous even with model.channels_last: DeepSpeed 0.19.8's
-        # _broadcast_model views every parameter as bytes (p.data.view(torch.uint8)), which fails on a
-        # channels-last conv weight. Convolutions follow their input's layout, so channels-last inputs
-        # (train_step), loader layout (data backends) and key encoder (__init__) are enough.
+        # Contiguous until DeepSpeed has started (ds_engine.wrap turns the weights channels-last after its
+        # start-up broadcast, under ZeRO stage 0); channels-last inputs (train_step), loader layout (data
+        # backends) and key encoder (__init__) follow model.channels_last from the start.
         return model.to(self.device)
 
     def _memory_format(self) -> torch.memory_format:
