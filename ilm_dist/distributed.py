@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -191,8 +192,17 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    """Destroy the process group, if any; exiting with a live gloo group can abort in its C++ threads."""
-    if is_initialized():
+    """Destroy the process group, if any; exiting with a live gloo group can abort in its C++ threads.
+
+    Through DeepSpeed when DeepSpeed started it, which then also drops its cached groups: destroyed by torch
+    alone, the next group in this process failed in ``deepspeed.initialize`` ("Group ... is not
+    registered"), e.g. a second pretraining run in one notebook or test process."""
+    if not is_initialized():
+        return
+    comm = sys.modules.get("deepspeed.comm")
+    if comm is not None and comm.is_initialized():
+        comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
 
 

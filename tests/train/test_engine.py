@@ -1,7 +1,9 @@
-"""train/engine.py: channels-last weights after DeepSpeed's start-up (ZeRO stage 0), one process."""
+"""train/engine.py in one process: channels-last weights after DeepSpeed's start-up (ZeRO stage 0), and a
+second engine after the first one's process group was shut down."""
 
 import torch
 
+from ilm_dist import distributed as D
 from ilm_dist.config import load_config
 from ilm_dist.train.trainer import Trainer
 from tests.launcher import REPO
@@ -42,3 +44,15 @@ def test_channels_last_weights_train_as_contiguous_ones_and_export_contiguous(tm
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
     exported = nhwc.engine.module.encoder.backbone_state_dict()
     assert all(v.is_contiguous() for v in exported.values())
+
+
+def test_a_second_run_after_shutdown_starts_in_the_same_process(tmp_path):
+    """distributed.shutdown goes through DeepSpeed, which drops its cached groups: destroyed by torch alone,
+    the next deepspeed.initialize in the process failed ("Group ... is not registered")."""
+    first = trainer(tmp_path / "a", False)
+    first.train_step(next(iter(first.loader.epoch(0))))
+    D.shutdown()
+    second = trainer(tmp_path / "b", False)
+    terms = second.train_step(next(iter(second.loader.epoch(0))))
+    assert torch.isfinite(terms["loss"])
+    D.shutdown()
