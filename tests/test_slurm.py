@@ -26,10 +26,14 @@ HOSTILE = [
 ]
 
 SRUN = """#!/usr/bin/env bash
-# srun stub: run the command once per task, with SLURM's per-task variables
-[ "$1" = "--ntasks-per-node=1" ] && { shift; tasks=$SLURM_NNODES; per_node=1; } || { tasks=$SLURM_NTASKS; per_node=$((SLURM_NTASKS / SLURM_NNODES)); }
+# srun stub: run the command once per task, with SLURM's per-task variables and its own flags (SRUN_FLAGS)
+flags=()
+while [[ "$1" == --* ]]; do flags+=("$1"); shift; done
+if [[ " ${flags[*]} " == *" --ntasks-per-node=1 "* ]]; then tasks=$SLURM_NNODES; per_node=1
+else tasks=$SLURM_NTASKS; per_node=$((SLURM_NTASKS / SLURM_NNODES)); fi
 for ((t = 0; t < tasks; t++)); do
-  SLURM_PROCID=$t SLURM_LOCALID=$((t % per_node)) SLURM_NODEID=$((t / per_node)) "$@" || exit $?
+  SRUN_FLAGS="${flags[*]}" SLURM_PROCID=$t SLURM_LOCALID=$((t % per_node)) SLURM_NODEID=$((t / per_node)) "$@" \
+    || exit $?
 done
 """
 SCONTROL = (
@@ -42,7 +46,7 @@ RECORDER = """#!/usr/bin/env python3
 import json, os, sys
 with open(os.environ["RECORD"], "a") as f:
     f.write(json.dumps({"argv": sys.argv[1:], "env": {k: v for k, v in os.environ.items() if k in
-        ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")},
+        ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE", "SRUN_FLAGS")},
         "hostfile": open(sys.argv[sys.argv.index("--hostfile") + 1]).read() if "--hostfile" in sys.argv else None}) + "\\n")
 """
 
@@ -115,5 +119,8 @@ def test_gpu_mode_starts_every_rank_with_the_arguments_unchanged(cluster):
     assert [c["env"]["RANK"] for c in calls] == [str(r) for r in range(8)]
     assert [c["env"]["LOCAL_RANK"] for c in calls] == [str(r % 4) for r in range(8)]
     assert {c["env"]["WORLD_SIZE"] for c in calls} == {"8"}
+    # srun binds each task to its own cores, and a task is the only rank in its mask (no LOCAL_SIZE), so
+    # ilm_dist's CPU placement gives each rank exactly the cores SLURM bound it to
+    assert all(c["env"]["SRUN_FLAGS"] == "--cpu-bind=cores" and "LOCAL_SIZE" not in c["env"] for c in calls)
     for call in calls:
         assert call["argv"] == ["launch/pretrain.py", *HOSTILE, "--resume"]  # a requeued job resumes
