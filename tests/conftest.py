@@ -77,6 +77,7 @@ LONGEST_FILES = (
     "test_shuffle_bn_distributed.py",
     "test_eval_pipeline.py",
     "test_bench_throughput.py",
+    "test_bench_cpu_bound.py",
 )
 
 

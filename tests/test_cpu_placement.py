@@ -195,3 +195,16 @@ def test_cpu_has_amx_reads_the_flags_of_this_cpu():
     text = Path("/proc/cpuinfo").read_text()
     flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
     assert cpu_has_amx() == (" amx_bf16" in flags)
+
+
+def test_a_bad_omp_num_threads_stops_pretraining_with_one_line_before_anything_is_written(tmp_path):
+    out = tmp_path / "run"
+    args = ["--config", "configs/demo.yaml", "data.backend=synthetic", f"output_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "two"}
+    proc = subprocess.run(
+        [sys.executable, "launch/pretrain.py", *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert lines == ["error: environment variable OMP_NUM_THREADS='two': expected a positive whole number"]
+    assert not out.exists()
