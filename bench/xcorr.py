@@ -40,6 +40,7 @@ from common import ROOT, device_slug, source_commit, write_result
 from torch import Tensor
 
 from ilm_dist.ops import bt_xcorr_loss, check_extension, extension_available
+from ilm_dist.ops.xcorr import tf32_enabled
 
 LAYERS = 4
 EPS = 1e-5
@@ -226,7 +227,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "torch": torch.__version__,
         "load_average_before": [round(load, 2) for load in load_before],
-        "tf32_matmul": torch.get_float32_matmul_precision() != "highest",
+        "tf32_matmul": tf32_enabled(torch.device(device_type)),
         "self_check": self_check,
         "peak_memory": "torch.cuda.max_memory_allocated"
         if device_type == "cuda"

@@ -16,6 +16,7 @@ from torch import Tensor
 from ilm_dist.ops import bt_xcorr_loss, bt_xcorr_loss_reference, check_extension, extension_available
 from ilm_dist.ops import xcorr as xcorr_module
 from ilm_dist.ops.reference import batch_standardize
+from ilm_dist.ops.xcorr import tf32_enabled
 
 needs_ext = pytest.mark.skipif(not extension_available(), reason="ilm_dist._C extension not built")
 cuda_only = pytest.mark.skipif(not (torch.cuda.is_available() and extension_available()), reason="needs CUDA")
@@ -481,3 +482,33 @@ def test_cuda_tf32_on_and_off(shape, tf32):
 def test_cuda_self_check_passes(fresh_self_checks):
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         assert check_extension(torch.device("cuda", torch.cuda.current_device()), dtype) is None
+
+
+@needs_ext
+def test_the_op_is_autocast_safe():
+    """Under the caller's bf16 autocast, fp32 inputs give the fp32 result and gradients (the op's own
+    matmuls once turned bf16 and it raised "bt_xcorr_layer_loss" not implemented for 'BFloat16')."""
+    z1, z2, on, off = make_inputs((2, 20, 40))
+    upstream = upstream_weights(2, dtype=torch.float32)
+    plain = loss_and_grads(ext, z1, z2, on, off, upstream)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = loss_and_grads(ext, z1, z2, on, off, upstream)
+    for got, want in zip(under, plain, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("setting", "expected"), [("tf32", True), ("ieee", False)])
+def test_the_tf32_probe_reads_the_new_precision_api(setting, expected):
+    """torch >= 2.9: once TF32 is set through fp32_precision (as transformers does), reading the legacy flags
+    raises RuntimeError; the probe reads the new setting instead (it raised before, outside any fallback)."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch without the fp32_precision API")
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = setting
+        assert tf32_enabled(torch.device("cuda")) is expected
+        assert tf32_enabled(torch.device("cpu")) is False
+    finally:
+        matmul.fp32_precision = before

@@ -79,7 +79,10 @@ def bt_xcorr_loss_global(
 
 
 def _op_loss(z1: Tensor, z2: Tensor, on_weight: Tensor, off_weight: Tensor, eps: float) -> Tensor:
-    return torch.ops.ilm_dist.bt_xcorr_loss.default(z1, z2, on_weight, off_weight, eps)[0]
+    # outside the caller's autocast, which would hand the op's own matmuls bf16/fp16 products of fp32
+    # inputs ("bt_xcorr_layer_loss" not implemented for 'BFloat16'); the op picks its precision itself
+    with torch.autocast(z1.device.type, enabled=False):
+        return torch.ops.ilm_dist.bt_xcorr_loss.default(z1, z2, on_weight, off_weight, eps)[0]
 
 
 def _use_extension(impl: Impl, z1: Tensor) -> bool:
@@ -133,14 +136,22 @@ def _check_key(device: torch.device, dtype: torch.dtype) -> tuple[str, torch.dty
     return str(device), dtype
 
 
-def _tf32_enabled(device: torch.device) -> bool:
+def tf32_enabled(device: torch.device) -> bool:
+    """Whether fp32 matmuls on ``device`` may run in TF32: torch >= 2.9's ``fp32_precision`` settings when one
+    is set (reading the legacy flags then raises RuntimeError, "mix of the legacy and new APIs"), else the
+    legacy ``allow_tf32`` / ``float32_matmul_precision``."""
     if device.type != "cuda":
         return False
+    backends = torch.backends
+    for precision in (
+        getattr(backends.cuda.matmul, "fp32_precision", "none"),
+        getattr(backends, "fp32_precision", "none"),
+    ):
+        if precision != "none":
+            return precision == "tf32"
     with warnings.catch_warnings():  # allow_tf32 is deprecated in favour of fp32_precision in newer torch
         warnings.simplefilter("ignore")
-        return (
-            bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
-        )
+        return bool(backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
 
 
 def check_extension(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -161,7 +172,7 @@ def check_extension(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def _run_self_check(device: torch.device, dtype: torch.dtype) -> str | None:
-    tf32 = dtype == torch.float32 and _tf32_enabled(device)
+    tf32 = dtype == torch.float32 and tf32_enabled(device)
     tolerance = _TOLERANCE["tf32" if tf32 else dtype]
     where = f"{device} {str(dtype).removeprefix('torch.')}" + (" (TF32 matmuls)" if tf32 else "")
     fallback = "this device and dtype use the PyTorch reference instead (bt_xcorr_loss impl='auto')"
@@ -245,9 +256,10 @@ def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
 
 def _backward(ctx, grad_loss: Tensor, _grad_xcorr: Tensor | None) -> tuple[Tensor | None, ...]:
     z1, z2, xcorr, on_weight, off_weight = ctx.saved_tensors
-    dz1, dz2 = torch.ops.ilm_dist.bt_xcorr_loss_backward.default(
-        grad_loss.contiguous(), z1, z2, xcorr, on_weight, off_weight, ctx.eps
-    )
+    with torch.autocast(z1.device.type, enabled=False):  # as the forward (_op_loss)
+        dz1, dz2 = torch.ops.ilm_dist.bt_xcorr_loss_backward.default(
+            grad_loss.contiguous(), z1, z2, xcorr, on_weight, off_weight, ctx.eps
+        )
     return (
         dz1 if ctx.needs_input_grad[0] else None,
         dz2 if ctx.needs_input_grad[1] else None,
