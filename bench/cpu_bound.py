@@ -6,7 +6,7 @@ For each rank count in ``--ranks`` the script starts that many ranks (plain ``py
 every rank and no binding, as before). Every rank builds, in that placement:
 
 - ``bound``: a plain PyTorch MoCo step of the same model, batch, image size, precision and memory format:
-  torchvision ResNet + MLP head, query forward + backward (InfoNCE against the queue, plus the pooled-MSE
+  torchvision ResNet + MoCo head run block by block (``bench/moco_baseline.py``'s ``BaselineEncoder``), query forward + backward (InfoNCE against the queue, plus the pooled-MSE
   block loss when ``loss.type`` is ``mse``), key forward, EMA, SGD; ``DistributedDataParallel`` on 2+
   ranks. Nothing of ilm_dist but the batches;
 - ``ilm_step``: ``Trainer.train_step`` on the same in-memory batches (data loading excluded);
@@ -44,9 +44,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from common import ROOT, device_slug, source_commit, write_result
-from torch import nn
+from moco_baseline import BaselineEncoder
 from torch.nn.parallel import DistributedDataParallel
-from torchvision import models
 
 from ilm_dist import distributed as D
 from ilm_dist.config import RunConfig, load_config
@@ -94,32 +93,13 @@ def run_config(args: argparse.Namespace, placement: str, out: Path) -> RunConfig
 # --------------------------------------------------------------------------- the bound
 
 
-class PlainMoco(nn.Module):
-    """torchvision ResNet with MoCo v2's MLP head, returning the embedding and the four block outputs."""
-
-    def __init__(self, cfg: RunConfig):
-        super().__init__()
-        self.net = getattr(models, cfg.model.arch)(zero_init_residual=cfg.model.zero_init_residual)
-        width = self.net.fc.in_features
-        self.net.fc = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, cfg.moco.dim))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        n = self.net
-        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
-        blocks = []
-        for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
-            x = layer(x)
-            blocks.append(x)
-        return n.fc(torch.flatten(n.avgpool(x), 1)), blocks
-
-
 class PlainStep:
     """One plain MoCo step: what the hardware has to do for this shape, without ilm_dist's machinery."""
 
     def __init__(self, cfg: RunConfig, lr: float, dtype: torch.dtype):
         self.cfg = cfg
         fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-        query = PlainMoco(cfg).to(memory_format=fmt)
+        query = BaselineEncoder(cfg).to(memory_format=fmt)
         self.key = copy.deepcopy(query).requires_grad_(False)
         self.query = DistributedDataParallel(query) if D.world_size() > 1 else query
         self.optimizer = torch.optim.SGD(query.parameters(), lr=lr, momentum=cfg.optim.momentum)
