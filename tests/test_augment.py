@@ -129,7 +129,7 @@ def test_parameters_follow_torchvisions_distributions():
     """Crop area and aspect ratio, factors and coin flips over many draws, against the configured ranges."""
     aug = AugConfig(crop_scale=[0.2, 1.0], color_jitter=[0.4, 0.3, 0.2, 0.1], rotation=30.0)
     gen = np.random.default_rng(0)
-    rows = torch.tensor([draw_view(aug, 64, 64, gen).values for _ in range(4000)])
+    rows = torch.tensor([draw_view(aug, 64, 64, gen) for _ in range(4000)])
     col = {k: rows[:, i] for k, i in COLUMN.items()}
     w, h = col["x1"] - col["x0"], col["y1"] - col["y0"]
     area = w * h / 64**2

@@ -14,8 +14,8 @@ batched they cost a few percent of it (bench/NOTES.md, section h). Only the crop
 a time (one ``interpolate`` per view: images differ in size).
 
 A sample's parameters are drawn from a NumPy generator seeded by (seed, epoch, sample) in
-:meth:`MocoViews.sample` (the loader's worker), and its views depend on nothing else: not the batch it lands in, the worker count
-or the number of ranks (the data contract in :mod:`ilm_dist.data.batch`).
+:meth:`MocoViews.sample` (the loader's worker), and its views depend on nothing else: not the batch it lands
+in, the worker count or the number of ranks (the data contract in :mod:`ilm_dist.data.batch`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (torchvisi
 LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601 weights, as torchvision's rgb_to_grayscale
 FLIP_P = 0.5  # RandomHorizontalFlip (He et al. 2020; MoCo v2); RandomVerticalFlip where configured
 CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes, then falls back to a central crop
-# one view's parameters, one float each, in this order (a row of ViewParams.values)
+# one view's parameters, one float each, in this order (what draw_view returns)
 FIELDS = ("x0", "y0", "x1", "y1", "jitter", "o0", "o1", "o2", "o3", "brightness", "contrast", "saturation")
 FIELDS += ("hue", "gray", "blur", "sigma", "angle", "hflip", "vflip")
 COLUMN = {name: i for i, name in enumerate(FIELDS)}
@@ -78,19 +78,9 @@ def _jitter_range(value: float, center: float) -> tuple[float, float]:
     return (-value, value) if center == 0 else (max(0.0, center - value), center + value)
 
 
-@dataclass(frozen=True)
-class ViewParams:
-    """The parameters of one view of one sample (``values``, one float per name in ``FIELDS``)."""
-
-    values: tuple[float, ...]
-
-    def __getitem__(self, name: str) -> float:
-        return self.values[COLUMN[name]]
-
-
-def draw_view(aug: AugConfig, height: int, width: int, gen: np.random.Generator) -> ViewParams:
-    """One view's parameters, drawn as torchvision's transforms draw them (a factor is 1, or hue 0, where
-    its setting is 0, as torchvision leaves that operation out)."""
+def draw_view(aug: AugConfig, height: int, width: int, gen: np.random.Generator) -> tuple[float, ...]:
+    """One view's parameters, one per name in ``FIELDS``, drawn as torchvision's transforms draw them (a
+    factor is 1, or hue 0, where its setting is 0, as torchvision leaves that operation out)."""
     box = crop_box(height, width, aug.crop_scale, gen)
     jitter = _coin(aug.color_jitter_p, gen)
     order = gen.permutation(4).tolist()
@@ -106,7 +96,7 @@ def draw_view(aug: AugConfig, height: int, width: int, gen: np.random.Generator)
     hflip = aug.hflip and _coin(FLIP_P, gen)
     vflip = aug.vflip and _coin(FLIP_P, gen)
     flags = (jitter, *order, *factors, gray, blur, sigma, angle, hflip, vflip)
-    return ViewParams(tuple(float(v) for v in (*box, *flags)))
+    return tuple(float(v) for v in (*box, *flags))
 
 
 @dataclass
@@ -127,7 +117,7 @@ class MocoViews:
     def sample(self, pixels: Tensor, gen: np.random.Generator) -> SampleViews:
         """``pixels``: uint8 ``[H, W, 3]`` (``ShardReader.pixels``)."""
         height, width, _ = pixels.shape
-        rows = [draw_view(self.aug, height, width, gen).values for _ in range(self.views)]
+        rows = [draw_view(self.aug, height, width, gen) for _ in range(self.views)]
         return SampleViews(pixels, torch.tensor(rows, dtype=torch.float64))
 
     def collate(self, samples: list[SampleViews]) -> list[Tensor]:
@@ -238,9 +228,7 @@ def color_jitter(images: Tensor, params: Tensor, on: Tensor) -> Tensor:
             other = torch.where(kind == 1, gray.mean((-3, -2, -1), keepdim=True), gray) * (kind != 0)
             images = _blend(images, other, factor)
         hue = doing & (op[:, 0] == 3)
-        if hue.any():
-            images = images.clone()
-            images[hue] = adjust_hue(images[hue], factors[hue, 3])
+        images = _where(hue, images, lambda x, shift=factors[hue, 3]: adjust_hue(x, shift))
     return images
 
 
