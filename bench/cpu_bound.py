@@ -29,6 +29,7 @@ read back (threads, cores), samples/s per variant, ratios to the bound and the l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -49,7 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ilm_dist import distributed as D
 from ilm_dist.config import RunConfig, load_config
-from ilm_dist.cpu_placement import current_placement
+from ilm_dist.cpu_placement import available_cores, cpu_flags, current_placement
 from ilm_dist.data import TwoViewBatch
 from ilm_dist.train.trainer import Trainer
 
@@ -74,7 +75,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def run_config(args: argparse.Namespace, placement: str, out: Path) -> RunConfig:
-    threads = ["cpu.threads=" + str(len(os.sched_getaffinity(0))), "cpu.bind=false"]
+    threads = [f"cpu.threads={len(available_cores())}", "cpu.bind=false"]
     overrides = [
         f"data.shards={args.shards}",
         "data.backend=torch",
@@ -257,17 +258,13 @@ def launch(args: argparse.Namespace, ranks: int, placement: str, out: Path) -> d
 
 
 def cpu_description() -> dict:
-    flags = set()
     model = platform.processor()
-    with open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-            elif line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    flags = cpu_flags()
     return {
         "model": model,
-        "cores": len(os.sched_getaffinity(0)),
+        "cores": len(available_cores()),
         "amx_bf16": "amx_bf16" in flags,
         "avx512_bf16": "avx512_bf16" in flags,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),

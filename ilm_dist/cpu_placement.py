@@ -76,13 +76,19 @@ def _core_list(cores: Sequence[int]) -> str:
     return ",".join(map(str, cores))
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX bf16 tiles (``amx_bf16`` in /proc/cpuinfo; False where there is none)."""
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (the ``flags`` line of /proc/cpuinfo; empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as info:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in info)
+            line = next((line for line in info if line.startswith("flags")), ":")
     except OSError:
-        return False
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX bf16 tiles (``amx_bf16``)."""
+    return "amx_bf16" in cpu_flags()
 
 
 def available_cores() -> tuple[int, ...]:
