@@ -344,8 +344,9 @@ class Trainer:
 
     def _write_final_state(self) -> None:
         """Check that every rank ended with the same queue, and record it in ``final_state.json``."""
-        checksums = D.all_gather_object(self.queue.checksum())
-        placements = D.all_gather_object(current_placement())  # read back: what each rank ran with
+        # with the queue, what each rank ran with, read back from torch and the OS
+        gathered = D.all_gather_object((self.queue.checksum(), current_placement()))
+        checksums, placements = [c for c, _ in gathered], [p for _, p in gathered]
         if len(set(checksums)) != 1:
             raise RuntimeError(f"the key queues differ between ranks at step {self.global_step}: {checksums}")
         if self.info.is_main:
