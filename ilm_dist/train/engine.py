@@ -75,8 +75,8 @@ def with_cpu_autocast(
     ds_config: dict[str, Any], mode: str, device: torch.device
 ) -> tuple[dict[str, Any], str]:
     """``engine.cpu_autocast``: with ``auto``, a CPU rank whose CPU has AMX runs bf16 autocast where the
-    DeepSpeed config sets none (on the project's AMX Xeon 1.7-2.5x faster at 64-224 px than fp32,
-    no faster at 32 px: bench/NOTES.md, section h). Returns the config and the reason, for the plan line."""
+    DeepSpeed config sets none (on the project's AMX Xeon a step was 1.3x faster than fp32 at 64 px and 2.1x
+    at 224 px, no faster at 32 px: bench/NOTES.md, section h). Returns the config and the reason, for the plan line."""
     if mode == "none" or device.type != "cpu" or ds_config.get("torch_autocast", {}).get("enabled"):
         return ds_config, ""
     if not cpu_has_amx():
