@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ilm_dist import distributed as D
+
 
 class NonFiniteLoss(FloatingPointError):
     """A loss term became NaN or inf; the message names the step and the term."""
@@ -33,16 +35,30 @@ class NanWatch:
         self.values.append(torch.stack([terms[n].detach().float() for n in self.names]))
 
     def check(self) -> None:
-        """Raise :class:`NonFiniteLoss` for the first recorded step with a non-finite term; then forget."""
+        """Raise :class:`NonFiniteLoss` for the first recorded step with a non-finite term; then forget.
+
+        Collective: every rank calls it at the same point and shares its verdict first, so a non-finite loss
+        on one rank stops every rank with the same message (naming that rank) instead of leaving the others in
+        the next collective until its timeout (NCCL; gloo fails fast)."""
+        found = self._first_non_finite()
+        verdicts = D.all_gather_object(found) if D.world_size() > 1 else [found]
+        bad = [(rank, message) for rank, message in enumerate(verdicts) if message is not None]
+        if bad:
+            rank, message = bad[0]
+            raise NonFiniteLoss(message + (f" on rank {rank}" if len(verdicts) > 1 else ""))
+
+    def _first_non_finite(self) -> str | None:
+        """The first recorded step with a non-finite term, as a message; None if all are finite. Forgets them."""
         if not self.values:
-            return
+            return None
         values = torch.stack(self.values).cpu()
         steps, self.steps, self.values = self.steps, [], []
         bad = ~torch.isfinite(values)
-        if bad.any():
-            row = int(bad.any(dim=1).nonzero()[0])
-            terms = {n: float(v) for n, v, b in zip(self.names, values[row], bad[row], strict=True) if b}
-            raise NonFiniteLoss(f"step {steps[row]}: non-finite loss term(s) {terms}")
+        if not bad.any():
+            return None
+        row = int(bad.any(dim=1).nonzero()[0])
+        terms = {n: float(v) for n, v, b in zip(self.names, values[row], bad[row], strict=True) if b}
+        return f"step {steps[row]}: non-finite loss term(s) {terms}"
 
 
 class Heartbeat:

@@ -290,6 +290,8 @@ class Trainer:
                 keys = self._key_features(batch.view2)
         with phase("forward"):
             terms = self.engine(batch.view1, keys, self.queue.keys)
+        if faults.injected("nan", self.global_step + 1):
+            terms = {name: term * float("nan") for name, term in terms.items()}
         with phase("backward"):
             self.engine.backward(terms["loss"])
         with phase("optimizer"):
