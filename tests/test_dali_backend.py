@@ -20,9 +20,10 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 from ilm_dist.config import AugConfig, ConfigError, DaliConfig, DataConfig, RunConfig, load_config
-from ilm_dist.data import Placement, build_pretrain_loader
+from ilm_dist.data import Placement, build_pretrain_loader, dali_shards
 from ilm_dist.data.dali_backend import DaliLoader, two_view_pipeline
-from ilm_dist.data.manifest import ManifestError
+from ilm_dist.data.dali_shards import find_undecodable
+from ilm_dist.data.manifest import ManifestError, load_manifest
 from tests.dali_fixtures import Sample, image_samples, jpeg, label, write_dataset
 
 CPU = torch.device("cpu")
@@ -289,6 +290,27 @@ def test_skip_bad_drops_and_counts(tmp_path):
         assert "4 bad skipped" in loader.description and loader.steps_per_epoch == 64 // 16
         seen |= {i for b in loader.epoch(0) for i in b.indices.tolist()}
     assert seen == set(range(68)) - {3, 20, 33, 50}
+
+
+def test_the_decode_scan_splits_the_samples_between_ranks(tmp_path, monkeypatch):
+    """Each of R ranks decodes every R-th sample; the parts together find what one process finds."""
+    samples = [good(i) for i in range(37)]
+    for i in (5, 6, 30):
+        samples[i] = replace(samples[i], jpg=b"\xff\xd8 not a jpeg")
+    samples[11] = replace(samples[11], jpg=None)  # no .jpg: left to the index check
+    manifest = load_manifest(write_dataset(tmp_path, samples, ["a", "b"]))
+    decoded = []
+    real = dali_shards.decode_problem
+    monkeypatch.setattr(dali_shards, "decode_problem", lambda data: decoded.append(data) or real(data))
+    whole = find_undecodable(manifest, "train")
+    assert sorted(key for _, key in whole) == ["s000005", "s000006", "s000030"]
+    parts = []
+    for part in range(3):
+        decoded.clear()
+        parts.append(find_undecodable(manifest, "train", part, 3))
+        expected = [s.jpg for i, s in enumerate(samples) if i % 3 == part and s.jpg is not None]
+        assert decoded == expected
+    assert {k: v for found in parts for k, v in found.items()} == whole
 
 
 # ------------------------------------------------------------------------------------------- wiring

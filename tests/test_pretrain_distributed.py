@@ -3,13 +3,16 @@
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from ilm_dist.cpu_placement import available_cores, plan_placement
 from ilm_dist.serialization import load_tensors
+from tests.dali_fixtures import image_samples, write_dataset
 from tests.launcher import read_metrics, run_deepspeed
 
 pytestmark = pytest.mark.slow
@@ -148,15 +151,21 @@ def test_zero_optimizer_state_survives_another_world_size(tmp_path):
             torch.testing.assert_close(restored["state"]["params"][name], state, rtol=0, atol=0)
 
 
-def test_non_finite_loss_stops_with_step_and_term(tmp_path):
-    proc = pretrain(tmp_path, "optim.lr=1e30", "train.max_steps=12", "train.ckpt_every=1", check=False)
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_its_step_and_term(tmp_path):
+    """Rank 1 alone sees NaN at step 3: both ranks stop with rank 1's message (not one rank waiting in the next
+    collective, which NCCL would hold until its timeout) at the last good checkpoint."""
+    proc = pretrain(
+        tmp_path, "train.max_steps=12", "train.ckpt_every=1", check=False, ILM_DIST_FAULT="nan@3:1"
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    match = re.search(r"step (\d+): non-finite loss term\(s\) \{'loss'", out)
-    assert match, out[-3000:]
-    bad_step = int(match.group(1))
-    latest = (tmp_path / "checkpoints" / "latest").read_text()
-    assert latest == f"step_{bad_step - 1}", "the last good checkpoint is the one before the bad step"
+    stops = re.findall(r"rank (\d)/2: (step \d+: non-finite loss term\(s\) \{.*\} on rank \d); stopped", out)
+    assert sorted(rank for rank, _ in stops) == ["0", "1"], out[-3000:]
+    (message,) = {message for _, message in stops}  # the same on both ranks
+    assert message.startswith(
+        "step 3: non-finite loss term(s) {'loss': nan, 'moco': nan, "
+    ) and message.endswith("} on rank 1"), message
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_2", "the last good checkpoint"
 
 
 def test_dead_rank_fails_the_job_naming_it(tmp_path):
@@ -176,20 +185,40 @@ def test_dead_rank_fails_the_job_naming_it(tmp_path):
     assert "rank 0 (" not in match.group(1)
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
-def test_two_ranks_on_packed_shards(packed_tiny, tmp_path, backend):
-    """The real data paths under the launcher: torch DataLoader workers, and DALI in CPU mode."""
+def test_two_ranks_on_packed_shards_with_torch_workers(packed_tiny, tmp_path):
+    """The real torch data path under the launcher: DataLoader workers on each rank."""
     pretrain(
         tmp_path,
-        f"data.backend={backend}",
+        "data.backend=torch",
         f"data.shards={packed_tiny}",
         "data.num_workers=1",
         "train.max_steps=4",
     )
-    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert_four_finite_steps_with_one_queue(tmp_path)
+
+
+def test_two_dali_ranks_share_the_bad_jpeg_scan(tmp_path):
+    """DALI in CPU mode under the launcher, with ``data.dali.skip_bad``: the two ranks decode half the split each
+    and drop the same undecodable JPEG."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(130)]
+    samples = image_samples(images, [(i % 2,) for i in range(130)])
+    samples[77] = replace(samples[77], jpg=b"\xff\xd8 not a jpeg")
+    shards = write_dataset(tmp_path / "data", samples, ["a", "b"], per_shard=32)
+    run = tmp_path / "run"
+    args = ["data.backend=dali", f"data.shards={shards}", "data.dali.skip_bad=true", "train.max_steps=4"]
+    proc = pretrain(run, *args)
+    out = proc.stdout + proc.stderr
+    assert "dropping 1 unusable sample(s)" in out and "'s000077': cannot decode JPEG" in out, out[-3000:]
+    assert "129 samples" in out and "(1 bad skipped), JPEGs checked by 2 rank(s) in turn" in out, out[-3000:]
+    assert_four_finite_steps_with_one_queue(run)
+
+
+def assert_four_finite_steps_with_one_queue(run: Path) -> None:
+    records = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
-    assert len(set(json.loads((tmp_path / "final_state.json").read_text())["queue_sha256_per_rank"])) == 1
+    assert len(set(json.loads((run / "final_state.json").read_text())["queue_sha256_per_rank"])) == 1
 
 
 def test_bf16_zero1_channels_last_with_the_bt_op(tmp_path):

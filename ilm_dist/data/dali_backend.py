@@ -22,8 +22,9 @@ with ``model.channels_last`` DALI writes HWC and the views are channels-last NCH
 Bad data: samples without a ``.jpg``/``.lbl`` (or with a ``.lbl`` of the wrong width) are found in the
 index files at start-up, and an undecodable JPEG met during an epoch is traced back to its shard and key
 (see :mod:`ilm_dist.data.dali_shards`); both raise :class:`ManifestError`. With ``data.dali.skip_bad``
-the start-up scan also decodes every JPEG and drops (and counts) the bad samples before DALI sees them;
-an image that passes that scan but fails in nvJPEG still raises.
+the start-up scan also decodes every JPEG (each rank of the group a share, the findings merged) and drops
+(and counts) the bad samples before DALI sees them; an image that passes that scan but fails in nvJPEG
+still raises.
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from ilm_dist import distributed as D
 from ilm_dist.config import AugConfig, DataConfig
 from ilm_dist.data.batch import Placement, TwoViewBatch
 from ilm_dist.data.dali_augment import moco_view
-from ilm_dist.data.dali_shards import BadSample, decode_problem, scan_split, write_indexes
-from ilm_dist.data.manifest import ManifestError, load_manifest
+from ilm_dist.data.dali_shards import BadSample, decode_problem, find_undecodable, scan_split, write_indexes
+from ilm_dist.data.manifest import Manifest, ManifestError, load_manifest
 from ilm_dist.data.sampling import steps_per_epoch
 from ilm_dist.data.shard_format import split_member, squeeze_labels
 
@@ -78,7 +80,9 @@ class DaliLoader:
     def __init__(self, data: DataConfig, aug: AugConfig, where: Placement):
         rank, world_size, device = where.rank, where.world_size, where.device
         self.data, self.aug, self.where = data, aug, where
-        self.scan = scan_split(load_manifest(data.shards), data.split, decode=data.dali.skip_bad)
+        manifest = load_manifest(data.shards)
+        undecodable = _shared_decode_scan(manifest, data.split) if data.dali.skip_bad else None
+        self.scan = scan_split(manifest, data.split, undecodable)
         self._check_scan()
         self.index_paths = self._index_paths()
         self.device_id = None if device.type == "cpu" else _cuda_index(device)
@@ -92,7 +96,8 @@ class DaliLoader:
         where = "cpu" if self.device_id is None else f"cuda:{self.device_id}"
         self.description = (
             f"dali ({where}): {self.scan.num_samples} samples of {data.shards} [{data.split}]"
-            f"{f' ({len(self.scan.bad)} bad skipped)' if self.scan.bad else ''}, rank {rank} reads part "
+            f"{f' ({len(self.scan.bad)} bad skipped)' if self.scan.bad else ''}"
+            f"{f', JPEGs checked by {D.world_size()} rank(s) in turn' if data.dali.skip_bad else ''}, rank {rank} reads part "
             f"{rank + 1}/{world_size}, {self._threads} threads, {self.steps_per_epoch} steps/epoch"
         )
 
@@ -232,3 +237,14 @@ def _listing(bad: list[BadSample]) -> str:
     if len(bad) > LISTED:
         lines.append(f"  ... and {len(bad) - LISTED} more")
     return "\n".join(lines)
+
+
+def _shared_decode_scan(manifest: Manifest, split: str) -> dict[tuple[str, str], str]:
+    """:func:`find_undecodable` over the whole split, each rank of the process group decoding every R-th
+    sample and all of them merged: the same answer on every rank at 1/R of the reading each (every rank
+    decoding everything read the split R times, and uneven file systems could run one rank past the others'
+    collective timeout). A collective when a group of several ranks exists: every rank builds its loader."""
+    found: dict[tuple[str, str], str] = {}
+    for part in D.all_gather_object(find_undecodable(manifest, split, D.rank(), D.world_size())):
+        found |= part
+    return found

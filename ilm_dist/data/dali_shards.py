@@ -10,12 +10,13 @@ the split, and a decode check for the samples a failed pipeline had in flight.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from ilm_dist.data.manifest import Manifest, ManifestError
+from ilm_dist.data.manifest import Manifest, ManifestError, ShardInfo
 from ilm_dist.data.shard_format import (
     REQUIRED_COMPONENTS,
     SampleRef,
@@ -54,35 +55,62 @@ class SplitScan:
         return self.positions[source_info.rsplit(":", 1)[0]]
 
 
-def scan_split(manifest: Manifest, split: str, decode: bool) -> SplitScan:
+def scan_split(
+    manifest: Manifest, split: str, undecodable: Mapping[tuple[str, str], str] | None = None
+) -> SplitScan:
     """Parse every index of ``split``; each sample must have a ``.jpg`` and a ``.lbl`` of the manifest's width.
 
-    With ``decode`` every JPEG is also decoded (at 1/8 scale, which still reads the whole entropy-coded
-    stream): the start-up scan behind ``data.dali.skip_bad``.
+    ``undecodable``: ``(tar, key) -> reason`` of the samples whose JPEG was found undecodable
+    (:func:`find_undecodable`, the start-up scan behind ``data.dali.skip_bad``); they count as bad too.
     """
+    undecodable = undecodable or {}
     scan = SplitScan([], [], [], {}, [])
     position = 0
-    for shard in manifest.split(split).shards:
-        refs, lines = read_index(shard.index)
-        if len(refs) != shard.num_samples:
-            raise ManifestError(f"{shard.index}: {len(refs)} samples, manifest.json says {shard.num_samples}")
+    for shard, refs, lines in _shard_indexes(manifest, split):
         kept = []
-        with open(shard.tar, "rb") as tar:
-            for ref, line in zip(refs, lines, strict=True):
-                reason = component_problem(ref, manifest.label_width)
-                if reason is None and decode:
-                    reason = decode_problem(read_component(tar, ref, "jpg"))
-                if reason is None:
-                    scan.positions[f"{shard.tar}:{ref.components['jpg'][0]}"] = position
-                    kept.append(line)
-                else:
-                    scan.bad.append(BadSample(shard.tar, ref.key, reason))
-                position += 1
+        for ref, line in zip(refs, lines, strict=True):
+            reason = component_problem(ref, manifest.label_width) or undecodable.get(
+                (str(shard.tar), ref.key)
+            )
+            if reason is None:
+                scan.positions[f"{shard.tar}:{ref.components['jpg'][0]}"] = position
+                kept.append(line)
+            else:
+                scan.bad.append(BadSample(shard.tar, ref.key, reason))
+            position += 1
         if kept:
             scan.tars.append(shard.tar)
             scan.indexes.append(shard.index)
             scan.index_lines.append(kept)
     return scan
+
+
+def find_undecodable(
+    manifest: Manifest, split: str, part: int = 0, parts: int = 1
+) -> dict[tuple[str, str], str]:
+    """``(tar, key) -> reason`` for the JPEGs of ``split`` that do not decode, among every ``parts``-th sample
+    from ``part`` on (so ``parts`` processes share the work). Each JPEG is decoded at 1/8 scale, which still
+    reads its whole entropy-coded stream; samples without a ``.jpg`` are left to :func:`scan_split`."""
+    found = {}
+    position = 0
+    for shard, refs, _ in _shard_indexes(manifest, split):
+        with open(shard.tar, "rb") as tar:
+            for ref in refs:
+                if position % parts == part and "jpg" in ref.components:
+                    reason = decode_problem(read_component(tar, ref, "jpg"))
+                    if reason is not None:
+                        found[str(shard.tar), ref.key] = reason
+                position += 1
+    return found
+
+
+def _shard_indexes(manifest: Manifest, split: str) -> Iterator[tuple[ShardInfo, list[SampleRef], list[str]]]:
+    """Each shard of ``split`` with its index's samples and lines, checked against the manifest's count."""
+    for shard in manifest.split(split).shards:
+        refs, lines = read_index(shard.index)
+        if len(refs) != shard.num_samples:
+            raise ManifestError(f"{shard.index}: {len(refs)} samples, manifest.json says {shard.num_samples}")
+        yield shard, refs, lines
 
 
 def component_problem(ref: SampleRef, label_width: int) -> str | None:
@@ -101,6 +129,8 @@ def decode_problem(data: bytes) -> str | None:
         with Image.open(io.BytesIO(data)) as img:
             img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
+    except UnidentifiedImageError:  # its message names the in-memory buffer's address
+        return "cannot decode JPEG (not an image format PIL recognises)"
     except (OSError, SyntaxError, ValueError) as err:
         return f"cannot decode JPEG ({err})"
     return None
