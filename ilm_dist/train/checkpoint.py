@@ -44,12 +44,14 @@ def latest_tag(output_dir: str | Path) -> str | None:
 def save(engine, output_dir: str | Path, step: int, client_state: dict[str, Any], keep: int) -> Path:
     """Save the engine and ``client_state`` as ``step_<step>``, then move ``latest`` and rotate.
 
-    A step that is already the latest checkpoint is not written again (its state is this state). A write
+    A step that is already the latest checkpoint is not written again (its state is this state): rank 0
+    reads ``latest`` and every rank follows its answer, since ranks reading it themselves could disagree
+    (a network file system caching attributes) and one would skip the collectives the others enter. A write
     error raises :class:`CheckpointWriteError` naming the file, after removing the partial checkpoint.
     """
     root = checkpoint_dir(output_dir)
     tag = f"step_{step}"
-    if latest_tag(output_dir) == tag:
+    if D.on_main(lambda: latest_tag(output_dir)) == tag:
         return root / tag
     client_state = {**client_state, FULL_OPTIMIZER_STATE: gather_full_optimizer_state(engine)}
     try:
@@ -121,10 +123,11 @@ def restore(engine, output_dir: str | Path, world_size: int) -> dict[str, Any]:
     On another world size ZeRO's optimizer partitions do not fit: the optimizer state then comes from the
     full copy every ZeRO checkpoint carries (:mod:`ilm_dist.train.zero_state`), re-partitioned for this
     world. Unreadable files and state that does not fit the model raise :class:`InputError` naming the
-    checkpoint.
+    checkpoint. Which checkpoint, and for how many ranks its partitions were written, rank 0 finds and every
+    rank follows (as in :func:`save`), so no rank loads another step than the others.
     """
-    path = latest_checkpoint(output_dir)
-    repartition = engine.zero_optimization_stage() > 0 and zero_world_size(path) not in (0, world_size)
+    path, partitions = D.on_main(lambda: _latest_and_partitions(output_dir))
+    repartition = engine.zero_optimization_stage() > 0 and partitions not in (0, world_size)
     try:
         loaded, client_state = engine.load_checkpoint(
             str(path.parent), tag=path.name, load_optimizer_states=not repartition
@@ -139,11 +142,17 @@ def restore(engine, output_dir: str | Path, world_size: int) -> dict[str, Any]:
     if repartition:
         if client_state.get(FULL_OPTIMIZER_STATE) is None:
             raise InputError(
-                f"--resume: {path} holds ZeRO optimizer partitions for {zero_world_size(path)} ranks and no full "
-                f"copy (written by an older ilm_dist); resume it on {zero_world_size(path)} ranks"
+                f"--resume: {path} holds ZeRO optimizer partitions for {partitions} ranks and no full "
+                f"copy (written by an older ilm_dist); resume it on {partitions} ranks"
             )
         restore_full_optimizer_state(engine, client_state[FULL_OPTIMIZER_STATE])
         # the optimizer's own LR was not loaded with its partitions: take the restored schedule's
         for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
             group["lr"] = lr
     return client_state
+
+
+def _latest_and_partitions(output_dir: str | Path) -> tuple[Path, int]:
+    path = latest_checkpoint(output_dir)
+    return path, zero_world_size(path)
+
