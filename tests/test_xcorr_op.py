@@ -8,6 +8,7 @@ import subprocess
 import sys
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from ilm_dist.ops.xcorr import tf32_enabled
 needs_ext = pytest.mark.skipif(not extension_available(), reason="ilm_dist._C extension not built")
 cuda_only = pytest.mark.skipif(not (torch.cuda.is_available() and extension_available()), reason="needs CUDA")
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda_only)]
+REPO = Path(__file__).resolve().parent.parent
 EPS = 1e-5
 
 # (L, N, D): Gram form (2N <= D; the boundary 2N = D too), D x D form (2N > D), several reduction chunks
@@ -512,3 +514,40 @@ def test_the_tf32_probe_reads_the_new_precision_api(setting, expected):
         assert tf32_enabled(torch.device("cpu")) is False
     finally:
         matmul.fp32_precision = before
+
+
+def cuda_row_slices(n: int) -> list[int]:
+    """Rows per slice of the batch axis in the CUDA column kernels: ``row_parts`` of csrc/xcorr_cuda.cu, with
+    its constants read from that file."""
+    source = (REPO / "csrc" / "xcorr_cuda.cu").read_text()
+    per_part, max_parts = (
+        int(re.search(rf"constexpr int64_t {name} = (\d+);", source).group(1))
+        for name in ("kRowsPerPart", "kMaxRowParts")
+    )
+    count = min(max(-(-n // per_part), 1), max_parts)
+    size = -(-n // count)
+    return [min(size, n - start) for start in range(0, n, size)]
+
+
+def test_the_self_check_covers_uneven_batch_slices_in_both_formulations():
+    uneven = {
+        "gram" if 2 * n <= d else "dxd"
+        for _, n, d in xcorr_module._CHECK_SHAPES
+        if len(set(cuda_row_slices(n))) > 1
+    }
+    assert uneven == {"gram", "dxd"}
+    assert cuda_row_slices(130) == [44, 44, 42]
+
+
+@needs_ext
+def test_the_backward_gets_no_zero_gradient_for_the_cross_correlation():
+    """The D x D form saves ``xcorr`` for the backward; autograd must not build a zero [L, D, D] gradient for
+    that non-differentiable output every step."""
+    z1, z2, on, off = make_inputs((2, 40, 20), torch.float32)
+    z1, z2 = z1.requires_grad_(), z2.requires_grad_()
+    loss = bt_xcorr_loss(z1, z2, on, off, impl="ext").sum()
+    with torch.profiler.profile(record_shapes=True) as prof:
+        loss.backward()
+    zeroed = [e.input_shapes for e in prof.events() if e.name in ("aten::zero_", "aten::zeros_like")]
+    assert [2, 20, 20] not in [shape[0] for shape in zeroed if shape], zeroed
+    assert z1.grad is not None and z2.grad is not None

@@ -117,8 +117,10 @@ def _log_fallback() -> None:
 
 # --------------------------------------------------------------------------- self-check
 
-# (L, N, D) of the self-check: the Gram form (2N <= D) and the D x D form, D not a multiple of 32.
-_CHECK_SHAPES = ((2, 12, 40), (2, 40, 20))
+# (L, N, D) of the self-check: the Gram form (2N <= D) and the D x D form, D not a multiple of 32; each once
+# with N small enough for one slice of the batch axis and once with N = 130, which the CUDA column kernels
+# cut into uneven slices (44, 44, 42 rows: csrc/xcorr_cuda.cu, row_parts).
+_CHECK_SHAPES = ((2, 12, 40), (2, 40, 20), (1, 130, 264), (1, 130, 24))
 _CHECKED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Largest relative error (Frobenius norm, against float64 on the same rounded inputs) of the loss and of
 # each gradient. Loose enough for the rounding of each precision, far below a kernel bug's O(1) errors.
@@ -250,11 +252,14 @@ def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
         raise NotImplementedError("bt_xcorr_loss is not differentiable w.r.t. on_weight/off_weight")
     xcorr = output[1]
     ctx.mark_non_differentiable(xcorr)
+    ctx.set_materialize_grads(False)  # no zero [L, D, D] gradient for xcorr each step: _backward ignores it
     ctx.save_for_backward(z1, z2, xcorr, on_weight, off_weight)
     ctx.eps = eps
 
 
 def _backward(ctx, grad_loss: Tensor, _grad_xcorr: Tensor | None) -> tuple[Tensor | None, ...]:
+    if grad_loss is None:  # not materialised (_setup_context): only xcorr, which has no gradient, was used
+        return None, None, None, None, None
     z1, z2, xcorr, on_weight, off_weight = ctx.saved_tensors
     with torch.autocast(z1.device.type, enabled=False):  # as the forward (_op_loss)
         dz1, dz2 = torch.ops.ilm_dist.bt_xcorr_loss_backward.default(
