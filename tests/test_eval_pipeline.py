@@ -3,6 +3,7 @@ frozen-backbone guarantees, the kNN monitor and the CLI's error exits."""
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from ilm_dist.eval.monitor import KnnMonitor
 from ilm_dist.eval.probe import ProbeSettings, probe
 from ilm_dist.eval.store import load_npz
 from ilm_dist.eval.weights import fingerprint, load_state, resolve_init
+from ilm_dist.folder_lock import FolderLock
 from ilm_dist.model.encoder import Encoder
 from tests.test_eval_support import pack_dataset
 
@@ -147,6 +149,22 @@ def test_linear_finetuning_keeps_the_backbone_features(run, tmp_path):
     before = init_test_features(open_context(EvalTarget(str(run), str(tmp_path)), CPU))
     for block in ("block1", "block4"):
         np.testing.assert_array_equal(after[block], before[block])
+
+
+def test_a_result_being_computed_is_not_computed_twice(evaluated, run, capsys):
+    """While one command holds a result folder (its lock), a second on the same result stops naming it and
+    leaves the saved files as they are, even with --force."""
+    (result,) = (evaluated / "moco" / "probe").iterdir()
+    before = {p.name: p.read_bytes() for p in result.iterdir() if p.is_file()}
+    lock = FolderLock(result, "probe of moco")
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            probe_main(["--weights", str(run), "--out", str(evaluated), *QUICK_PROBE, "--force"])
+    finally:
+        lock.release()
+    assert exit_info.value.code == 2
+    assert f"error: {result} is in use by probe of moco pid {os.getpid()} on " in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in result.iterdir() if p.is_file()} == before
 
 
 def test_mismatched_runs_are_refused(evaluated, tmp_path, capsys):

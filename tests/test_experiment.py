@@ -18,7 +18,6 @@ from scipy import stats as scipy_stats
 from sklearn.metrics import roc_auc_score
 
 from ilm_dist.config import ConfigError, load_config
-from ilm_dist.errors import InputError
 from ilm_dist.eval.__main__ import main as eval_main
 from ilm_dist.eval.commands import analyse_parser, finetune_parser, probe_parser
 from ilm_dist.eval.metrics import compute_metrics
@@ -26,8 +25,9 @@ from ilm_dist.experiment.backends import run_command
 from ilm_dist.experiment.cells import cka_params, plan
 from ilm_dist.experiment.command import experiment_main, run_experiment
 from ilm_dist.experiment.config import load_experiment
-from ilm_dist.experiment.state import State, hold_lock
+from ilm_dist.experiment.state import State
 from ilm_dist.experiment.stats import Resamples, over_seeds, paired_difference, resampled_metric, score
+from ilm_dist.folder_lock import FolderBusy, FolderLock
 from ilm_dist.pretrain import pretrain_parser
 from ilm_dist.processes import module_command
 from tests.launcher import REPO
@@ -238,13 +238,13 @@ def test_state_file_progress_line_and_lock(tmp_path, data):
     assert "about 10 min left" in line or "about 11 min left" in line
     events = [json.loads(x)["event"] for x in (exp.output / "history.jsonl").read_text().splitlines()]
     assert events == ["start", "done", "start", "failed"]
-    lock = hold_lock(exp.output)
+    lock = FolderLock(exp.output, "experiment runner")
     try:
-        with pytest.raises(InputError, match="is in use by another experiment runner"):
-            hold_lock(exp.output)
+        with pytest.raises(FolderBusy, match=rf"is in use by experiment runner pid {os.getpid()} on "):
+            FolderLock(exp.output, "experiment runner")
     finally:
-        os.close(lock)
-    os.close(hold_lock(exp.output))  # free again
+        lock.release()
+    FolderLock(exp.output, "experiment runner").release()  # free again
 
 
 # --------------------------------------------------------------------------- statistics

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from ilm_dist.distributed import free_port
-from ilm_dist.errors import InputError
-from ilm_dist.experiment.state import hold_lock
+from ilm_dist.folder_lock import FolderBusy, FolderLock
 from tests.launcher import REPO
 from tests.test_eval_support import pack_dataset
 from tests.test_experiment import DEMO, QUICK, experiment_dict, mtimes, write_experiment
@@ -56,8 +55,8 @@ def cell_status(out: Path, cell: str) -> str | None:
 
 def lock_is_free(out: Path) -> bool:
     try:
-        os.close(hold_lock(out))
-    except InputError:
+        FolderLock(out, "test").release()
+    except FolderBusy:
         return False
     return True
 

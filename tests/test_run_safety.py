@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,33 @@ def test_resume_from_a_poisoned_checkpoint_runs_nothing(run, tmp_path):
 
 
 # --------------------------------------------------------------------------- reused output_dir
+
+
+def test_a_second_run_on_a_running_runs_output_dir_is_refused_naming_it(tmp_path):
+    """Even with --overwrite, a run started on the output_dir of a live run stops at once naming it (pid, host),
+    and the live run's files stay its own."""
+    cmd = [sys.executable, "launch/pretrain.py", *TINY, f"output_dir={tmp_path}", "train.max_steps=100000"]
+    first = subprocess.Popen(
+        cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for(lambda: (tmp_path / "metrics.jsonl").is_file() and read_metrics(tmp_path / "metrics.jsonl"))
+        proc = pretrain(tmp_path, "--overwrite", "train.max_steps=4", "seed=7")
+        assert first.poll() is None, "the first run must still be running for this test to mean anything"
+    finally:
+        first.kill()
+        first.wait()
+    assert_one_line_error(proc, f"{tmp_path} is in use by pretraining run pid {first.pid} on ")
+    steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    assert steps == list(range(1, len(steps) + 1))
+    assert "max_steps: 100000" in (tmp_path / "config.yaml").read_text()
+
+
+def wait_for(condition, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
 
 
 def test_a_new_run_refuses_an_output_dir_that_holds_a_run(run):

@@ -10,7 +10,8 @@ and saves (:func:`ilm_dist.distributed.on_main`), and only rank 0 writes files.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -31,6 +32,7 @@ from ilm_dist.eval.fit import predict
 from ilm_dist.eval.protocol import BUILTIN, BUILTIN_PROTOCOL, EvalProtocol, load_protocol
 from ilm_dist.eval.store import dataset_id, digest, load_npz, read_json, save_npz, write_json
 from ilm_dist.eval.weights import InitSpec, build_classifier, check_fits, load_state, resolve_init
+from ilm_dist.folder_lock import FolderLock
 from ilm_dist.model.encoder import build_resnet
 from ilm_dist.options import check_bounds, option
 from ilm_dist.paths import check_output_dir
@@ -301,6 +303,19 @@ def claim_method_dir(ctx: EvalContext, config_path: Path) -> None:
     for file, content in ((path, record), (protocol_path, protocol)):
         if not file.is_file() or read_json(file) != content:
             write_json(file, content)
+
+
+@contextmanager
+def result_lock(out: Path, what: str) -> Iterator[None]:
+    """Rank 0 holds the lock of the result folder ``out`` (:class:`FolderLock`) while one result is decided and
+    computed there, so a second command on the same result stops at once naming the first; raised on every rank."""
+    held: list[FolderLock] = []
+    on_main(lambda: held.append(FolderLock(out, what)))
+    try:
+        yield
+    finally:
+        for lock in held:
+            lock.release()
 
 
 def saved_or_computed(

@@ -34,7 +34,7 @@ from ilm_dist.data.augment import MocoViews, eval_transform
 from ilm_dist.data.sampling import steps_per_epoch
 from ilm_dist.data.torch_backend import SplitDataset, epoch_loader
 from ilm_dist.distributed import on_main, rank, world_size
-from ilm_dist.eval.context import EvalContext
+from ilm_dist.eval.context import EvalContext, result_lock
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.features import BlockFeatures
 from ilm_dist.eval.fit import ADAM_LR, FitResult, fit, fit_option, metric_score, validation_steps
@@ -156,8 +156,13 @@ def check_batch_size(batch_size: int) -> None:
 
 
 def finetune(ctx: EvalContext, fraction: float, settings: FinetuneSettings, force: bool = False) -> dict:
-    """Fine-tune at one label fraction (or return the saved result)."""
+    """Fine-tune at one label fraction (or return the saved result), holding its result folder's lock."""
     out = result_dir(ctx, settings.mode, fraction)
+    with result_lock(out, f"{settings.mode} fine-tuning of {ctx.name}"):
+        return _finetune(ctx, out, fraction, settings, force)
+
+
+def _finetune(ctx: EvalContext, out: Path, fraction: float, settings: FinetuneSettings, force: bool) -> dict:
     path = out / "metrics.json"
     saved = on_main(lambda: read_json(path) if path.is_file() and not force else None)
     if saved is not None:  # rank 0 decides, so every rank takes the same branch

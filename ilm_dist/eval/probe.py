@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from ilm_dist.distributed import on_main
-from ilm_dist.eval.context import SPLITS, EvalContext, saved_or_computed
+from ilm_dist.eval.context import SPLITS, EvalContext, result_lock, saved_or_computed
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.finetune import train_loader, training_transform
 from ilm_dist.eval.fit import (
@@ -227,8 +227,13 @@ def _scored(
 
 
 def probe(ctx: EvalContext, settings: ProbeSettings, force: bool = False) -> dict:
-    """Probe every block of the initial weights (or return the saved result)."""
+    """Probe every block of the initial weights (or return the saved result), holding its result folder's lock."""
     out = probe_dir(ctx, settings.fraction)
+    with result_lock(out, f"probe of {ctx.name}"):
+        return _probe(ctx, out, settings, force)
+
+
+def _probe(ctx: EvalContext, out: Path, settings: ProbeSettings, force: bool) -> dict:
     path = out / "metrics.json"
     saved = on_main(lambda: read_json(path) if path.is_file() and not force else None)
     if saved is not None:  # rank 0 decides, so every rank takes the same branch

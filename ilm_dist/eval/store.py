@@ -24,7 +24,7 @@ from ilm_dist.data.manifest import Manifest
 
 def write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two writers of a shared file never share it
     tmp.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n")
     os.replace(tmp, path)
 
@@ -35,7 +35,7 @@ def read_json(path: Path) -> Any:
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shlex
 import signal
 import sys
@@ -22,7 +21,8 @@ from ilm_dist.experiment.backends import Executor, Scheduler, run_local, run_ray
 from ilm_dist.experiment.cells import check_saved, log_path, plan
 from ilm_dist.experiment.config import Experiment, load_experiment
 from ilm_dist.experiment.report import write_report
-from ilm_dist.experiment.state import State, hold_lock
+from ilm_dist.experiment.state import State
+from ilm_dist.folder_lock import FolderLock
 from ilm_dist.paths import check_output_dir
 from ilm_dist.processes import module_command
 
@@ -72,7 +72,7 @@ def run_experiment(
     if dry_run:
         print_plan(exp, cells)
         return 0
-    lock = hold_lock(exp.output)
+    lock = FolderLock(exp.output, "experiment runner (the cells it starts inherit the lock)")
     try:
         (exp.output / "experiment.yaml").write_text(yaml.safe_dump(exp.to_dict(), sort_keys=False))
         state = State(exp.output, exp.name, cells)
@@ -87,7 +87,7 @@ def run_experiment(
                 if address:
                     run_ray(scheduler, address)
                 else:
-                    run_local(scheduler, execute or subprocess_executor(exp.output, lock))
+                    run_local(scheduler, execute or subprocess_executor(exp.output, lock.fd))
         except KeyboardInterrupt:
             print(
                 f"interrupted: {state.progress_line()}; run the same command again to continue",
@@ -99,7 +99,7 @@ def run_experiment(
         print(state.progress_line(), file=sys.stderr)
         return 0 if state.counts()["done"] == len(cells) else EXIT_INCOMPLETE
     finally:
-        os.close(lock)
+        lock.release()
 
 
 @contextlib.contextmanager

@@ -8,41 +8,22 @@ successful run, kept across runs of the experiment for the time estimate. A runn
 ``running`` behind; the next run decides every cell again from the files on disk. ``history.jsonl`` only
 grows: one record per start and end (cell, event, time, seconds, exit status), the log of what ran.
 
-The lock (:func:`hold_lock`) keeps two runners out of one experiment directory. The cells a runner
-starts inherit it, so a cell that outlives a killed runner still holds it.
+The folder's lock (:class:`ilm_dist.folder_lock.FolderLock`) keeps two runners out of one experiment
+directory. The cells a runner starts inherit it, so a cell that outlives a killed runner still holds it.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ilm_dist.errors import InputError
 from ilm_dist.eval.store import read_json, write_json
 from ilm_dist.experiment.cells import Cell
 
 STATUSES = ("done", "running", "failed", "blocked", "pending")
-
-
-def hold_lock(output: Path) -> int:
-    """An open descriptor holding the experiment's lock (released when every process holding it exits)."""
-    output.mkdir(parents=True, exist_ok=True)
-    path = output / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise InputError(
-            f"{output} is in use by another experiment runner, or by a cell a killed runner started that is "
-            f"still running (lock {path}); wait for it to end"
-        ) from None
-    return fd
 
 
 class State:

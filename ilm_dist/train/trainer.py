@@ -25,6 +25,7 @@ from ilm_dist.config import RunConfig, read_yaml_mapping, save_config
 from ilm_dist.cpu_placement import current_placement, place_this_process
 from ilm_dist.data import Placement, TwoViewBatch, build_pretrain_loader
 from ilm_dist.errors import InputError
+from ilm_dist.folder_lock import FolderLock
 from ilm_dist.moco.key_encoder import KeyEncoder
 from ilm_dist.moco.queue import KeyQueue
 from ilm_dist.moco.shuffle_bn import shuffled_forward
@@ -66,8 +67,31 @@ class Trainer:
             cfg.engine.dist_backend, cfg.engine.collective_timeout_s
         )
         self.out = Path(cfg.output_dir)
-        if not resume:  # before anything is written: an earlier run is never overwritten silently
-            D.on_main(lambda: run_dir.prepare_fresh(self.out, overwrite))
+        self.folder_lock: FolderLock | None = None  # rank 0's, for the life of the run
+        D.on_main(lambda: self._own_output_dir(resume, overwrite))
+        try:
+            self._set_up(resume, validators, timer)
+        except BaseException:
+            self.release_output_dir()
+            raise
+
+    def _own_output_dir(self, resume: bool, overwrite: bool) -> None:
+        """Rank 0: lock ``output_dir`` against a second run, then (without ``resume``) check or empty it before
+        anything is written: an earlier run is never overwritten silently."""
+        self.folder_lock = FolderLock(self.out, "pretraining run")
+        if not resume:
+            try:
+                run_dir.prepare_fresh(self.out, overwrite)
+            except BaseException:
+                self.release_output_dir()
+                raise
+
+    def release_output_dir(self) -> None:
+        if self.folder_lock is not None:
+            self.folder_lock.release()
+
+    def _set_up(self, resume: bool, validators: Sequence[ValidatorBuilder], timer: StepTimer | None) -> None:
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -310,12 +334,15 @@ class Trainer:
             dynamic_ncols=True,
             disable=not self.info.is_main,
         )
-        with bar:  # closed on the way out, so an error message starts on its own line
-            self._train(bar)
-        self.save_checkpoint()
-        self.export_backbone()
-        self._write_final_state()
-        self.metrics.close()
+        try:
+            with bar:  # closed on the way out, so an error message starts on its own line
+                self._train(bar)
+            self.save_checkpoint()
+            self.export_backbone()
+            self._write_final_state()
+            self.metrics.close()
+        finally:
+            self.release_output_dir()
 
     def _train(self, bar: tqdm) -> None:
         cfg = self.cfg
