@@ -32,6 +32,12 @@ def pretrain_parser() -> ArgumentParser:
         action="store_true",
         help="start over in an output_dir that holds an earlier run, deleting that run's files",
     )
+    parser.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="with --resume: continue although the data or a run-defining setting (model, moco, loss, aug, optim, "
+        "seed, data split or size) differs from the run's; recorded in output_dir/resume_changes.jsonl",
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=20")
     return parser
@@ -42,6 +48,8 @@ def pretrain_main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)  # key=value overrides anywhere on the line
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in output_dir, --overwrite deletes it: give one")
+    if args.allow_changes and not args.resume:
+        parser.error("--allow-changes applies to --resume only")
     setup_logging()
     with exit_on_input_error():
         cfg = preflight(args.config, args.overrides)
@@ -57,7 +65,13 @@ def pretrain_main(argv: list[str] | None = None) -> None:
     if cfg.val.every:
         validators.append(ValidationLoss.builder(cfg))
     try:
-        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, validators=validators)
+        trainer = Trainer(
+            cfg,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            validators=validators,
+            allow_changes=args.allow_changes,
+        )
     except InputError as err:  # raised alike on every rank (rank 0's decisions are shared by on_main)
         shutdown()
         fail(str(err))

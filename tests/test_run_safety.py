@@ -181,10 +181,24 @@ def test_overwrite_starts_over_and_says_what_it_deleted(run, tmp_path):
 @pytest.mark.parametrize(
     ("damage", "extra", "fragments"),
     [
-        ("none", ["model.arch=resnet34"], ["model.arch=resnet18", "model.arch=resnet34"]),
+        (
+            "none",
+            ["model.arch=resnet34"],
+            ["changes what the run in", "model.arch: 'resnet18' -> 'resnet34'"],
+        ),
+        (
+            "none",
+            ["data.synthetic.num_samples=512"],
+            ["data: synthetic {", "'num_samples': 256", "'num_samples': 512"],
+        ),
+        (
+            "none",
+            ["loss.type=bt", "aug.vflip=true"],
+            ["loss.type: 'mse' -> 'bt'", "aug.vflip: False -> True", "--allow-changes"],
+        ),
         ("truncate", [], ["mp_rank_00_model_states.pt", "cannot read"]),
         ("no_latest", [], ["--resume: no checkpoint in", "checkpoints"]),
-        ("none", ["moco.dim=64"], ["--resume:", "step_4 does not fit this run's model"]),
+        ("none", ["moco.dim=64", "--allow-changes"], ["--resume:", "step_4 does not fit this run's model"]),
         ("binary_config", [], ["config.yaml: the run's saved config is not a UTF-8 text file"]),
     ],
 )
@@ -202,6 +216,18 @@ def test_a_failed_resume_leaves_the_run_as_it_was(run, tmp_path, damage, extra, 
     proc = pretrain(out, "--resume", "train.max_steps=6", *extra)
     assert_one_line_error(proc, *fragments)
     assert tree(out) == before
+
+
+def test_a_deliberate_change_on_resume_is_recorded(run, tmp_path):
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(run), str(out)], check=True)
+    proc = pretrain(out, "--resume", "--allow-changes", "train.max_steps=5", "data.synthetic.num_samples=512")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = [json.loads(line) for line in (out / "resume_changes.jsonl").read_text().splitlines()]
+    assert record["step"] == 4
+    (change,) = record["changes"]
+    assert change.startswith("data: synthetic {") and "'num_samples': 512" in change
+    assert "num_samples: 512" in (out / "config.yaml").read_text()
 
 
 def test_after_a_crash_and_resume_every_step_is_logged_once(tmp_path):

@@ -67,6 +67,9 @@ FORMAT = "ilm_dist.shards/v1"
 TASKS = ("binary", "multiclass", "ordinal", "multilabel")
 
 
+MANIFEST = "manifest.json"
+
+
 class ManifestError(InputError):
     """A packed dataset directory is missing, incomplete or inconsistent."""
 
@@ -116,7 +119,7 @@ class Manifest:
 def load_manifest(root: str | Path, check_files: bool = True) -> Manifest:
     """Read and validate ``root/manifest.json``; with ``check_files`` every shard and index must exist."""
     root = Path(root)
-    path = root / "manifest.json"
+    path = root / MANIFEST
     if not path.is_file():
         raise ManifestError(f"{path}: not found (is {root} a directory written by data_tools.pack?)")
     try:

@@ -33,6 +33,7 @@ RUN_FILES = (
     "best.json",
     "final_state.json",
     "knn_check.json",
+    "resume_changes.jsonl",
 )
 
 

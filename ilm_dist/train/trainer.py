@@ -36,6 +36,13 @@ from ilm_dist.train import engine as ds_engine
 from ilm_dist.train.health import Heartbeat, NanWatch
 from ilm_dist.train.metrics_log import MetricsLogger
 from ilm_dist.train.optim import build_optimizer, build_scheduler, scaled_lr
+from ilm_dist.train.resume_check import (
+    data_change,
+    data_identity,
+    record_changes,
+    refuse_changes,
+    settings_changes,
+)
 from ilm_dist.train.run_plan import training_plan
 from ilm_dist.train.selection import LAST_BACKBONE, BestBackbone, write_atomic_tensors
 from ilm_dist.train.timing import StepTimer
@@ -57,8 +64,11 @@ class Trainer:
         overwrite: bool = False,
         validators: Sequence[ValidatorBuilder] = (),
         timer: StepTimer | None = None,
+        allow_changes: bool = False,
     ):
         self.cfg = cfg
+        self.allow_changes = allow_changes
+        self.resume_changes: list[str] = []
         # before any thread exists: the rank's cores and intra-op threads (ilm_dist.cpu_placement)
         self.cpu = place_this_process(
             cfg.data.num_workers, cfg.cpu, gpu=D.select_accelerator() == "cuda", announce=False
@@ -92,6 +102,7 @@ class Trainer:
 
     def _set_up(self, resume: bool, validators: Sequence[ValidatorBuilder], timer: StepTimer | None) -> None:
         cfg = self.cfg
+        self.data_identity = data_identity(cfg)
         torch.manual_seed(cfg.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -144,6 +155,7 @@ class Trainer:
         """Rank 0, once the run is sure to start: the resolved config, metrics up to the resumed step, and
         the best backbone's files as of that step."""
         self.out.mkdir(parents=True, exist_ok=True)
+        record_changes(self.out, self.resume_changes, self.global_step)
         save_config(self.cfg, self.out / run_dir.CONFIG)
         dropped = run_dir.keep_metrics_until(self.out, self.global_step)
         if dropped:
@@ -218,14 +230,22 @@ class Trainer:
                 "world_size": self.info.world_size,
                 "batch_size": self.cfg.data.batch_size,
                 "arch": self.cfg.model.arch,
+                "data": self.data_identity,
             },
             "selection": self.selection.state_dict() if self.selection is not None else None,
         }
 
     def _restore(self) -> None:
-        self._check_same_arch()
+        saved = self.out / run_dir.CONFIG
+        if saved.is_file():  # before DeepSpeed tries to load another model's tensors
+            changes = settings_changes(read_yaml_mapping(saved, "the run's saved config"), self.cfg)
+            refuse_changes(self.out, changes, self.allow_changes)
+            self.resume_changes += changes
         client_state = checkpoint.restore(self.engine, self.out, self.info.world_size)
         state = client_state["moco"]
+        changes = data_change(state.get("data"), self.data_identity)
+        refuse_changes(self.out, changes, self.allow_changes)
+        self.resume_changes += changes
         if self.selection is not None:
             self.selection.load_state_dict(client_state.get("selection"))
         self.key_encoder.load_state_dict(state["key_encoder"])
@@ -260,18 +280,6 @@ class Trainer:
             done - self.step_in_epoch * global_batch,
             self.engine.lr_scheduler.base_lrs[0],
         )
-
-    def _check_same_arch(self) -> None:
-        """A checkpoint of another architecture is named with both before DeepSpeed tries to load it."""
-        saved = self.out / run_dir.CONFIG
-        if not saved.is_file():
-            return
-        arch = read_yaml_mapping(saved, "the run's saved config").get("model", {}).get("arch")
-        if arch and arch != self.cfg.model.arch:
-            raise InputError(
-                f"--resume: the run in {self.out} was trained with model.arch={arch} ({saved}); this config "
-                f"has model.arch={self.cfg.model.arch}"
-            )
 
     def save_checkpoint(self) -> Path:
         self.nan_watch.check()  # never checkpoint a run whose loss went non-finite
