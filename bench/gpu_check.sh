@@ -4,12 +4,13 @@
 #   bash bench/gpu_check.sh [--dry-run] [--stages a,b,...] [--fresh] OUT_DIR
 #
 # Stages (in order; caps in bench/gpu_check.py STAGES, at most TOTAL_S seconds per invocation):
-#   env            device, driver, torch, nvcc, cores
+#   env            device, driver, torch, nvcc, cores; on the GPU node no CUDA device stops the check
 #   wheels         reassemble the carried wheel parts (.whl/parts, make gpu-wheels), verify, install
-#   build          ilm_dist._C against this torch, parallel compile for this GPU's architecture
-#   op_tests       tests/test_xcorr_op.py (the CUDA tests run only here)
+#   build          ilm_dist._C against this torch, parallel compile for this GPU's architecture; asserts
+#                  that ilm_dist::bt_xcorr_loss has a CUDA kernel
+#   op_tests       tests/test_xcorr_op.py, the CUDA tests (which run only here) first, then the rest
 #   op_bench       bench/xcorr.py --sizes full
-#   nccl           one-rank NCCL start-up through ilm_dist's process-group start-up
+#   nccl           one-rank NCCL start-up through ilm_dist's process-group start-up (nccl asked for)
 #   data           a packed synthetic set (python -m data_tools.synthetic), made on the node
 #   throughput     bench/pretrain_throughput.py: baseline / ilm_dist / synthetic, ResNet-50 224 px bf16, BT + MSE
 #   data_pipeline  bench/data_pipeline.py: DALI GPU vs DALI CPU vs DataLoader with all cores
@@ -68,12 +69,13 @@ sys.exit(0 if r["status"] == "passed" and r.get("commit") == sys.argv[2] else 1)
 EOF
 }
 
-# run_stage NAME COMMAND...: run under the stage's cap (and what is left of TOTAL_S), then record it.
+# run_stage NAME COMMAND...: run under the stage's cap (and what is left of TOTAL_S), then record it;
+# returns non-zero only when the stage ran now and did not pass.
 run_stage() {
   local name="$1"; shift
-  if [[ -n "$ONLY" && ",$ONLY," != *",$name,"* ]]; then return; fi
+  if [[ -n "$ONLY" && ",$ONLY," != *",$name,"* ]]; then return 0; fi
   if [[ -z "$ONLY" && $DRY_RUN -eq 0 ]] && passed_before "$name"; then
-    echo "[gpu_check] $name: passed earlier on this node, kept"; return
+    echo "[gpu_check] $name: passed earlier on this node, kept"; return 0
   fi
   local cap left budget log="$WORK/logs/$name.log"
   cap="$(cap_of "$name")"
@@ -82,7 +84,7 @@ run_stage() {
   if (( budget < 5 )); then
     echo "no time left in the ${TOTAL_S} s of this invocation" > "$log"
     "$PY" bench/gpu_check.py record --work "$WORK" --name "$name" --rc 124 --seconds 0 --budget 0 --log "$log"
-    return
+    return 1
   fi
   echo "[gpu_check] $name: starting (budget ${budget} s)"
   local t0=$SECONDS
@@ -90,19 +92,26 @@ run_stage() {
   local rc=$?
   "$PY" bench/gpu_check.py record --work "$WORK" --name "$name" --rc "$rc" --seconds $(( SECONDS - t0 )) \
     --budget "$budget" --log "$log"
+  (( rc == 0 || rc == 77 ))
 }
 
 R="$WORK/results"
 [[ -d "$WORK/site" ]] && export PYTHONPATH="$PYTHONPATH:$WORK/site"  # wheels installed by an earlier call
 
-run_stage env "$PY" bench/gpu_check.py env --out "$R/env.json"
+STOP=0
+if [[ $DRY_RUN -eq 1 ]]; then
+  run_stage env "$PY" bench/gpu_check.py env --out "$R/env.json"
+elif ! run_stage env "$PY" bench/gpu_check.py env --out "$R/env.json" --require-cuda; then
+  # without CUDA every stage would run on the CPU (or fail slowly) and its numbers would mean nothing
+  echo "[gpu_check] env failed: $(tail -n 1 "$WORK/logs/env.log"); stopping before the other stages" >&2
+  STOP=1
+fi
 
 if [[ $DRY_RUN -eq 1 ]]; then
   run_stage wheels "$PY" bench/gpu_check.py install-wheels --work "$WORK" --verify-only
   # The extension as built here (make install); building it takes minutes on two cores.
-  run_stage build "$PY" -c 'import ilm_dist.ops as o, sys; sys.exit(0 if o.extension_available() else 77)'
-  run_stage op_tests "$PY" -m pytest tests/test_xcorr_op.py -q -ra -p no:cacheprovider -k cuda \
-    --junitxml "$R/op_tests.xml"
+  run_stage build "$PY" bench/gpu_check.py extension --out "$R/extension.json"
+  run_stage op_tests "$PY" bench/gpu_check.py op-tests --out "$R/op_tests.json" --cuda-only
   run_stage op_bench "$PY" bench/xcorr.py --sizes tiny --dtypes float32 --repeats 1 --device cpu --threads 1 \
     --out "$R/xcorr.json"
   run_stage nccl "$PY" bench/gpu_check.py nccl --out "$R/nccl.json"
@@ -114,15 +123,15 @@ if [[ $DRY_RUN -eq 1 ]]; then
     --warmup 1 --repeats 1 --out "$R/data_pipeline.json"
   run_stage bn_stats "$PY" bench/bn_stats.py --arch resnet18 --size 32 --batch 2 --steps 1 --configs bf16 \
     --out "$R/bn_stats.json"
-else
+elif [[ $STOP -eq 0 ]]; then
   run_stage wheels "$PY" bench/gpu_check.py install-wheels --work "$WORK"
   [[ -d "$WORK/site" ]] && export PYTHONPATH="$PYTHONPATH:$WORK/site"
   ARCH="$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo 9.0)"
-  run_stage build env MAX_JOBS="$CORES" TORCH_CUDA_ARCH_LIST="$ARCH" bash -c \
-    "'$PY' setup.py build_ext --inplace && '$PY' -c 'import ilm_dist.ops as o; assert o.extension_available(), o.xcorr.LOAD_ERROR'"
-  run_stage op_tests "$PY" -m pytest tests/test_xcorr_op.py -q -ra -p no:cacheprovider --junitxml "$R/op_tests.xml"
+  run_stage build env MAX_JOBS="$CORES" TORCH_CUDA_ARCH_LIST="$ARCH" bash -c "'$PY' setup.py build_ext --inplace \
+    && '$PY' bench/gpu_check.py extension --out '$R/extension.json' --require-cuda"
+  run_stage op_tests "$PY" bench/gpu_check.py op-tests --out "$R/op_tests.json"
   run_stage op_bench "$PY" bench/xcorr.py --sizes full --repeats 5 --out "$R/xcorr.json"
-  run_stage nccl "$PY" bench/gpu_check.py nccl --out "$R/nccl.json"
+  run_stage nccl "$PY" bench/gpu_check.py nccl --backend nccl --out "$R/nccl.json"
   # 5,120 images of 256 px: 4,096 train samples, 16 batches of 256 per epoch.
   run_stage data "$PY" -m data_tools.synthetic_dataset "$WORK/data" --num-classes 8 --per-class 640 --size 256 \
     --workers "$CORES" --quiet --overwrite
