@@ -51,8 +51,11 @@ STAGES = {
     "throughput": (180, "pretrain_throughput.json"),
     "data_pipeline": (60, "data_pipeline.json"),
     "bn_stats": (45, "bn_stats.json"),
+    "dali_buffers": (45, "dali_buffers.json"),
+    "dali_epochs": (60, "dali_epochs.json"),
+    "train_step": (60, "train_step.json"),
 }
-TOTAL_S = 470
+TOTAL_S = 530
 # Result JSONs copied into OUT_DIR as bench/results/<prefix>_<device>.json.
 RESULT_PREFIX = {"op_bench": "xcorr", "throughput": "pretrain_throughput", "data_pipeline": "data_pipeline"}
 RESULT_PREFIX["bn_stats"] = "bn_stats"

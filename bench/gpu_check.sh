@@ -15,6 +15,9 @@
 #   throughput     bench/pretrain_throughput.py: baseline / ilm_dist / synthetic, ResNet-50 224 px bf16, BT + MSE
 #   data_pipeline  bench/data_pipeline.py: DALI GPU vs DALI CPU vs DataLoader with all cores
 #   bn_stats       bench/bn_stats.py: BatchNorm running statistics under DeepSpeed bf16 vs float64
+#   dali_buffers   bench/gpu_probes.py: a dropped DALI batch stays intact while a queued kernel reads it
+#   dali_epochs    bench/gpu_probes.py: time to first batch and free memory over 20 tiny epochs; resume replay
+#   train_step     bench/gpu_probes.py: peak memory of a training step, host-device syncs of three
 # A failing stage is recorded (status, seconds, log tail) and the next one still runs. Records and results
 # persist in the work folder ($GPU_CHECK_WORK, default .gpu_check/, ignored by git), so a later invocation
 # on the same node skips stages that already passed for the same commit ($ILM_DIST_COMMIT); --fresh
@@ -49,7 +52,8 @@ mkdir -p "$OUT" "$WORK/logs" "$WORK/stages" "$WORK/results"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export ILM_DIST_COMMIT="${ILM_DIST_COMMIT:-$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)}"
 CORES="$(nproc)"
-STAGE_NAMES="env wheels build op_tests op_bench nccl data throughput data_pipeline bn_stats"
+STAGE_NAMES="env wheels build op_tests op_bench nccl data throughput data_pipeline bn_stats dali_buffers dali_epochs"
+STAGE_NAMES+=" train_step"
 if [[ -n "$ONLY" ]]; then
   for name in ${ONLY//,/ }; do
     [[ " $STAGE_NAMES " == *" $name "* ]] || { echo "gpu_check.sh: unknown stage '$name' (stages: $STAGE_NAMES)" >&2; exit 2; }
@@ -123,6 +127,12 @@ if [[ $DRY_RUN -eq 1 ]]; then
     --warmup 1 --repeats 1 --out "$R/data_pipeline.json"
   run_stage bn_stats "$PY" bench/bn_stats.py --arch resnet18 --size 32 --batch 2 --steps 1 --configs bf16 \
     --out "$R/bn_stats.json"
+  run_stage dali_buffers "$PY" bench/gpu_probes.py dali-buffers --shards "$WORK/data" --batch 4 --size 32 \
+    --pulls 3 --out "$R/dali_buffers.json"
+  run_stage dali_epochs "$PY" bench/gpu_probes.py dali-epochs --shards "$WORK/data" --batch 4 --size 32 \
+    --epochs 3 --steps 1 --resume-at 2 --compare 2 --out "$R/dali_epochs.json"
+  run_stage train_step "$PY" bench/gpu_probes.py train-step --shards "$WORK/data" --arch resnet18 --batch 2 \
+    --size 32 --warmup 1 --set moco.queue_size=16 --out "$R/train_step.json"
 elif [[ $STOP -eq 0 ]]; then
   run_stage wheels "$PY" bench/gpu_check.py install-wheels --work "$WORK"
   [[ -d "$WORK/site" ]] && export PYTHONPATH="$PYTHONPATH:$WORK/site"
@@ -140,6 +150,9 @@ elif [[ $STOP -eq 0 ]]; then
   run_stage data_pipeline "$PY" bench/data_pipeline.py --shards "$WORK/data" --samples 2048 --batch 256 \
     --repeats 3 --out "$R/data_pipeline.json"
   run_stage bn_stats "$PY" bench/bn_stats.py --out "$R/bn_stats.json"
+  run_stage dali_buffers "$PY" bench/gpu_probes.py dali-buffers --shards "$WORK/data" --out "$R/dali_buffers.json"
+  run_stage dali_epochs "$PY" bench/gpu_probes.py dali-epochs --shards "$WORK/data" --out "$R/dali_epochs.json"
+  run_stage train_step "$PY" bench/gpu_probes.py train-step --shards "$WORK/data" --out "$R/train_step.json"
 fi
 
 "$PY" bench/gpu_check.py summary --work "$WORK" --out "$OUT" --mode "$MODE"

@@ -186,6 +186,12 @@ def test_dry_run_runs_every_stage_and_prints_the_device_calls(tmp_path):
     assert set(stages["throughput"]["result"]["variants"]) == {"baseline", "ilm_dist", "synthetic"}
     assert stages["data_pipeline"]["result"]["variants"]["torch"]["samples_per_s"] > 0
     assert stages["bn_stats"]["result"]["configs"]["bf16"]["batch_norm_layers"] > 0
+    assert stages["dali_buffers"]["result"]["intact"] is True
+    epochs = stages["dali_epochs"]["result"]
+    assert (
+        len(epochs["epochs"]) == 3 and epochs["resume_replay"]["fresh"] == epochs["resume_replay"]["resumed"]
+    )
+    assert stages["train_step"]["result"]["engine"]["trainable_parameters"] > 0
     files = sorted(p.name for p in out.iterdir())
     assert all((out / f).is_file() for f in files) and len(files) <= gpu_check.OUT_FILES
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
