@@ -36,7 +36,9 @@ def test_cuda_choice_by_environment(setup_module, tmp_path, monkeypatch):
     choice = setup_module._cuda_choice
     bare = {"PATH": str(tmp_path / "empty")}
     cuda_home, warning = choice("2.11.0", "13.0", bare)
-    assert cuda_home is None and "WARNING" in warning and "CUDA 13.0 build" in warning and "CPU only" in warning
+    assert (
+        cuda_home is None and "WARNING" in warning and "CUDA 13.0 build" in warning and "CPU only" in warning
+    )
     assert choice("2.11.0", "13.0", {**bare, "ILM_DIST_NO_CUDA": "1"}) == (None, None)  # CPU-only on purpose
     assert choice("2.11.0", None, bare) == (None, None)  # a CPU torch: nothing to warn about
     assert choice("2.11.0", "13.0", {**bare, "CUDA_HOME": "/opt/cuda"}) == ("/opt/cuda", None)
