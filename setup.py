@@ -10,6 +10,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -54,7 +56,8 @@ CONSOLE_SCRIPTS = [
 EXTRAS_REQUIRE["all"] = sorted({dep for deps in EXTRAS_REQUIRE.values() for dep in deps})
 
 # --- C++/CUDA extension ilm_dist._C (csrc/) ---------------------------------------------------------
-# A CUDAExtension when torch is a CUDA build and a CUDA toolkit (nvcc) is found, else a CppExtension.
+# A CUDAExtension when torch is a CUDA build and a CUDA toolkit (nvcc) is found, else a CppExtension
+# (with a warning on stderr when torch is a CUDA build: _cuda_choice).
 # ILM_DIST_NO_CUDA=1 forces the CPU-only build. GPU code is compiled for sm_80 and sm_90 plus
 # compute_90 PTX (JIT-compiled on newer GPUs); set TORCH_CUDA_ARCH_LIST to build for other archs.
 # MAX_JOBS bounds the parallel compile jobs (ninja).
@@ -65,25 +68,45 @@ CUDA_ARCH_FLAGS = [
     "-gencode=arch=compute_90,code=compute_90",
 ]
 CSRC = Path("csrc")
+DEFAULT_CUDA_ROOT = Path("/usr/local/cuda")
 
 
-def _cuda_home() -> str | None:
+def _cuda_home(env: Mapping[str, str]) -> str | None:
     """The CUDA toolkit root: $CUDA_HOME/$CUDA_PATH, else the toolkit of ``nvcc`` on PATH or /usr/local/cuda.
 
     ``nvcc`` may be a wrapper script outside the toolkit (e.g. /usr/local/bin/nvcc), so a candidate must
     hold both bin/nvcc and include/cuda_runtime_api.h. (``torch.utils.cpp_extension.CUDA_HOME`` takes the
     parent of ``nvcc``'s folder without that check: /usr/local on such a machine, where the headers are not.)
     """
-    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if env:
-        return env
-    nvcc = shutil.which("nvcc")
+    root = env.get("CUDA_HOME") or env.get("CUDA_PATH")
+    if root:
+        return root
+    nvcc = shutil.which("nvcc", path=env.get("PATH"))
     candidates = [Path(nvcc).resolve().parent.parent] if nvcc else []
-    candidates.append(Path("/usr/local/cuda"))
+    candidates.append(DEFAULT_CUDA_ROOT)
     for root in candidates:
         if (root / "bin" / "nvcc").exists() and (root / "include" / "cuda_runtime_api.h").exists():
             return str(root)
     return None
+
+
+def _cuda_choice(
+    torch_version: str, torch_cuda: str | None, env: Mapping[str, str]
+) -> tuple[str | None, str | None]:
+    """The CUDA toolkit to build with (None: CPU-only), and a warning when a CUDA torch gets a CPU-only build
+    (which registers no CUDA kernel for ``ilm_dist::bt_xcorr_loss``: on a GPU the op's self-check fails and
+    ``bt_xcorr_loss`` falls back to the PyTorch reference)."""
+    if env.get("ILM_DIST_NO_CUDA") == "1" or torch_cuda is None:
+        return None, None
+    cuda_home = _cuda_home(env)
+    if cuda_home is not None:
+        return cuda_home, None
+    return None, (
+        f"WARNING: torch {torch_version} is a CUDA {torch_cuda} build, but no CUDA toolkit was found "
+        f"($CUDA_HOME/$CUDA_PATH unset, no nvcc on PATH, no {DEFAULT_CUDA_ROOT}): building ilm_dist._C for "
+        "the CPU only, so on a GPU bt_xcorr_loss falls back to the PyTorch reference. Install the toolkit or "
+        "set CUDA_HOME for the CUDA kernels, or set ILM_DIST_NO_CUDA=1 to build CPU-only on purpose."
+    )
 
 
 def _check_nvcc(cuda_home: str) -> None:
@@ -110,9 +133,9 @@ def _extensions() -> tuple[list, dict]:
             "ilm_dist builds a C++ extension against torch: install torch first, then "
             "`pip install --no-build-isolation -e .`"
         ) from err
-    cuda_home = (
-        None if os.environ.get("ILM_DIST_NO_CUDA") == "1" or torch.version.cuda is None else _cuda_home()
-    )
+    cuda_home, warning = _cuda_choice(torch.__version__, torch.version.cuda, os.environ)
+    if warning:
+        print(warning, file=sys.stderr)
     if cuda_home is not None:
         _check_nvcc(cuda_home)
         os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
@@ -132,17 +155,17 @@ def _extensions() -> tuple[list, dict]:
     return [ext], {"build_ext": BuildExtension}
 
 
-EXT_MODULES, CMDCLASS = _extensions()
-
-setup(
-    name="ilm_dist",
-    version="0.1.0",
-    description="Distributed MoCo v2 + intermediate-layer losses for medical imaging (Kaku et al., NeurIPS 2021)",
-    python_requires=">=3.10",
-    packages=find_packages(include=["ilm_dist*", "data_tools*"]),
-    install_requires=INSTALL_REQUIRES,
-    extras_require=EXTRAS_REQUIRE,
-    entry_points={"console_scripts": CONSOLE_SCRIPTS},
-    ext_modules=EXT_MODULES,
-    cmdclass=CMDCLASS,
-)
+if __name__ == "__main__":  # pip's setuptools backend runs this file as __main__ too; tests import it
+    EXT_MODULES, CMDCLASS = _extensions()
+    setup(
+        name="ilm_dist",
+        version="0.1.0",
+        description="Distributed MoCo v2 + intermediate-layer losses for medical imaging (Kaku et al., NeurIPS 2021)",
+        python_requires=">=3.10",
+        packages=find_packages(include=["ilm_dist*", "data_tools*"]),
+        install_requires=INSTALL_REQUIRES,
+        extras_require=EXTRAS_REQUIRE,
+        entry_points={"console_scripts": CONSOLE_SCRIPTS},
+        ext_modules=EXT_MODULES,
+        cmdclass=CMDCLASS,
+    )

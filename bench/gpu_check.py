@@ -2,9 +2,11 @@
 
 Subcommands (the shell script calls them; ``plan`` is also for people)::
 
-    python bench/gpu_check.py env --out FILE              # device, driver, versions, cores
+    python bench/gpu_check.py env --out FILE [--require-cuda]   # device, driver, versions, cores
     python bench/gpu_check.py install-wheels --work DIR [--verify-only]
-    python bench/gpu_check.py nccl --out FILE             # one-rank start-up through ilm_dist's engine
+    python bench/gpu_check.py extension --out FILE [--require-cuda]  # ilm_dist._C and its kernels
+    python bench/gpu_check.py op-tests --out FILE [--cuda-only]      # the op's tests, CUDA tests first
+    python bench/gpu_check.py nccl --out FILE [--backend nccl]  # one-rank start-up through ilm_dist's engine
     python bench/gpu_check.py record --work DIR --name NAME --rc RC --seconds S --budget B --log FILE
     python bench/gpu_check.py summary --work DIR --out OUT_DIR [--mode gpu|dry-run]
     python bench/gpu_check.py plan                        # the commands to send to the GPU node
@@ -41,16 +43,19 @@ OUT_FILES = 8
 STAGES = {
     "env": (20, "env.json"),
     "wheels": (60, "wheels.json"),
-    "build": (120, None),
-    "op_tests": (75, "op_tests.xml"),
+    "build": (120, "extension.json"),
+    "op_tests": (75, "op_tests.json"),
     "op_bench": (45, "xcorr.json"),
     "nccl": (30, "nccl.json"),
     "data": (30, None),
     "throughput": (180, "pretrain_throughput.json"),
     "data_pipeline": (60, "data_pipeline.json"),
     "bn_stats": (45, "bn_stats.json"),
+    "dali_buffers": (45, "dali_buffers.json"),
+    "dali_epochs": (60, "dali_epochs.json"),
+    "train_step": (60, "train_step.json"),
 }
-TOTAL_S = 470
+TOTAL_S = 530
 # Result JSONs copied into OUT_DIR as bench/results/<prefix>_<device>.json.
 RESULT_PREFIX = {"op_bench": "xcorr", "throughput": "pretrain_throughput", "data_pipeline": "data_pipeline"}
 RESULT_PREFIX["bn_stats"] = "bn_stats"
@@ -69,7 +74,16 @@ def parse_args() -> argparse.Namespace:
     sub = parser.add_subparsers(required=True)
     env = sub.add_parser("env", help="device and software versions")
     env.add_argument("--out", type=Path, required=True)
+    env.add_argument("--require-cuda", action="store_true", help="fail when torch sees no CUDA device")
     env.set_defaults(func=cmd_env)
+    ext = sub.add_parser("extension", help="ilm_dist._C: loads, and which devices have kernels")
+    ext.add_argument("--out", type=Path, required=True)
+    ext.add_argument("--require-cuda", action="store_true", help="fail without a CUDA kernel")
+    ext.set_defaults(func=cmd_extension)
+    op_tests = sub.add_parser("op-tests", help="tests/test_xcorr_op.py, the CUDA tests first")
+    op_tests.add_argument("--out", type=Path, required=True)
+    op_tests.add_argument("--cuda-only", action="store_true", help="only the CUDA tests")
+    op_tests.set_defaults(func=cmd_op_tests)
     wheels = sub.add_parser("install-wheels", help="reassemble, verify and install the carried wheel parts")
     wheels.add_argument("--work", type=Path, required=True)
     wheels.add_argument("--parts", type=Path, default=WHEEL_PARTS)
@@ -77,6 +91,7 @@ def parse_args() -> argparse.Namespace:
     wheels.set_defaults(func=cmd_install_wheels)
     nccl = sub.add_parser("nccl", help="one-rank process-group start-up through ilm_dist")
     nccl.add_argument("--out", type=Path, required=True)
+    nccl.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto")
     nccl.set_defaults(func=cmd_nccl)
     record = sub.add_parser("record", help="write one stage's record")
     record.add_argument("--work", type=Path, required=True)
@@ -137,11 +152,76 @@ def cmd_env(args: argparse.Namespace) -> None:
             "nccl": ".".join(map(str, torch.cuda.nccl.version())),
             "driver": run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
         }
-    else:
-        info["device"] = "cpu"
+    else:  # what the driver sees, for a node where torch sees no GPU
+        info |= {"device": "cpu", "nvidia_smi": run(["nvidia-smi", "-L"]) or "failed or not found"}
     info["slug"] = device_slug(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     write_json(args.out, info)
     print(json.dumps(info, indent=2))
+    if args.require_cuda and not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        sys.exit(
+            f"torch {torch.__version__} (CUDA build: {torch.version.cuda}) sees no CUDA device (CUDA_VISIBLE_DEVICES="
+            f"{visible!r}, nvidia-smi -L: {info['nvidia_smi']!r}): the check stops rather than run on the CPU"
+        )
+
+
+# --------------------------------------------------------------------------- extension and op tests
+
+
+def cmd_extension(args: argparse.Namespace) -> None:
+    """Whether ilm_dist._C loads and registers a CPU and a CUDA kernel for ``ilm_dist::bt_xcorr_loss``.
+
+    A CUDA torch built without nvcc gives a CPU-only extension (setup.py warns): it loads, but the op has no
+    CUDA kernel, and on a GPU ``bt_xcorr_loss`` falls back to the reference. Exit 77 (skipped) when the
+    extension is not built; with ``--require-cuda`` (after the build on the node) 1 then, and without a
+    CUDA kernel.
+    """
+    import torch
+
+    from ilm_dist.ops import _extension
+
+    result = {"load_error": _extension.LOAD_ERROR, "kernels": op_kernels()}
+    write_json(args.out, result)
+    print(json.dumps(result, indent=2))
+    if result["load_error"]:
+        sys.exit(f"ilm_dist._C does not load: {result['load_error']}" if args.require_cuda else 77)
+    if args.require_cuda and not result["kernels"]["CUDA"]:
+        sys.exit(
+            f"ilm_dist._C has no CUDA kernel for {OP} (torch {torch.__version__}, CUDA {torch.version.cuda}): "
+            "built without nvcc? See the build log's WARNING"
+        )
+
+
+OP = "ilm_dist::bt_xcorr_loss"
+OP_TESTS = ["tests/test_xcorr_op.py", "-q", "-ra", "-p", "no:cacheprovider"]
+
+
+def op_kernels() -> dict[str, bool]:
+    """Per dispatch key, whether ``OP`` has a kernel registered (False for all when it is not registered)."""
+    import torch
+
+    registered = torch._C._dispatch_has_kernel(OP)
+    return {
+        key: registered and torch._C._dispatch_has_kernel_for_dispatch_key(OP, key) for key in ("CPU", "CUDA")
+    }
+
+
+def cmd_op_tests(args: argparse.Namespace) -> None:
+    """tests/test_xcorr_op.py in two pytest runs, the CUDA tests first, so that the stage's time cap cuts
+    the CPU tests, not the CUDA ones; ``--out`` holds each run's counts as soon as it ends."""
+    runs = {"cuda": "cuda"} if args.cuda_only else {"cuda": "cuda", "rest": "not cuda"}
+    result: dict[str, dict] = {}
+    failed = False
+    for name, expression in runs.items():
+        xml = args.out.with_name(f"op_tests_{name}.xml")
+        cmd = [*OP_TESTS, "-k", expression, "--junitxml", str(xml)]
+        proc = subprocess.run([sys.executable, "-m", "pytest", *cmd], cwd=ROOT, check=False)
+        result[name] = junit_summary(xml) if xml.is_file() else {"error": f"pytest exit {proc.returncode}"}
+        failed |= proc.returncode != 0
+        write_json(args.out, result)
+    print(json.dumps(result, indent=2))
+    if failed:
+        sys.exit("op tests failed: " + json.dumps({k: v.get("failed_tests", v) for k, v in result.items()}))
 
 
 # --------------------------------------------------------------------------- wheels
@@ -261,14 +341,15 @@ def join_nvidia_namespace(site: Path) -> None:
 
 
 def cmd_nccl(args: argparse.Namespace) -> None:
-    """One rank through ilm_dist's process-group start-up (backend auto: NCCL on CUDA)."""
+    """One rank through ilm_dist's process-group start-up (``--backend auto``: NCCL on CUDA; ``nccl`` fails
+    without CUDA instead of falling back to gloo)."""
     import torch
     import torch.distributed as dist
 
     from ilm_dist import distributed as D
 
     start = time.perf_counter()
-    info, device = D.init_process_group("auto")
+    info, device = D.init_process_group(args.backend)
     init_s = time.perf_counter() - start
     backend = dist.get_backend()
     x = torch.arange(4, dtype=torch.float32, device=device) + info.rank

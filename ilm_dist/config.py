@@ -137,7 +137,8 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500
     keep_checkpoints: int = 2
-    deterministic: bool = False  # torch deterministic algorithms (CPU tests; slower on GPU)
+    # torch deterministic algorithms (CPU tests; slower on GPU); on CUDA also CUBLAS_WORKSPACE_CONFIG=:4096:8
+    deterministic: bool = False
     # backbone.pt: the last step's backbone, or the one with the best validation value (needs val.every)
     export: Literal["last", "best"] = "last"
 
@@ -145,6 +146,7 @@ class TrainConfig:
 @dataclass
 class EngineConfig:
     deepspeed_config: str | None = field(default=None, metadata=PATH)  # DeepSpeed JSON; None: fp32, no ZeRO
+    # auto: nccl on CUDA, else gloo; nccl without CUDA is an error (not a CPU run)
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     collective_timeout_s: int = 600  # a rank that stops answering fails the job after this long
     # "auto": bf16 autocast on CPU ranks whose CPU has AMX, where the DeepSpeed config sets no autocast

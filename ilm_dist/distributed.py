@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ilm_dist.errors import InputError
+
 T = TypeVar("T")
 
 
@@ -36,10 +38,26 @@ class DistInfo:
 
 
 def select_accelerator() -> str:
-    """Pick DeepSpeed's accelerator before it is imported: ``cuda`` when usable, else ``cpu``."""
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    """Pick DeepSpeed's accelerator before it is imported: ``cuda`` when usable, else ``cpu``.
+
+    ``DS_ACCELERATOR=cuda`` where torch sees no CUDA device raises :class:`InputError` instead of a CPU run.
+    """
+    requested = os.environ.get("DS_ACCELERATOR")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"DS_ACCELERATOR=cuda, but {_why_no_cuda()}")
+    if requested is None and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
     return os.environ.get("DS_ACCELERATOR", "cuda")
+
+
+def _why_no_cuda() -> str:
+    """Why this process has no CUDA device to run on, for an error message."""
+    if torch.cuda.is_available():
+        return f"DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')} selects DeepSpeed's CPU accelerator"
+    build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    shown = "" if visible is None else f", CUDA_VISIBLE_DEVICES={visible!r}"
+    return f"torch {torch.__version__} ({build}{shown}) sees no CUDA device"
 
 
 def free_port() -> int:
@@ -71,13 +89,18 @@ def init_process_group(
 ) -> tuple[DistInfo, torch.device]:
     """Join the launcher's process group (or make a world of one) and return this rank and its device.
 
-    ``backend="auto"``: NCCL on GPUs, gloo on CPUs. ``timeout_s``: how long a collective waits for a rank
-    that stopped answering before it fails the job. Without a launcher (no ``WORLD_SIZE`` and
+    ``backend="auto"``: NCCL on GPUs, gloo on CPUs; ``"nccl"`` without CUDA raises :class:`InputError`
+    (it asks for GPUs: a run that lost them must not go on as a CPU run). ``timeout_s``: how long a collective
+    waits for a rank that stopped answering before it fails the job. Without a launcher (no ``WORLD_SIZE`` and
     ``MASTER_PORT``) the world of one gets a fresh rendezvous port, which is removed from the environment
     again once the group exists, so a process started later from this one (a subprocess, a test) does not
     inherit a port in use.
     """
     accelerator = select_accelerator()
+    if backend == "nccl" and accelerator != "cuda":
+        raise InputError(
+            f"engine.dist_backend=nccl needs CUDA, but {_why_no_cuda()} (auto or gloo: CPU ranks)"
+        )
     launched = "WORLD_SIZE" in os.environ and "MASTER_PORT" in os.environ
     rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     if not launched:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import json
@@ -13,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.launcher import REPO
 
@@ -171,7 +173,10 @@ def test_dry_run_runs_every_stage_and_prints_the_device_calls(tmp_path):
         "passed" if (REPO / ".whl/parts/manifest.json").is_file() else "skipped"
     )
     assert {c["formulation"] for c in stages["op_bench"]["result"]["cases"]} == {"gram", "xcorr"}
-    assert stages["op_tests"]["result"]["failures"] == 0
+    if stages["build"]["status"] == "passed":  # the extension is built here: its CPU kernel is registered
+        assert stages["build"]["result"]["kernels"]["CPU"] is True
+    cuda_tests = stages["op_tests"]["result"]["cuda"]
+    assert cuda_tests["tests"] > 0 and cuda_tests["failures"] == cuda_tests["errors"] == 0
     assert stages["nccl"]["result"]["backend"] == "gloo" and stages["nccl"]["result"]["all_reduce"] == [
         0,
         1,
@@ -181,6 +186,12 @@ def test_dry_run_runs_every_stage_and_prints_the_device_calls(tmp_path):
     assert set(stages["throughput"]["result"]["variants"]) == {"baseline", "ilm_dist", "synthetic"}
     assert stages["data_pipeline"]["result"]["variants"]["torch"]["samples_per_s"] > 0
     assert stages["bn_stats"]["result"]["configs"]["bf16"]["batch_norm_layers"] > 0
+    assert stages["dali_buffers"]["result"]["intact"] is True
+    epochs = stages["dali_epochs"]["result"]
+    assert (
+        len(epochs["epochs"]) == 3 and epochs["resume_replay"]["fresh"] == epochs["resume_replay"]["resumed"]
+    )
+    assert stages["train_step"]["result"]["engine"]["trainable_parameters"] > 0
     files = sorted(p.name for p in out.iterdir())
     assert all((out / f).is_file() for f in files) and len(files) <= gpu_check.OUT_FILES
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
@@ -189,3 +200,64 @@ def test_dry_run_runs_every_stage_and_prints_the_device_calls(tmp_path):
     assert plan["problems"] == [] and plan["calls"]
     assert all(len(c["command"]) <= 2000 and len(c["carry"]) <= 8 for c in plan["calls"])
     assert "gpu_check.sh" in proc.stdout and "carry:" in proc.stdout
+
+
+def test_gpu_mode_without_cuda_stops_after_env(tmp_path):
+    """On the GPU node, torch seeing no CUDA device fails the check at once instead of running it on the CPU."""
+    if torch.cuda.is_available():
+        pytest.skip("tests a machine without CUDA")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WORK": str(tmp_path / "work")}
+    proc = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--stages", "env,nccl", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "sees no CUDA device" in proc.stderr and "stopping before the other stages" in proc.stderr
+    statuses = json.loads((out / "summary.json").read_text())["statuses"]
+    assert statuses["env"] == "failed" and statuses["nccl"] == "not run"
+
+
+def test_extension_stage_requires_a_cuda_kernel(tmp_path, monkeypatch, capsys):
+    """The build stage's assertion: ilm_dist::bt_xcorr_loss has a CUDA kernel (a CUDA torch built without
+    nvcc registers only the CPU one)."""
+    from ilm_dist.ops import _extension
+
+    monkeypatch.setattr(_extension, "LOAD_ERROR", None)
+    registered = {"CPU"}
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel", lambda op: op == gpu_check.OP)
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda op, key: key in registered)
+    args = argparse.Namespace(out=tmp_path / "extension.json", require_cuda=True)
+    with pytest.raises(SystemExit, match="no CUDA kernel for ilm_dist::bt_xcorr_loss"):
+        gpu_check.cmd_extension(args)
+    assert json.loads(args.out.read_text())["kernels"] == {"CPU": True, "CUDA": False}
+    registered.add("CUDA")
+    gpu_check.cmd_extension(args)
+    monkeypatch.setattr(_extension, "LOAD_ERROR", "ImportError: no _C")
+    with pytest.raises(SystemExit) as skipped:
+        gpu_check.cmd_extension(argparse.Namespace(out=args.out, require_cuda=False))
+    assert skipped.value.code == 77  # not built: the dry run skips the stage
+
+
+def test_op_tests_run_the_cuda_tests_first_and_record_them_at_once(tmp_path, monkeypatch):
+    """The op_tests stage's cap cuts the CPU tests, not the CUDA ones: they run first, and their counts are
+    in the result before the rest starts."""
+    calls = []
+
+    def fake_pytest(cmd, **kwargs):
+        expression = cmd[cmd.index("-k") + 1]
+        result = tmp_path / "op_tests.json"
+        calls.append((expression, json.loads(result.read_text()) if result.is_file() else None))
+        xml = Path(cmd[cmd.index("--junitxml") + 1])
+        xml.write_text('<testsuite tests="2" failures="0" errors="0" skipped="0"></testsuite>')
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", fake_pytest)
+    gpu_check.cmd_op_tests(argparse.Namespace(out=tmp_path / "op_tests.json", cuda_only=False))
+    assert [expression for expression, _ in calls] == ["cuda", "not cuda"]
+    assert calls[1][1]["cuda"]["tests"] == 2  # written before the rest ran
+    assert set(json.loads((tmp_path / "op_tests.json").read_text())) == {"cuda", "rest"}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,6 +50,26 @@ from ilm_dist.train.timing import StepTimer
 from ilm_dist.train.validation import Models, ValidatorBuilder, selection_criterion
 
 log = logging.getLogger("ilm_dist")
+# The values of CUBLAS_WORKSPACE_CONFIG with which cuBLAS is deterministic (torch docs, "Reproducibility").
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
+
+
+def use_deterministic_algorithms(gpu: bool) -> None:
+    """``train.deterministic``: torch's deterministic algorithms and, on a GPU, cuBLAS's deterministic workspace.
+
+    Called before the first matmul: torch reads CUBLAS_WORKSPACE_CONFIG for the workspace size once, at the
+    first cuBLAS call (aten/src/ATen/cuda/CublasHandlePool.cpp), and in deterministic mode a cuBLAS matmul
+    without one of CUBLAS_DETERMINISTIC raises RuntimeError (aten/src/ATen/Context.cpp,
+    checkCuBLASConfigDeterministic). A value set by the user is kept if it is one of them.
+    """
+    if gpu:
+        value = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC[0])
+        if value not in CUBLAS_DETERMINISTIC:
+            raise InputError(
+                f"train.deterministic on CUDA needs CUBLAS_WORKSPACE_CONFIG={' or '.join(CUBLAS_DETERMINISTIC)} "
+                f"(or unset), got {value!r}"
+            )
+    torch.use_deterministic_algorithms(True)
 
 
 class Trainer:
@@ -69,10 +90,11 @@ class Trainer:
         self.cfg = cfg
         self.allow_changes = allow_changes
         self.resume_changes: list[str] = []
+        gpu = D.select_accelerator() == "cuda"
+        if cfg.train.deterministic:
+            use_deterministic_algorithms(gpu)
         # before any thread exists: the rank's cores and intra-op threads (ilm_dist.cpu_placement)
-        self.cpu = place_this_process(
-            cfg.data.num_workers, cfg.cpu, gpu=D.select_accelerator() == "cuda", announce=False
-        )
+        self.cpu = place_this_process(cfg.data.num_workers, cfg.cpu, gpu=gpu, announce=False)
         self.info, self.device = D.init_process_group(
             cfg.engine.dist_backend, cfg.engine.collective_timeout_s
         )
@@ -104,8 +126,6 @@ class Trainer:
         cfg = self.cfg
         self.data_identity = data_identity(cfg)
         torch.manual_seed(cfg.seed)
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
         where = Placement(
             self.info.rank, self.info.world_size, self.device, cfg.seed, cfg.model.channels_last
         )
