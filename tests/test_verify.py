@@ -73,7 +73,10 @@ def test_truncated_shard(dataset: Path, capsys: pytest.CaptureFixture) -> None:
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        (lambda m: m["splits"]["train"]["class_counts"].update({m["class_names"][0]: 99}), "class counts"),
+        (
+            lambda m: m["splits"]["train"]["class_counts"].update({m["class_names"][0]: 99}),
+            "split 'train' class_counts add up to",
+        ),
         (lambda m: _bump_counts(m, "train", 0), "train-000000.tar: 8 samples, the manifest says 9"),
         (
             lambda m: m["splits"]["test"]["shards"][0].update(sha256="0" * 64),
@@ -90,8 +93,10 @@ def test_tampered_manifest(dataset: Path, capsys: pytest.CaptureFixture, change,
 
 
 def _bump_counts(manifest: dict, split: str, shard: int) -> None:
+    """One sample more in the manifest than in the shard, with the split's totals kept consistent."""
     manifest["splits"][split]["num_samples"] += 1
     manifest["splits"][split]["shards"][shard]["num_samples"] += 1
+    manifest["splits"][split]["class_counts"][manifest["class_names"][0]] += 1
 
 
 def test_inconsistent_manifest_is_an_error(dataset: Path, capsys: pytest.CaptureFixture) -> None:

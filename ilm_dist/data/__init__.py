@@ -11,6 +11,8 @@ import torch
 
 from ilm_dist.config import AugConfig, DataConfig
 from ilm_dist.data.batch import Placement, PretrainLoader, TwoViewBatch
+from ilm_dist.data.integrity import check_split_content
+from ilm_dist.data.manifest import load_manifest
 
 log = logging.getLogger("ilm_dist")
 
@@ -37,6 +39,8 @@ def backend_factory(name: str) -> Callable[..., PretrainLoader]:
 def build_pretrain_loader(data: DataConfig, aug: AugConfig, where: Placement) -> PretrainLoader:
     """The loader ``data.backend`` names (``auto``: see :func:`resolve_backend`) for this rank."""
     name = resolve_backend(data.backend, where.device)
+    if name != "synthetic":  # a packed split: before any step, it holds what its manifest promises
+        check_split_content(load_manifest(data.shards), data.split, data.verify_sha256)
     loader = backend_factory(name)(data, aug, where)
     log.info("data backend %s (data.backend=%s): %s", name, data.backend, loader.description)
     return loader

@@ -80,6 +80,7 @@ class ShardInfo:
     index: Path
     num_samples: int
     sha256: str
+    bytes: int | None = None  # the tar's size (written by data_tools.pack; absent in hand-made manifests)
 
 
 @dataclass(frozen=True)
@@ -136,14 +137,13 @@ def load_manifest(root: str | Path, check_files: bool = True) -> Manifest:
     if raw["task"] not in TASKS:
         raise ManifestError(f"{path}: task is {raw['task']!r}, expected one of {TASKS}")
     splits = {name: _parse_split(root, path, name, entry) for name, entry in raw["splits"].items()}
+    _check_files_listed_once(path, splits)
+    for split in splits.values():
+        _check_class_counts(path, split, raw["task"], raw["class_names"])
     if check_files:
         for split in splits.values():
             for shard in split.shards:
-                for file in (shard.tar, shard.index):
-                    if not file.is_file():
-                        raise ManifestError(
-                            f"{path}: split {split.name!r} lists {file.name}, which is missing"
-                        )
+                _check_shard_files(path, split.name, shard)
     return Manifest(root, raw["task"], tuple(raw["class_names"]), raw["image_mode"], splits, raw)
 
 
@@ -166,6 +166,7 @@ def _parse_split(root: Path, path: Path, name: str, entry: dict) -> SplitInfo:
                 root / plain_file_name(path, name, "index name", s["index"]),
                 int(s["num_samples"]),
                 s["sha256"],
+                int(s["bytes"]) if "bytes" in s else None,
             )
             for s in entry["shards"]
         )
@@ -175,3 +176,52 @@ def _parse_split(root: Path, path: Path, name: str, entry: dict) -> SplitInfo:
     if sum(s.num_samples for s in shards) != split.num_samples:
         raise ManifestError(f"{path}: split {name!r} shard sample counts do not add up to num_samples")
     return split
+
+
+def _check_files_listed_once(path: Path, splits: dict[str, SplitInfo]) -> None:
+    """No shard or index file is listed twice, within a split or across splits (a split would train on another's
+    samples, or on the same ones twice)."""
+    seen: dict[str, str] = {}
+    for split in splits.values():
+        for shard in split.shards:
+            for file in (shard.tar.name, shard.index.name):
+                if file in seen:
+                    raise ManifestError(
+                        f"{path}: {file} is listed twice (split {seen[file]!r} and split {split.name!r})"
+                    )
+                seen[file] = split.name
+
+
+def _check_class_counts(path: Path, split: SplitInfo, task: str, class_names: list[str]) -> None:
+    """``class_counts`` names only classes of the manifest and, where given for a single-label task, adds up to
+    the split's ``num_samples`` (a multilabel count is at most that)."""
+    unknown = sorted(set(split.class_counts) - set(class_names))
+    if unknown:
+        raise ManifestError(
+            f"{path}: split {split.name!r} counts classes {unknown} that class_names does not list"
+        )
+    total = sum(split.class_counts.values())
+    if task == "multilabel":
+        over = {k: v for k, v in split.class_counts.items() if v > split.num_samples}
+        if over:
+            raise ManifestError(
+                f"{path}: split {split.name!r} class_counts {over} exceed its {split.num_samples} samples"
+            )
+    elif split.class_counts and total != split.num_samples:
+        raise ManifestError(
+            f"{path}: split {split.name!r} class_counts add up to {total}, but num_samples is {split.num_samples}"
+        )
+
+
+def _check_shard_files(path: Path, split: str, shard: ShardInfo) -> None:
+    """The shard and its index exist, and the shard has the size the packer recorded (a truncated or replaced
+    shard is caught here for the price of a stat)."""
+    for file in (shard.tar, shard.index):
+        if not file.is_file():
+            raise ManifestError(f"{path}: split {split!r} lists {file.name}, which is missing")
+    size = shard.tar.stat().st_size
+    if shard.bytes is not None and size != shard.bytes:
+        raise ManifestError(
+            f"{shard.tar}: {size} bytes, manifest.json says {shard.bytes} (truncated or replaced since it was "
+            "packed; check with python -m data_tools.verify)"
+        )
