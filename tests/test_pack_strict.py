@@ -1,0 +1,84 @@
+"""The packer touches only what it wrote and reads every folder it is given (issue #26): ``--overwrite``
+removes only the earlier dataset's files, links to class folders are followed (loops and dangling links
+refused), and an output directory under a file or inside the source is refused at once.  Each case runs the
+real command and compares every file under the test's folder (checksums) before and after."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ilm_dist.data.manifest import load_manifest
+from tests.test_pack import make_tree, pack
+from tests.test_run_safety import assert_one_line_error, tree
+
+REPO = Path(__file__).parents[1]
+
+
+def pack_cli(*argv: object) -> subprocess.CompletedProcess:
+    """``python -m data_tools.pack ARGV`` as a user runs it (one worker, no progress bars)."""
+    cmd = [sys.executable, "-m", "data_tools.pack", *map(str, argv), "--quiet", "--workers", "1"]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def packed(tmp_path: Path) -> tuple[Path, Path]:
+    """``src`` (classes a, b) packed into ``out``."""
+    make_tree(tmp_path / "src", {"a": 6, "b": 6})
+    assert pack(tmp_path / "src", tmp_path / "out") == 0
+    return tmp_path / "src", tmp_path / "out"
+
+
+# ---------------------------------------------------------------- --overwrite
+
+
+def test_overwrite_refuses_what_a_packer_did_not_write(packed, tmp_path: Path) -> None:
+    src, out = packed
+    (out / "NOTES.txt").write_text("mine")
+    (out / "analysis").mkdir()
+    (out / "analysis" / "plot.py").write_text("print('mine')")
+    before = tree(tmp_path)
+    proc = pack_cli(src, out, "--overwrite")
+    assert_one_line_error(
+        proc,
+        f"error: {out}: refusing to overwrite, it holds what is not part of its packed dataset: "
+        "NOTES.txt, analysis/ (2 in all)",
+    )
+    assert tree(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["out", "src"]
+
+
+def test_overwrite_removes_exactly_the_earlier_datasets_files(packed, tmp_path: Path) -> None:
+    src, out = packed
+    assert pack(src, out, "--overwrite", "--shard-size", "2") == 0  # more shards than the first time
+    proc = pack_cli(src, out, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert {path.name for path in out.iterdir()} == load_manifest(out).file_names
+    assert sorted(os.listdir(tmp_path)) == ["out", "src"]
+
+
+def test_overwrite_through_a_link_replaces_the_dataset_it_points_to(packed, tmp_path: Path) -> None:
+    src, out = packed
+    (tmp_path / "link").symlink_to("out")
+    proc = pack_cli(src, tmp_path / "link", "--overwrite", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert os.readlink(tmp_path / "link") == "out" and load_manifest(out).raw["args"]["seed"] == 3
+    assert {path.name for path in out.iterdir()} == load_manifest(out).file_names
+    assert sorted(os.listdir(tmp_path)) == ["link", "out", "src"]
+
+
+def test_overwrite_refuses_a_manifest_naming_files_outside_its_folder(packed, tmp_path: Path) -> None:
+    src, out = packed
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["splits"]["val"]["shards"][0]["name"] = "../src/a/a_0.png"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = tree(tmp_path)
+    proc = pack_cli(src, out, "--overwrite")
+    assert_one_line_error(
+        proc, f"error: refusing to overwrite {out}: ", "'../src/a/a_0.png'; expected a plain file name"
+    )
+    assert tree(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["out", "src"]
