@@ -122,12 +122,13 @@ class Staging:
     """Build the output in ``OUT_DIR.tmp-<pid>`` and move it into place only on `commit`.
 
     On any failure (Ctrl-C included) the temporary directory is removed, so a directory with a
-    ``manifest.json`` is always complete.  ``OUT_DIR`` must not contain ``protect`` (the source).  An
-    existing non-empty ``OUT_DIR`` is refused unless ``overwrite``, and even then unless it holds a packed
-    dataset and nothing else: ``commit`` removes only the files its ``manifest.json`` names.  A packer killed
-    outright (SIGKILL, power loss) cannot clean up: the next run on the same ``OUT_DIR`` removes the
-    ``OUT_DIR.tmp-<pid>`` / ``OUT_DIR.old-<pid>`` directories of processes that are no longer running and
-    says so, and refuses to start while such a process runs.
+    ``manifest.json`` is always complete.  ``OUT_DIR`` must not be a file or lie under one, and must neither
+    contain nor lie inside ``protect`` (the source).  An existing non-empty ``OUT_DIR`` is refused unless
+    ``overwrite``, and even then unless it holds a packed dataset and nothing else: ``commit`` removes only
+    the files its ``manifest.json`` names.  A packer killed outright (SIGKILL, power loss) cannot clean up:
+    the next run on the same ``OUT_DIR`` removes the ``OUT_DIR.tmp-<pid>`` / ``OUT_DIR.old-<pid>``
+    directories of processes that are no longer running and says so, and refuses to start while such a
+    process runs.
     """
 
     def __init__(self, out_dir: Path, overwrite: bool, protect: Path | None = None):
@@ -135,10 +136,7 @@ class Staging:
         self.tmp = self.out.with_name(f"{self.out.name}.tmp-{os.getpid()}")
         self.committed = False
         self.replaced: set[str] = set()  # the earlier dataset's files, removed by `commit`
-        if self.out.exists() and not self.out.is_dir():
-            raise PackError(f"{out_dir}: exists and is not a directory")
-        if protect is not None and self.out in (p := Path(os.path.abspath(protect)), *p.parents):
-            raise PackError(f"{out_dir}: the output directory would contain the source {protect}")
+        _check_place(out_dir, protect)
         if self.out.is_dir() and any(self.out.iterdir()):
             if not overwrite:
                 raise PackError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
@@ -204,6 +202,26 @@ class Staging:
                 for name in self.replaced:
                     (old / name).unlink(missing_ok=True)
                 old.rmdir()
+
+
+def _check_place(out_dir: Path, protect: Path | None) -> None:
+    """``out_dir`` can be a new folder: it is no file, lies under none, and is apart from ``protect``."""
+    out = Path(os.path.abspath(out_dir))
+    if out.exists() and not out.is_dir():
+        raise PackError(f"{out_dir}: exists and is not a directory")
+    above = next(path for path in (out, *out.parents) if path.exists())
+    if not above.is_dir():
+        raise PackError(f"{out_dir}: cannot be created, {above} is a file, not a directory")
+    if protect is None:
+        return
+    source, target = protect.resolve(), out.resolve()
+    if target in (source, *source.parents):
+        raise PackError(f"{out_dir}: the output directory would contain the source {protect}")
+    if source in target.parents:
+        raise PackError(
+            f"{out_dir}: is inside the source {protect}, so packing it again would read this output as "
+            "source data; choose an output directory outside it"
+        )
 
 
 def _packed_files(out_dir: Path) -> set[str]:

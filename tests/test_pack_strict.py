@@ -82,3 +82,31 @@ def test_overwrite_refuses_a_manifest_naming_files_outside_its_folder(packed, tm
         proc, f"error: refusing to overwrite {out}: ", "'../src/a/a_0.png'; expected a plain file name"
     )
     assert tree(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["out", "src"]
+
+
+# ---------------------------------------------------------------- where the output goes
+
+
+def test_output_under_a_file_is_refused(tmp_path: Path) -> None:
+    make_tree(tmp_path / "src", {"a": 6, "b": 6})
+    (tmp_path / "notes").write_text("mine")
+    before = tree(tmp_path)
+    proc = pack_cli(tmp_path / "src", tmp_path / "notes" / "out")
+    assert_one_line_error(
+        proc, f"error: {tmp_path / 'notes' / 'out'}: cannot be created, {tmp_path / 'notes'} is a file"
+    )
+    assert tree(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["notes", "src"]
+
+
+@pytest.mark.parametrize(
+    ("source", "out"),
+    [("src", "src/packed"), ("src", "src/a/packed"), ("src", "link/packed"), ("link", "src/packed")],
+    ids=["inside", "in-a-class", "through-a-link", "source-through-a-link"],
+)
+def test_output_inside_the_source_is_refused(tmp_path: Path, source: str, out: str) -> None:
+    make_tree(tmp_path / "src", {"a": 6, "b": 6})
+    (tmp_path / "link").symlink_to("src")
+    before = tree(tmp_path)
+    proc = pack_cli(tmp_path / source, tmp_path / out)
+    assert_one_line_error(proc, f"error: {tmp_path / out}: is inside the source {tmp_path / source}, ")
+    assert tree(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["link", "src"]
