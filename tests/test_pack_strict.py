@@ -84,6 +84,49 @@ def test_overwrite_refuses_a_manifest_naming_files_outside_its_folder(packed, tm
     assert tree(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["out", "src"]
 
 
+# ---------------------------------------------------------------- links in the source tree
+
+
+def test_linked_class_folder_is_packed(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src, {"a": 6, "b": 6})
+    make_tree(tmp_path / "elsewhere", {"c": 6})
+    (src / "c").symlink_to(tmp_path / "elsewhere" / "c")
+    before = tree(tmp_path)
+    proc = pack_cli(src, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert "packed 18 samples" in proc.stdout and "multiclass" in proc.stdout and "0 skipped" in proc.stdout
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest.class_names == ("a", "b", "c")
+    assert sum(split.class_counts["c"] for split in manifest.splits.values()) == 6
+    assert {k: v for k, v in tree(tmp_path).items() if not k.startswith("out/")} == before
+
+
+def _loop(src: Path) -> tuple[Path, str]:
+    (src / "a" / "loop").symlink_to("..")
+    return src / "a" / "loop", f"leads to {src}, a folder that contains it (a loop); remove the link"
+
+
+def _up(src: Path) -> tuple[Path, str]:
+    (src / "up").symlink_to("..")
+    return src / "up", f"leads to {src.parent}, a folder that contains it (a loop); remove the link"
+
+
+def _dangling(src: Path) -> tuple[Path, str]:
+    (src / "c").symlink_to(src.parent / "moved")
+    return src / "c", f"is a link to {src.parent / 'moved'}, which does not exist"
+
+
+@pytest.mark.parametrize("link", [_loop, _up, _dangling], ids=lambda f: f.__name__[1:])
+def test_bad_folder_link_is_refused_naming_it(tmp_path: Path, link) -> None:
+    make_tree(tmp_path / "src", {"a": 6, "b": 6})
+    path, message = link(tmp_path / "src")
+    before = tree(tmp_path)
+    proc = pack_cli(tmp_path / "src", tmp_path / "out")
+    assert_one_line_error(proc, f"error: {path}: {message}")
+    assert tree(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["src"]
+
+
 # ---------------------------------------------------------------- where the output goes
 
 
