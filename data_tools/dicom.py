@@ -60,6 +60,8 @@ def read(path: Path) -> tuple[Image.Image, dict]:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise BadImage(f"DICOM file with {frames} frames; only single-frame images are packed")
+    if not _syntax(ds).is_encapsulated:
+        _check_length(ds)
     pixels = _decode(path, ds)
     photometric = str(ds.get("PhotometricInterpretation", ""))
     attrs = {
@@ -161,6 +163,21 @@ def _syntax(ds):
     )
 
 
+def _check_length(ds) -> None:
+    """Uncompressed pixel data is as long as the header says, plus at most the pad byte to an even length
+    (pydicom would read extra bytes as further frames, or drop them as padding)."""
+    shape = [ds.get(key) for key in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated")]
+    if not all(isinstance(value, int) for value in shape):
+        return  # a missing attribute: pydicom's decoding names it
+    rows, columns, samples, bits = shape
+    size = -(-rows * columns * samples * bits // 8)
+    if len(ds.PixelData) not in (size, size + size % 2):
+        raise BadImage(
+            f"DICOM pixel data is {len(ds.PixelData)} bytes, but the header's {rows} rows x {columns} columns "
+            f"x {samples} sample(s) x {bits} bits allocated make {size} bytes"
+        )
+
+
 def _decode(path: Path, ds) -> np.ndarray:
     """``ds.pixel_array``, with a PackError naming the file when no installed plugin can decode it."""
     from pydicom.pixels.decoders.base import get_decoder
@@ -181,7 +198,7 @@ def _decode(path: Path, ds) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return ds.pixel_array
-    except (ValueError, EOFError, OSError) as err:  # truncated or inconsistent pixel data
+    except (ValueError, EOFError, OSError, AttributeError) as err:  # truncated, inconsistent, incomplete
         raise BadImage(f"cannot decode DICOM pixel data ({err})") from None
     except RuntimeError as err:  # every available plugin failed (e.g. 12-bit JPEG with Pillow)
         reason = " ".join(str(err).split())

@@ -11,7 +11,7 @@ import os
 import sys
 import zipfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -60,17 +60,34 @@ def split_name(value: str) -> str | None:
     return SPLIT_ALIASES.get(value.strip().lower())
 
 
+def walk(root: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """``os.walk`` of ``root``, hidden names excluded, into links to folders as well: (folder, sorted
+    subfolder names, image file names).  A link that leads back to a folder it is in (a loop) or to nothing
+    is an error naming the link."""
+    above = {os.fspath(root): (Path(os.path.realpath(root)),)}  # real paths of a folder and those above it
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        chain = above.pop(folder)
+        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
+        for name in dirs:
+            path = os.path.join(folder, name)
+            real = Path(os.path.realpath(path))
+            if any(seen.is_relative_to(real) for seen in chain):
+                raise PackError(
+                    f"{path}: leads to {real}, a folder that contains it (a loop); remove the link"
+                )
+            above[path] = (*chain, real)
+        visible = [name for name in files if not name.startswith(".")]
+        images = [name for name in visible if name.lower().endswith(IMAGE_SUFFIXES)]
+        for name in sorted(set(visible) - set(images)):
+            path = os.path.join(folder, name)
+            if os.path.islink(path) and not os.path.exists(path):
+                raise PackError(f"{path}: is a link to {os.readlink(path)}, which does not exist")
+        yield Path(folder), dirs, images
+
+
 def scan_images(root: Path) -> list[Path]:
-    """Image files under ``root`` (recursively, hidden files and folders excluded), sorted."""
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [name for name in dirs if not name.startswith(".")]
-        found += [
-            Path(folder, name)
-            for name in files
-            if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
-        ]
-    return sorted(found)
+    """Image files under ``root`` (see `walk`), sorted."""
+    return sorted(folder / name for folder, _, images in walk(root) for name in images)
 
 
 def choose_classes(
@@ -120,14 +137,7 @@ def folder_source(root: Path, classes: Sequence[str] | None, allow_empty_folders
 def _check_empty_folders(root: Path, allow: bool) -> None:
     """Leaf folders (no subfolders) without images: an empty class folder, or a class whose images are
     all in formats the packer does not read."""
-    empty = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
-        images = [
-            name for name in files if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
-        ]
-        if not dirs and not images:
-            empty.append(Path(folder))
+    empty = [folder for folder, dirs, images in walk(root) if not dirs and not images]
     if empty and not allow:
         raise PackError(
             f"{empty[0]}: folder has no images ({len(empty)} such folder(s)); its class would be missing "

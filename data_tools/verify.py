@@ -181,7 +181,7 @@ def check_cross(manifest: Manifest, tasks: list[ShardTask], checks: list[ShardCh
     problems = check_unique_keys(checks)
     if manifest.raw.get("split_method") in ("stratified_group", "lists+stratified_group"):
         problems += check_disjoint_groups([task.split for task in tasks], checks)
-    listed = {"manifest.json"} | {p.name for task in tasks for p in (task.shard.tar, task.shard.index)}
+    listed = manifest.file_names
     unlisted = sorted(path.name for path in manifest.root.iterdir() if path.name not in listed)
     if unlisted:
         problems.append(f"files not listed in the manifest: {unlisted[:5]}")

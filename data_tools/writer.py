@@ -22,7 +22,7 @@ from data_tools.errors import PackError, writing
 from data_tools.parallel import parallel_map
 from data_tools.records import Record
 from data_tools.shard_writer import EncodeOptions, ShardJob, ShardResult, write_shard
-from ilm_dist.data.manifest import FORMAT
+from ilm_dist.data.manifest import FORMAT, ManifestError, load_manifest
 from ilm_dist.data.shard_format import LabelSpace, sample_key, shard_name
 
 
@@ -122,28 +122,25 @@ class Staging:
     """Build the output in ``OUT_DIR.tmp-<pid>`` and move it into place only on `commit`.
 
     On any failure (Ctrl-C included) the temporary directory is removed, so a directory with a
-    ``manifest.json`` is always complete.  An existing non-empty ``OUT_DIR`` is refused unless
-    ``overwrite``, and even then only if it is a packed dataset (has a ``manifest.json``) and does not
-    contain ``protect`` (the source).  A packer killed outright (SIGKILL, power loss) cannot clean up: the
-    next run on the same ``OUT_DIR`` removes the ``OUT_DIR.tmp-<pid>`` / ``OUT_DIR.old-<pid>`` directories
-    of processes that are no longer running and says so, and refuses to start while such a process runs.
+    ``manifest.json`` is always complete.  ``OUT_DIR`` must not be a file or lie under one, and must neither
+    contain nor lie inside ``protect`` (the source).  An existing non-empty ``OUT_DIR`` is refused unless
+    ``overwrite``, and even then unless it holds a packed dataset and nothing else: ``commit`` removes only
+    the files its ``manifest.json`` names.  A packer killed outright (SIGKILL, power loss) cannot clean up:
+    the next run on the same ``OUT_DIR`` removes the ``OUT_DIR.tmp-<pid>`` / ``OUT_DIR.old-<pid>``
+    directories of processes that are no longer running and says so, and refuses to start while such a
+    process runs.
     """
 
     def __init__(self, out_dir: Path, overwrite: bool, protect: Path | None = None):
-        self.out = Path(os.path.abspath(out_dir))
+        self.out = Path(os.path.realpath(out_dir))  # a link to a folder: the dataset goes into that folder
         self.tmp = self.out.with_name(f"{self.out.name}.tmp-{os.getpid()}")
         self.committed = False
-        if self.out.exists() and not self.out.is_dir():
-            raise PackError(f"{out_dir}: exists and is not a directory")
-        if protect is not None and self.out in (p := Path(os.path.abspath(protect)), *p.parents):
-            raise PackError(f"{out_dir}: the output directory would contain the source {protect}")
+        self.replaced: set[str] = set()  # the earlier dataset's files, removed by `commit`
+        _check_place(out_dir, protect)
         if self.out.is_dir() and any(self.out.iterdir()):
             if not overwrite:
                 raise PackError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
-            if not (self.out / "manifest.json").is_file():
-                raise PackError(
-                    f"{out_dir}: refusing to overwrite, it is not a packed dataset (no manifest.json)"
-                )
+            self.replaced = _packed_files(out_dir)
         self._remove_stale()
 
     def _remove_stale(self) -> None:
@@ -200,7 +197,53 @@ class Staging:
                 os.rename(self.out, old)
             os.rename(self.tmp, self.out)
         self.committed = True
-        shutil.rmtree(old, ignore_errors=True)
+        if old.exists():
+            with writing(old):
+                for name in self.replaced:
+                    (old / name).unlink(missing_ok=True)
+                old.rmdir()
+
+
+def _check_place(out_dir: Path, protect: Path | None) -> None:
+    """``out_dir`` can be a new folder: it is no file, lies under none, and is apart from ``protect``."""
+    out = Path(os.path.abspath(out_dir))
+    if out.exists() and not out.is_dir():
+        raise PackError(f"{out_dir}: exists and is not a directory")
+    above = next(path for path in (out, *out.parents) if path.exists())
+    if not above.is_dir():
+        raise PackError(f"{out_dir}: cannot be created, {above} is a file, not a directory")
+    if protect is None:
+        return
+    source, target = protect.resolve(), out.resolve()
+    if target in (source, *source.parents):
+        raise PackError(f"{out_dir}: the output directory would contain the source {protect}")
+    if source in target.parents:
+        raise PackError(
+            f"{out_dir}: is inside the source {protect}, so packing it again would read this output as "
+            "source data; choose an output directory outside it"
+        )
+
+
+def _packed_files(out_dir: Path) -> set[str]:
+    """The files of the packed dataset in ``out_dir`` (its manifest, shards and indices), which
+    ``--overwrite`` may remove; anything else there is refused, named."""
+    if not (out_dir / "manifest.json").is_file():
+        raise PackError(f"{out_dir}: refusing to overwrite, it is not a packed dataset (no manifest.json)")
+    try:
+        names = load_manifest(out_dir, check_files=False).file_names
+    except ManifestError as err:
+        raise PackError(f"refusing to overwrite {out_dir}: {err}") from None
+    foreign = sorted(
+        f"{path.name}/" if path.is_dir() else path.name
+        for path in out_dir.iterdir()
+        if path.is_dir() or path.name not in names
+    )
+    if foreign:
+        raise PackError(
+            f"{out_dir}: refusing to overwrite, it holds what is not part of its packed dataset: "
+            f"{', '.join(foreign[:5])} ({len(foreign)} in all); move them out, or choose another output directory"
+        )
+    return names
 
 
 def _running(pid: int) -> bool:

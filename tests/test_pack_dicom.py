@@ -4,6 +4,7 @@ files pydicom ships (no downloads), and the packed output and manifest."""
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -20,6 +21,8 @@ from data_tools import dicom  # noqa: E402
 from data_tools.errors import BadImage, PackError  # noqa: E402
 from ilm_dist.data.manifest import load_manifest  # noqa: E402
 from tests.test_pack import pack, read_dataset  # noqa: E402
+from tests.test_pack_strict import pack_cli  # noqa: E402
+from tests.test_run_safety import assert_one_line_error, tree  # noqa: E402
 
 
 def shipped(name: str) -> Path:
@@ -148,11 +151,56 @@ def test_undecodable_transfer_syntax_names_the_file() -> None:
 def test_bad_dicom_files_are_bad_images(tmp_path: Path) -> None:
     with pytest.raises(BadImage, match="2 frames"):
         dicom.read(shipped("SC_rgb_rle_2frame.dcm"))
-    with pytest.raises(BadImage, match="cannot decode DICOM pixel data"):
+    with pytest.raises(BadImage, match=r"pixel data is 8130 bytes, but the header's 64 rows .* make 8192"):
         dicom.read(shipped("MR_truncated.dcm"))
+    with pytest.raises(BadImage, match=r"cannot decode DICOM pixel data \(Missing .*'Rows'\)"):
+        dicom.read(_modified(tmp_path, "MR_small.dcm", lambda ds: delattr(ds, "Rows")))
     (tmp_path / "fake.dcm").write_bytes(b"not dicom at all" * 20)
     with pytest.raises(BadImage, match="not a DICOM file"):
         dicom.read(tmp_path / "fake.dcm")
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"Columns": 32}, "64 rows x 32 columns x 1 sample(s) x 16 bits allocated make 4096 bytes"),
+        ({"BitsAllocated": 8, "BitsStored": 8, "HighBit": 7}, "64 rows x 64 columns x 1 sample(s) x 8 bits"),
+        (
+            {"SamplesPerPixel": 3, "Rows": 16},
+            "16 rows x 64 columns x 3 sample(s) x 16 bits allocated make 6144",
+        ),
+    ],
+    ids=["columns", "bits", "samples"],
+)
+def test_pixel_data_longer_than_the_header_says_is_a_bad_image(
+    tmp_path: Path, change: dict, expected: str
+) -> None:
+    path = _modified(tmp_path, "MR_small.dcm", lambda ds: [setattr(ds, k, v) for k, v in change.items()])
+    with pytest.raises(BadImage) as caught:
+        dicom.read(path)
+    assert caught.value.reason.startswith("DICOM pixel data is 8192 bytes, but the header's ")
+    assert expected in caught.value.reason
+
+
+def test_pack_names_a_pixel_data_header_mismatch(tmp_path: Path) -> None:
+    for label in ("a", "b"):
+        (tmp_path / "src" / label).mkdir(parents=True)
+        for i in range(4):
+            shutil.copy(shipped("MR_small.dcm"), tmp_path / "src" / label / f"{i}.dcm")
+    odd = _modified(tmp_path, "MR_small.dcm", lambda ds: setattr(ds, "Rows", 32))
+    odd.rename(tmp_path / "src" / "b" / "odd.dcm")
+    before = tree(tmp_path)
+    proc = pack_cli(tmp_path / "src", tmp_path / "out")
+    assert_one_line_error(
+        proc,
+        f"error: {tmp_path / 'src' / 'b' / 'odd.dcm'}: DICOM pixel data is 8192 bytes, but the header's 32 "
+        "rows x 64 columns x 1 sample(s) x 16 bits allocated make 4096 bytes (pass --skip-bad",
+    )
+    assert tree(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["src"]
+    proc = pack_cli(tmp_path / "src", tmp_path / "out", "--skip-bad", "--split-fractions", "0.5,0.25,0.25")
+    assert proc.returncode == 0, proc.stderr
+    skipped = load_manifest(tmp_path / "out").raw["skipped"]["files"]
+    assert [entry["path"] for entry in skipped] == ["b/odd.dcm"] and "32 rows" in skipped[0]["reason"]
 
 
 def test_pack_a_dicom_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -109,6 +109,12 @@ class Manifest:
         """Number of int32 values in each sample's ``.lbl`` record."""
         return self.num_classes if self.task == "multilabel" else 1
 
+    @property
+    def file_names(self) -> set[str]:
+        """The names of the files this dataset consists of: ``manifest.json`` and every shard and index."""
+        shards = [shard for split in self.splits.values() for shard in split.shards]
+        return {"manifest.json"} | {file.name for shard in shards for file in (shard.tar, shard.index)}
+
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
             raise ManifestError(
