@@ -9,8 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from data_tools.errors import PackError
-from ilm_dist.errors import EXIT_INPUT_ERROR
+from ilm_dist.errors import EXIT_INPUT_ERROR, InputError
 
 
 def positive_int(text: str) -> int:
@@ -40,7 +39,7 @@ def run(job: Callable[[argparse.Namespace], dict], args: argparse.Namespace) -> 
     start = time.perf_counter()
     try:
         manifest = job(args)
-    except PackError as err:
+    except InputError as err:  # PackError, ManifestError, a folder in use (FolderBusy)
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except OSError as err:  # one the packer did not expect (its writes name their file themselves)

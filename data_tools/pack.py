@@ -259,7 +259,11 @@ def check_images(records: list[Record], args: argparse.Namespace) -> Checked:
 
 def pack(args: argparse.Namespace) -> dict:
     """Run the whole packing; returns the manifest."""
-    staging = Staging(args.out_dir, args.overwrite, protect=args.source)
+    with Staging(args.out_dir, args.overwrite, protect=args.source) as staging:
+        return _pack_into(staging, args)
+
+
+def _pack_into(staging: Staging, args: argparse.Namespace) -> dict:
     if args.split_fractions:
         parse_fractions(args.split_fractions)  # a typo is reported before the source is read
     group_of = group_function(args.group_by) if args.group_by else None
@@ -279,19 +283,18 @@ def pack(args: argparse.Namespace) -> dict:
     mode = args.image_mode if args.image_mode != "auto" else ("L" if checked.all_gray else "RGB")
     labels = LabelSpace(source.class_names, source.multilabel, args.ordinal)
     encode = EncodeOptions(mode, args.jpeg_quality, args.max_side, args.fundus_crop)
-    with staging:
-        entries = write_splits(staging.tmp, splits, labels, encode, args.shard_size, args.workers, args.quiet)
-        manifest = build_manifest(
-            labels=labels,
-            image_mode=mode,
-            split_method=method,
-            splits=entries,
-            skipped=checked.skipped,
-            source=source.manifest_entry(),
-            args=vars(args),
-            extra={"dicom": dicom.summarise(checked.dicom)} if checked.dicom else None,
-        )
-        staging.commit(manifest)
+    entries = write_splits(staging.tmp, splits, labels, encode, args.shard_size, args.workers, args.quiet)
+    manifest = build_manifest(
+        labels=labels,
+        image_mode=mode,
+        split_method=method,
+        splits=entries,
+        skipped=checked.skipped,
+        source=source.manifest_entry(),
+        args=vars(args),
+        extra={"dicom": dicom.summarise(checked.dicom)} if checked.dicom else None,
+    )
+    staging.commit(manifest)
     return manifest
 
 

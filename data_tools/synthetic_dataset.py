@@ -122,7 +122,11 @@ def generate(args: argparse.Namespace) -> dict:
         raise PackError(
             f"--num-classes must be between 2 and {len(SHAPES)} (one shape per class: {', '.join(SHAPES)})"
         )
-    staging = Staging(args.out_dir, args.overwrite)
+    with Staging(args.out_dir, args.overwrite) as staging:
+        return _generate_into(staging, args)
+
+
+def _generate_into(staging: Staging, args: argparse.Namespace) -> dict:
     spec = SynthSpec(args.num_classes, args.size, args.grayscale, args.seed)
     fractions = parse_fractions(args.split_fractions)
     splits = stratified_split(synthetic_records(spec, args.per_class), fractions, spec.num_classes, args.seed)
@@ -138,26 +142,25 @@ def generate(args: argparse.Namespace) -> dict:
         "min_contrast": MIN_CONTRAST,
         "noise": NOISE,
     }
-    with staging:
-        entries = write_splits(
-            staging.tmp,
-            splits,
-            labels,
-            EncodeOptions(mode, args.jpeg_quality, None),
-            args.shard_size,
-            args.workers,
-            args.quiet,
-        )
-        manifest = build_manifest(
-            labels=labels,
-            image_mode=mode,
-            split_method="stratified",
-            splits=entries,
-            skipped=[],
-            source=source,
-            args=vars(args),
-        )
-        staging.commit(manifest)
+    entries = write_splits(
+        staging.tmp,
+        splits,
+        labels,
+        EncodeOptions(mode, args.jpeg_quality, None),
+        args.shard_size,
+        args.workers,
+        args.quiet,
+    )
+    manifest = build_manifest(
+        labels=labels,
+        image_mode=mode,
+        split_method="stratified",
+        splits=entries,
+        skipped=[],
+        source=source,
+        args=vars(args),
+    )
+    staging.commit(manifest)
     return manifest
 
 

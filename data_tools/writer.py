@@ -24,6 +24,7 @@ from data_tools.records import Record
 from data_tools.shard_writer import EncodeOptions, ShardJob, ShardResult, write_shard
 from ilm_dist.data.manifest import FORMAT, ManifestError, load_manifest
 from ilm_dist.data.shard_format import LabelSpace, sample_key, shard_name
+from ilm_dist.folder_lock import FolderLock
 
 
 def plan_shards(
@@ -128,7 +129,8 @@ class Staging:
     the files its ``manifest.json`` names.  A packer killed outright (SIGKILL, power loss) cannot clean up:
     the next run on the same ``OUT_DIR`` removes the ``OUT_DIR.tmp-<pid>`` / ``OUT_DIR.old-<pid>``
     directories of processes that are no longer running and says so, and refuses to start while such a
-    process runs.
+    process runs. A packer holds ``.<OUT_DIR name>.lock`` beside ``OUT_DIR`` from its construction (use it as a
+    context manager from there) until it exits (:class:`ilm_dist.folder_lock.FolderLock`).
     """
 
     def __init__(self, out_dir: Path, overwrite: bool, protect: Path | None = None):
@@ -137,11 +139,19 @@ class Staging:
         self.committed = False
         self.replaced: set[str] = set()  # the earlier dataset's files, removed by `commit`
         _check_place(out_dir, protect)
-        if self.out.is_dir() and any(self.out.iterdir()):
-            if not overwrite:
-                raise PackError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
-            self.replaced = _packed_files(out_dir)
-        self._remove_stale()
+        # beside OUT_DIR, which commit swaps: a second packer on it stops here naming this one
+        self.lock = FolderLock(
+            self.out.parent, f"packer of {self.out.name}", name=f".{self.out.name}.lock", subject=self.out
+        )
+        try:
+            if self.out.is_dir() and any(self.out.iterdir()):
+                if not overwrite:
+                    raise PackError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
+                self.replaced = _packed_files(out_dir)
+            self._remove_stale()
+        except BaseException:
+            self.lock.release()
+            raise
 
     def _remove_stale(self) -> None:
         """Remove what killed packers left next to ``OUT_DIR``; refuse while one of them still runs."""
@@ -181,6 +191,7 @@ class Staging:
     ) -> None:
         if not self.committed:
             shutil.rmtree(self.tmp, ignore_errors=True)
+        self.lock.release()
 
     def commit(self, manifest: dict) -> None:
         """Write ``manifest.json`` atomically, then swap the staging directory into ``OUT_DIR``."""

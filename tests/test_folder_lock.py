@@ -39,7 +39,9 @@ def test_a_second_holder_is_refused_naming_the_first(tmp_path):
         proc.communicate("")
     lock = FolderLock(tmp_path, "second")  # free once the holder ended
     lock.release()
-    assert (tmp_path / LOCK_FILE).read_text() == "" and (tmp_path / "notes.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and (
+        tmp_path / "notes.txt"
+    ).read_text() == "mine"
 
 
 def test_a_killed_holders_lock_is_taken_over_and_reported(tmp_path, caplog):
@@ -54,12 +56,13 @@ def test_a_killed_holders_lock_is_taken_over_and_reported(tmp_path, caplog):
     lock.release()
 
 
-def test_a_lock_that_wrote_nothing_else_leaves_nothing(tmp_path):
+def test_a_released_lock_leaves_nothing(tmp_path):
     FolderLock(tmp_path / "new" / "run", "x").release()
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["new"]
-    FolderLock(tmp_path, "x").release()  # a folder with other files keeps an emptied lock file
-    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE, "new"]
-    assert (tmp_path / LOCK_FILE).read_text() == ""
+    lock = FolderLock(tmp_path / "new", "x", name=".run.lock")
+    assert (tmp_path / "new" / ".run.lock").read_text().startswith(f"x pid {os.getpid()} on ")
+    lock.release()
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["new"]
 
 
 def test_a_lock_file_removed_by_a_releasing_holder_is_not_held_twice(tmp_path):

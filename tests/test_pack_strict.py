@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ilm_dist.data.manifest import load_manifest
+from ilm_dist.folder_lock import FolderLock
 from tests.test_pack import make_tree, pack
 from tests.test_run_safety import assert_one_line_error, tree
 
@@ -153,3 +154,34 @@ def test_output_inside_the_source_is_refused(tmp_path: Path, source: str, out: s
     proc = pack_cli(tmp_path / source, tmp_path / out)
     assert_one_line_error(proc, f"error: {tmp_path / out}: is inside the source {tmp_path / source}, ")
     assert tree(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["link", "src"]
+
+
+def test_a_second_packer_on_the_same_output_is_refused_naming_the_first(tmp_path):
+    """While one packer holds OUT (its lock beside it), another stops at once, even with --overwrite, and
+    leaves OUT and its parent as they were."""
+    out = tmp_path / "out"
+    lock = FolderLock(tmp_path, "packer of out", name=".out.lock")
+    try:
+        before = sorted(p.name for p in tmp_path.iterdir())
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "data_tools.synthetic_dataset",
+                str(out),
+                "--per-class",
+                "4",
+                "--overwrite",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+    finally:
+        lock.release()
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"error: {out} is in use by packer of out pid {os.getpid()} on "), (
+        proc.stderr
+    )
+    assert not out.exists() and list(tmp_path.iterdir()) == []
