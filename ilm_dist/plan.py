@@ -171,11 +171,11 @@ def _plan_comm(
     keys = ring * world * batch * cfg.moco.dim * 4
     shuffle = 0.0
     if cfg.moco.shuffle_bn:  # all_to_all: images out, key features (embedding + reduced blocks) back
-        with torch.no_grad():
-            one = model.key_features(
-                model.encoder, torch.empty(1, 3, cfg.data.image_size, cfg.data.image_size, device="meta")
+        with torch.no_grad():  # two samples: train-mode BatchNorm refuses one value per channel
+            two = model.key_features(
+                model.encoder, torch.empty(2, 3, cfg.data.image_size, cfg.data.image_size, device="meta")
             )
-        per_sample = 3 * cfg.data.image_size**2 * low + sum(t.numel() for t in one) * 4
+        per_sample = 3 * cfg.data.image_size**2 * low + sum(t.numel() for t in two) // 2 * 4
         shuffle = ring * batch * per_sample  # on average (R-1)/R of a rank's B samples leave it
     bt = 0.0
     if cfg.loss.type == "bt" and cfg.loss.bt.global_batch:

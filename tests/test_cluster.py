@@ -8,6 +8,7 @@
 """
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -15,6 +16,10 @@ import time
 import pytest
 import torch
 
+from ilm_dist.config import load_config
+from ilm_dist.model.moco import MoCoILM
+from ilm_dist.plan import build_plan
+from ilm_dist.train.engine import DTYPES, precision_of, resolve_deepspeed_config
 from tests.launcher import REPO, cpu_env, free_port, read_metrics, run_deepspeed
 
 pytestmark = pytest.mark.slow
@@ -134,3 +139,17 @@ def test_dry_run_plans_a_32_gpu_job():
     assert "33600 steps = 200 x 168 steps/epoch (train.epochs); global batch 512" in out
     assert "memory / rank" in out and "communication / step" in out
     print(f"dry run took {elapsed:.1f} s")
+
+
+def test_the_dry_run_plans_a_config_that_trains_with_small_images():
+    """32 px, batch 8 (the demo's test size): the shuffle-BN estimate comes from a meta forward of two samples
+    (train-mode BatchNorm refuses one) and equals the same sizes taken from a real eval-mode forward."""
+    cfg = load_config("configs/demo.yaml", ["data.image_size=32", "data.batch_size=8"])
+    text = build_plan(cfg, 1, 2, None, None).render()
+    shuffle_mb = float(re.search(r"shuffle-BN ([\d.]+)", text).group(1))
+    model = MoCoILM(cfg.model, cfg.moco, cfg.loss).eval()
+    with torch.no_grad():
+        features = sum(t.numel() for t in model.key_features(model.encoder, torch.zeros(1, 3, 32, 32)))
+    low = DTYPES[precision_of(resolve_deepspeed_config(cfg.engine.deepspeed_config, 8))].itemsize
+    expected = 0.5 * 8 * (3 * 32 * 32 * low + features * 4) / 1e6  # (R-1)/R of a rank's 8 samples, R = 2
+    assert shuffle_mb == pytest.approx(expected, abs=0.05)
