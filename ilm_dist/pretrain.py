@@ -86,7 +86,7 @@ class Terminated(Exception):
 
 
 def _raise_terminated(signum, frame) -> None:
-    raise Terminated("terminated by SIGTERM (the launcher stops the other ranks when one exits)")
+    raise Terminated("terminated by SIGTERM")
 
 
 def run_guarded(trainer) -> int:
@@ -109,16 +109,24 @@ def run_guarded(trainer) -> int:
     except (RuntimeError, Terminated) as err:
         if world == 1 and not isinstance(err, Terminated):
             raise
-        signal.signal(
-            signal.SIGTERM, signal.SIG_IGN
-        )  # the launcher's SIGTERM must not cut the diagnosis short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the diagnosis short
         step = trainer.global_step
+        if world == 1:  # no launcher: a scheduler, `timeout` or a user stopped it
+            log.error(
+                "stopped at step %d: %s (by a scheduler, timeout or kill); last checkpoint: %s",
+                step,
+                err,
+                checkpoint.latest_tag(trainer.out) or "none",
+            )
+            return 4
+        cause = " (the launcher stops the other ranks when one exits)" if isinstance(err, Terminated) else ""
         log.error(
-            "rank %d/%d stopped at step %d: %s; %s",
+            "rank %d/%d stopped at step %d: %s%s; %s",
             rank,
             world,
             step,
             str(err).splitlines()[0],
+            cause,
             trainer.heartbeat.diagnose(step),
         )
         return 4

@@ -186,15 +186,12 @@ def test_dead_rank_fails_the_job_naming_it(tmp_path):
 
 
 def test_two_ranks_on_packed_shards_with_torch_workers(packed_tiny, tmp_path):
-    """The real torch data path under the launcher: DataLoader workers on each rank."""
-    pretrain(
-        tmp_path,
-        "data.backend=torch",
-        f"data.shards={packed_tiny}",
-        "data.num_workers=1",
-        "train.max_steps=4",
-    )
-    assert_four_finite_steps_with_one_queue(tmp_path)
+    """The real torch data path under the launcher: DataLoader workers on each rank; paths with spaces and
+    non-ASCII letters reach both ranks as one argument each."""
+    data = Path(shutil.copytree(packed_tiny, tmp_path / "Daten für Läufe"))
+    run = tmp_path / "Läufe mit Leerzeichen"
+    pretrain(run, "data.backend=torch", f"data.shards={data}", "data.num_workers=1", "train.max_steps=4")
+    assert_four_finite_steps_with_one_queue(run)
 
 
 def test_two_dali_ranks_share_the_bad_jpeg_scan(tmp_path):

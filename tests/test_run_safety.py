@@ -7,6 +7,7 @@ else changed: the run directory's files are compared by checksum before and afte
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -132,24 +133,44 @@ def test_resume_from_a_poisoned_checkpoint_runs_nothing(run, tmp_path):
 # --------------------------------------------------------------------------- reused output_dir
 
 
-def test_a_second_run_on_a_running_runs_output_dir_is_refused_naming_it(tmp_path):
+def test_a_second_run_on_a_running_runs_output_dir_is_refused_naming_it(packed_tiny, tmp_path):
     """Even with --overwrite, a run started on the output_dir of a live run stops at once naming it (pid, host),
-    and the live run's files stay its own."""
-    cmd = [sys.executable, "launch/pretrain.py", *TINY, f"output_dir={tmp_path}", "train.max_steps=100000"]
+    and the live run's files stay its own. Then a SIGTERM to the live run's whole process group (what `timeout`
+    and schedulers send; its loader worker gets it too) ends it with one line and no traceback."""
+    live = [
+        f"data.shards={packed_tiny}",
+        "data.backend=torch",
+        "data.num_workers=1",
+        "train.max_steps=100000",
+    ]
+    cmd = [sys.executable, "launch/pretrain.py", *TINY, f"output_dir={tmp_path}", *live]
     first = subprocess.Popen(
-        cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cmd,
+        cwd=REPO,
+        env=cpu_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         wait_for(lambda: (tmp_path / "metrics.jsonl").is_file() and read_metrics(tmp_path / "metrics.jsonl"))
         proc = pretrain(tmp_path, "--overwrite", "train.max_steps=4", "seed=7")
         assert first.poll() is None, "the first run must still be running for this test to mean anything"
+        os.killpg(first.pid, signal.SIGTERM)
+        _, stderr = first.communicate(timeout=120)
     finally:
-        first.kill()
-        first.wait()
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
     assert_one_line_error(proc, f"{tmp_path} is in use by pretraining run pid {first.pid} on ")
     steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     assert steps == list(range(1, len(steps) + 1))
     assert "max_steps: 100000" in (tmp_path / "config.yaml").read_text()
+    assert first.returncode == 4 and "Traceback" not in stderr, stderr[-3000:]
+    (stop,) = [line for line in stderr.splitlines() if "ERROR" in line]
+    assert stop.endswith("terminated by SIGTERM (by a scheduler, timeout or kill); last checkpoint: none"), (
+        stop
+    )
 
 
 def wait_for(condition, timeout: float = 120) -> None:

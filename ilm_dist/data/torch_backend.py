@@ -6,6 +6,7 @@ and fine-tuning share one per-sample seeding and one batching rule.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -90,9 +91,20 @@ def epoch_loader(
     dataset.epoch = epoch
     batches = rank_batches(len(dataset), batch_size, rank, world_size, seed, epoch, start_step)
     loader = DataLoader(
-        dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=dataset.collate, **loader_options
+        dataset,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=dataset.collate,
+        worker_init_fn=leave_sigterm_to_the_parent,
+        **loader_options,
     )
     return batches, loader
+
+
+def leave_sigterm_to_the_parent(worker_id: int) -> None:
+    """A SIGTERM to the whole process group (``timeout``, a scheduler) stops the training process, which ends its
+    workers; a worker killed by it first made the DataLoader raise a second error beside the trainer's."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class TorchLoader:
