@@ -10,6 +10,7 @@ backbone read the master weights at no cost. DeepSpeed's ``bf16``/``fp16`` modes
 the module to 16 bits, so the EMA would average a rounded copy, and BatchNorm either keeps bf16 weights
 with fp32 statistics (CPU ``batch_norm`` rejects the mix) or, with ``data_types.buffer_dtype``, keeps its
 running statistics in 16 bits (with momentum 0.1 a bf16 statistic near 1 cannot move by less than ~4%).
+ZeRO 1/2 reduce every gradient in fp32 (:data:`FP32_REDUCTION`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ AUTOCAST_SPELLING = {"bf16": "bfloat16", "fp16": "float16"}
 
 
 DEFAULT_DS_CONFIG = {"zero_optimization": {"stage": 0}, "gradient_clipping": 0.0}  # fp32, no ZeRO
+
+# DeepSpeed tags the parameters of torch_autocast.lower_precision_safe_modules (default: Linear, Conv1d-3d)
+# with comm_dtype = the autocast dtype (runtime/torch_autocast.py, init_autocast_params); ZeRO 1/2 give each
+# comm dtype a bucket and cast its gradients to that dtype before reducing them, also on one rank
+# (runtime/zero/stage_1_and_2.py: DeepSpeedZeroOptimizer.__init__'s ipg_buckets, allreduce_bucket and
+# gradient_reduction_w_predivide). With no module listed every gradient is reduced in its parameter's dtype,
+# fp32: twice the bytes, but the ranks' sum (and gradient accumulation's) is not rounded to 8 bits
+# (tests/test_precision.py, test_zero_reduces_autocast_gradients_in_fp32).
+FP32_REDUCTION = {"lower_precision_safe_modules": []}
 
 
 def resolve_deepspeed_config(path: str | None, micro_batch: int) -> dict[str, Any]:
@@ -64,11 +74,24 @@ def resolve_deepspeed_config(path: str | None, micro_batch: int) -> dict[str, An
                 f"as configs/deepspeed/{mode}_zero1.json does"
             )
     precision_of(ds, path)  # a bad autocast dtype fails here, naming the file
+    _set_gradient_reduction(ds, path)
     ds["train_micro_batch_size_per_gpu"] = micro_batch
     ds.setdefault("gradient_accumulation_steps", 1)
     ds["zero_allow_untested_optimizer"] = True  # our torch optimizer, deliberately
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def _set_gradient_reduction(ds: dict[str, Any], path: str | None) -> None:
+    """ZeRO 1/2 reduce in fp32 (:data:`FP32_REDUCTION`); a JSON that would reduce in 16 bits is refused."""
+    autocast = ds.get("torch_autocast", {})
+    if autocast.get("lower_precision_safe_modules"):
+        raise ConfigError(
+            f"engine.deepspeed_config: {path} sets torch_autocast.lower_precision_safe_modules, whose "
+            "gradients ZeRO would reduce in 16 bits; remove the key (ilm_dist reduces every gradient in fp32)"
+        )
+    if autocast.get("enabled"):
+        ds["torch_autocast"] = {**autocast, **FP32_REDUCTION}
 
 
 def with_cpu_autocast(
@@ -81,7 +104,7 @@ def with_cpu_autocast(
         return ds_config, ""
     if not cpu_has_amx():
         return ds_config, "engine.cpu_autocast=auto: fp32, this CPU has no AMX"
-    autocast = {"torch_autocast": {"enabled": True, "dtype": AUTOCAST_SPELLING["bf16"]}}
+    autocast = {"torch_autocast": {"enabled": True, "dtype": AUTOCAST_SPELLING["bf16"], **FP32_REDUCTION}}
     return {**ds_config, **autocast}, "engine.cpu_autocast=auto: bf16 autocast, this CPU has AMX"
 
 
