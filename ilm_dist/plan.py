@@ -122,6 +122,15 @@ def autocast_params(model: nn.Module) -> int:
     return sum(count(m) for m in model.modules() if isinstance(m, AUTOCAST_MODULES))
 
 
+def reduce_buffer_bytes(ds: dict, stage: int) -> int:
+    """ZeRO 1/2's gradient reduction buffers: ``reduce_bucket_size`` fp32 elements, two with overlap_comm,
+    none without contiguous_gradients (deepspeed/runtime/zero/stage_1_and_2.py, setup_buckets)."""
+    zero = ds.get("zero_optimization", {})
+    if not stage or not zero.get("contiguous_gradients", True):
+        return 0
+    return zero["reduce_bucket_size"] * 4 * (2 if zero.get("overlap_comm") else 1)
+
+
 def _plan_memory(
     plan: Plan, cfg: RunConfig, model: MoCoILM, ds: dict, precision: str, stage: int, world: int
 ) -> None:
@@ -136,10 +145,11 @@ def _plan_memory(
     master = params * 4 / world if stage >= 1 else 0
     optim_state = params * 4 * (2 if cfg.optim.name == "adamw" else 1) / (world if stage >= 1 else 1)
     grads = params * 4 / (world if stage >= 2 else 1)
+    buckets = reduce_buffer_bytes(ds, stage)
     key_encoder = count(model.encoder) * 4  # fp32 EMA copy
     queue = cfg.moco.queue_size * cfg.moco.dim * 4
     acts = activation_bytes(model, cfg.data.batch_size, cfg.data.image_size, low)
-    total = weights + casts + master + optim_state + grads + key_encoder + queue + acts
+    total = weights + casts + master + optim_state + grads + buckets + key_encoder + queue + acts
     plan.add(
         "parameters", f"{params / 1e6:.1f} M trainable (+ {count(model.encoder) / 1e6:.1f} M key encoder)"
     )
@@ -147,6 +157,7 @@ def _plan_memory(
         "memory / rank",
         f"~{total / GIB:.1f} GiB = fp32 weights {weights / GIB:.2f} + {precision} casts {casts / GIB:.2f} + "
         f"ZeRO master {master / GIB:.2f} + optimizer {optim_state / GIB:.2f} + fp32 grads {grads / GIB:.2f} + "
+        f"ZeRO reduce buffers {buckets / GIB:.2f} + "
         f"key encoder {key_encoder / GIB:.2f} + queue {queue / GIB:.3f} + activations {acts / GIB:.2f} "
         "(sum of leaf-module outputs of one query forward)",
     )

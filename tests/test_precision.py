@@ -4,8 +4,8 @@ The 16-bit engine configs use DeepSpeed's ``torch_autocast`` (fp32 module, autoc
 launcher runs below check, on CPU ranks, that the exported backbone and the key encoder's EMA use the
 fp32 master weights as DeepSpeed itself reconstructs them from the ZeRO partitions
 (``deepspeed.utils.zero_to_fp32``), that a bf16 run's BatchNorm running statistics track an fp32 run's,
-that a ZeRO-1 run resumes, also on another world size, and that ZeRO 1/2 reduce the gradients in fp32
-(tests/dist_scripts/zero_precision.py).
+that a ZeRO-1 run resumes, also on another world size, and that ZeRO 1/2 reduce the gradients in fp32 in
+buffers of 25 MiB (tests/dist_scripts/zero_precision.py).
 """
 
 import json
@@ -21,6 +21,7 @@ from ilm_dist.losses.contrastive import info_nce, moco_logits
 from ilm_dist.model.moco import MoCoILM
 from ilm_dist.ops.reference import bt_xcorr_loss_reference
 from ilm_dist.train.engine import (
+    REDUCE_BUCKET_ELEMENTS,
     precision_of,
     resolve_deepspeed_config,
     with_cpu_autocast,
@@ -67,9 +68,13 @@ def test_shipped_engine_configs_keep_the_module_fp32(name, precision, stage):
     assert ds["zero_optimization"]["stage"] == stage
     assert not ds.get("bf16", {}).get("enabled") and not ds.get("fp16", {}).get("enabled")
     assert "buffer_dtype" not in ds.get("data_types", {})
-    # ZeRO 1/2 reduce every gradient in fp32: no module DeepSpeed would tag with a 16-bit comm dtype
+    # ZeRO 1/2 reduce every gradient in fp32 (no module DeepSpeed would tag with a 16-bit comm dtype) in
+    # 25 MiB buckets; the all-gather allocates no buffer and keeps DeepSpeed's default
     if precision != "fp32":
         assert ds["torch_autocast"]["lower_precision_safe_modules"] == []
+    assert ds["zero_optimization"].get("reduce_bucket_size") == (REDUCE_BUCKET_ELEMENTS if stage else None)
+    assert REDUCE_BUCKET_ELEMENTS * 4 == 25 * 2**20
+    assert "allgather_bucket_size" not in ds["zero_optimization"]
 
 
 def test_bf16_autocast_chosen_for_an_amx_cpu_reduces_in_fp32(monkeypatch):
@@ -81,6 +86,12 @@ def test_bf16_autocast_chosen_for_an_amx_cpu_reduces_in_fp32(monkeypatch):
     ds, _ = with_cpu_autocast(ds, "auto", torch.device("cpu"))
     assert precision_of(ds) == "bf16"
     assert ds["torch_autocast"]["lower_precision_safe_modules"] == []
+
+
+def test_a_reduce_bucket_size_set_in_the_json_is_kept(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 10**6}}))
+    assert resolve_deepspeed_config(str(path), 8)["zero_optimization"]["reduce_bucket_size"] == 10**6
 
 
 @pytest.mark.parametrize(
@@ -272,3 +283,14 @@ def test_zero_reduces_autocast_gradients_in_fp32(zero_runs, name):
     run = zero_runs[name]
     assert run["bucket_dtypes"] == ["torch.float32"]
     assert run["max_error_u"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "buffers"), [("bf16_zero1", 1), ("bf16_zero2", 2)])
+def test_zero_reduction_buffers_are_25_mib(zero_runs, name, buffers):
+    """The buffers ZeRO allocated during the backward: one of 25 MiB, two with ZeRO-2's overlap_comm.
+    DeepSpeed's default allocated 5e8 fp32 elements per buffer and per bucket dtype: 4 GB (ZeRO-1) and
+    8 GB (ZeRO-2) for this 11.5 M-parameter model."""
+    run = zero_runs[name]
+    assert run["reduce_bucket_size"] == REDUCE_BUCKET_ELEMENTS
+    assert run["bucket_buffers"] == {"torch.float32": [[REDUCE_BUCKET_ELEMENTS, "torch.float32"]] * buffers}

@@ -10,7 +10,8 @@ backbone read the master weights at no cost. DeepSpeed's ``bf16``/``fp16`` modes
 the module to 16 bits, so the EMA would average a rounded copy, and BatchNorm either keeps bf16 weights
 with fp32 statistics (CPU ``batch_norm`` rejects the mix) or, with ``data_types.buffer_dtype``, keeps its
 running statistics in 16 bits (with momentum 0.1 a bf16 statistic near 1 cannot move by less than ~4%).
-ZeRO 1/2 reduce every gradient in fp32 (:data:`FP32_REDUCTION`).
+ZeRO 1/2 reduce every gradient in fp32 (:data:`FP32_REDUCTION`), in buckets of
+:data:`REDUCE_BUCKET_ELEMENTS`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ DEFAULT_DS_CONFIG = {"zero_optimization": {"stage": 0}, "gradient_clipping": 0.0
 # (tests/test_precision.py, test_zero_reduces_autocast_gradients_in_fp32).
 FP32_REDUCTION = {"lower_precision_safe_modules": []}
 
+# ZeRO 1/2 allocate a buffer of reduce_bucket_size fp32 elements per bucket, two with overlap_comm, whatever
+# the model's size (stage_1_and_2.py, setup_buckets): DeepSpeed's default, 5e8, is 2 GB per buffer. 25 MiB
+# is DDP's bucket (torch.nn.parallel.DistributedDataParallel, bucket_cap_mb=25): a 25 M-parameter model's
+# gradient is 4 buckets. allgather_bucket_size allocates nothing (runtime/utils.py, all_gather_dp_groups
+# gathers into the flat weights), so it keeps DeepSpeed's default.
+REDUCE_BUCKET_ELEMENTS = 25 * 2**20 // 4
+
 
 def resolve_deepspeed_config(path: str | None, micro_batch: int) -> dict[str, Any]:
     """The DeepSpeed JSON at ``path`` (``engine.deepspeed_config``; None: :data:`DEFAULT_DS_CONFIG`) with
@@ -63,7 +71,8 @@ def resolve_deepspeed_config(path: str | None, micro_batch: int) -> dict[str, An
                 f"engine.deepspeed_config: {path} sets {key!r}; ilm_dist sets it from the run config "
                 "(data.batch_size, optim.*) — remove it from the JSON"
             )
-    if ds.get("zero_optimization", {}).get("stage", 0) not in (0, 1, 2):
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
         raise ConfigError(f"engine.deepspeed_config: {path}: ZeRO stage must be 0, 1 or 2")
     for mode in ("bf16", "fp16"):
         if ds.get(mode, {}).get("enabled"):
@@ -74,7 +83,7 @@ def resolve_deepspeed_config(path: str | None, micro_batch: int) -> dict[str, An
                 f"as configs/deepspeed/{mode}_zero1.json does"
             )
     precision_of(ds, path)  # a bad autocast dtype fails here, naming the file
-    _set_gradient_reduction(ds, path)
+    _set_gradient_reduction(ds, path, stage)
     ds["train_micro_batch_size_per_gpu"] = micro_batch
     ds.setdefault("gradient_accumulation_steps", 1)
     ds["zero_allow_untested_optimizer"] = True  # our torch optimizer, deliberately
@@ -82,8 +91,9 @@ def resolve_deepspeed_config(path: str | None, micro_batch: int) -> dict[str, An
     return ds
 
 
-def _set_gradient_reduction(ds: dict[str, Any], path: str | None) -> None:
-    """ZeRO 1/2 reduce in fp32 (:data:`FP32_REDUCTION`); a JSON that would reduce in 16 bits is refused."""
+def _set_gradient_reduction(ds: dict[str, Any], path: str | None, stage: int) -> None:
+    """ZeRO 1/2 reduce in fp32 (:data:`FP32_REDUCTION`), in buckets of :data:`REDUCE_BUCKET_ELEMENTS` unless
+    the JSON sets ``zero_optimization.reduce_bucket_size``; a JSON that would reduce in 16 bits is refused."""
     autocast = ds.get("torch_autocast", {})
     if autocast.get("lower_precision_safe_modules"):
         raise ConfigError(
@@ -92,6 +102,8 @@ def _set_gradient_reduction(ds: dict[str, Any], path: str | None) -> None:
         )
     if autocast.get("enabled"):
         ds["torch_autocast"] = {**autocast, **FP32_REDUCTION}
+    if stage:
+        ds["zero_optimization"].setdefault("reduce_bucket_size", REDUCE_BUCKET_ELEMENTS)
 
 
 def with_cpu_autocast(

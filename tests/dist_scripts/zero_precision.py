@@ -1,4 +1,5 @@
-"""ZeRO 1/2 under ``torch_autocast`` on real ranks: the gradients DeepSpeed reduces.
+"""ZeRO 1/2 under ``torch_autocast`` on real ranks: the gradients DeepSpeed reduces and its reduction
+buffers.
 
     deepspeed --num_gpus 2 tests/dist_scripts/zero_precision.py OUT_DIR key=value ...
 
@@ -7,7 +8,7 @@ Trainers from configs/demo.yaml + the overrides, one after another in the same p
 - ``bf16_zero1`` and ``bf16_zero2`` (``overlap_comm``): one step. The gradient DeepSpeed reduced
   (``deepspeed.utils.safe_get_full_grad``) is compared with the fp64 mean over the ranks of each rank's
   local gradient, computed without DeepSpeed (a copy of the weights, the same autocast forward, torch's
-  backward); recorded with the dtypes of ZeRO's reduction buckets.
+  backward); recorded with the dtypes of ZeRO's reduction buckets and the sizes of their buffers.
 
 Rank 0 writes OUT_DIR/result.json.
 """
@@ -42,6 +43,21 @@ def local_gradient(t: Trainer, images: torch.Tensor, keys: list[torch.Tensor]) -
     return torch.cat([g.flatten() for g in grads])
 
 
+def record_buffers(zero) -> dict:
+    """The reduction buffers ZeRO allocates in the backward and frees at its end: {bucket dtype: [(numel,
+    buffer dtype)]} as ``setup_buckets`` (runtime/zero/stage_1_and_2.py) leaves them."""
+    seen, setup = {}, zero.setup_buckets
+
+    def recording() -> None:
+        setup()
+        seen.update(
+            {str(k): [[b.numel(), str(b.dtype)] for b in v.buffer] for k, v in zero.ipg_buckets.items()}
+        )
+
+    zero.setup_buckets = recording
+    return seen
+
+
 def reduced_against_local(t: Trainer) -> dict:
     """One step; DeepSpeed's reduced gradient against the mean of the ranks' local gradients."""
     batch = next(iter(t.loader.epoch(0))).to(t.device, t.dtype, t.cfg.model.channels_last)
@@ -51,6 +67,7 @@ def reduced_against_local(t: Trainer) -> dict:
     dist.all_gather(gathered, local)
     ranks = torch.stack(gathered).double()
     zero = t.engine.optimizer
+    buffers = record_buffers(zero)
     t.engine.backward(t.engine(batch.view1, keys, t.queue.keys)["loss"])
     reduced = torch.cat([safe_get_full_grad(p).flatten() for p in t.engine.module.parameters()]).double()
     t.engine.step()
@@ -58,6 +75,8 @@ def reduced_against_local(t: Trainer) -> dict:
     error = (reduced - ranks.mean(0)).abs() / ranks.abs().mean(0).clamp_min(torch.finfo(torch.float32).tiny)
     return {
         "bucket_dtypes": sorted(map(str, zero.ipg_buckets)),
+        "bucket_buffers": buffers,
+        "reduce_bucket_size": zero.reduce_bucket_size,
         "max_error_u": float(error.max()) / 2**-24,
     }
 
