@@ -4,12 +4,14 @@ The 16-bit engine configs use DeepSpeed's ``torch_autocast`` (fp32 module, autoc
 launcher runs below check, on CPU ranks, that the exported backbone and the key encoder's EMA use the
 fp32 master weights as DeepSpeed itself reconstructs them from the ZeRO partitions
 (``deepspeed.utils.zero_to_fp32``), that a bf16 run's BatchNorm running statistics track an fp32 run's,
-that a ZeRO-1 run resumes, also on another world size, and that ZeRO 1/2 reduce the gradients in fp32 in
-buffers of 25 MiB (tests/dist_scripts/zero_precision.py).
+that a ZeRO-1 run resumes, also on another world size, that ZeRO 1/2 reduce the gradients in fp32 in
+buffers of 25 MiB, and that the fp16 loss scale backs off after an overflow
+(tests/dist_scripts/zero_precision.py).
 """
 
 import json
 import shutil
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -104,6 +106,10 @@ def test_a_reduce_bucket_size_set_in_the_json_is_kept(tmp_path):
         (
             {"torch_autocast": {"enabled": True, "dtype": "bf16", "lower_precision_safe_modules": ["x.Y"]}},
             r"sets torch_autocast.lower_precision_safe_modules, whose gradients ZeRO would reduce in 16 bits",
+        ),
+        (
+            {"torch_autocast": {"enabled": True, "dtype": "float16"}, "gradient_clipping": 1.0},
+            r"gradient_clipping is 1.0 with fp16 autocast under ZeRO 1/2, which would clip the loss-scaled",
         ),
     ],
 )
@@ -267,7 +273,7 @@ def test_bf16_zero2_keeps_fp32_masters_for_the_ema_and_the_export(tmp_path):
 
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory):
-    """tests/dist_scripts/zero_precision.py on 2 ranks: a bf16 ZeRO-1 and a ZeRO-2 step."""
+    """tests/dist_scripts/zero_precision.py on 2 ranks: bf16 ZeRO-1 and ZeRO-2 steps, fp16 ZeRO-1 steps."""
     out = tmp_path_factory.mktemp("zero_precision")
     run_deepspeed("tests/dist_scripts/zero_precision.py", [str(out), *TINY[:4], "data.num_workers=0"])
     return json.loads((out / "result.json").read_text())
@@ -294,3 +300,31 @@ def test_zero_reduction_buffers_are_25_mib(zero_runs, name, buffers):
     run = zero_runs[name]
     assert run["reduce_bucket_size"] == REDUCE_BUCKET_ELEMENTS
     assert run["bucket_buffers"] == {"torch.float32": [[REDUCE_BUCKET_ELEMENTS, "torch.float32"]] * buffers}
+
+
+@pytest.mark.slow
+def test_fp16_zero_loss_scale_backs_off_after_an_overflow(zero_runs):
+    """Each step that DeepSpeed skipped for an inf/NaN gradient leaves the weights as they were and halves
+    the scale, resetting the growth count; an applied step keeps the scale and counts one more (torch's
+    GradScaler.update, growth_interval 2000). The inf put into one gradient on rank 1 skips the step on rank
+    0 too, and the steps after it apply. Before, the scale stayed at its initial 2^16 and here every step
+    was skipped."""
+    records = zero_runs["fp16_zero1"]
+    assert records[0]["scale"] == 2.0**16 and records[0]["skipped"] == 0  # GradScaler's init_scale
+    applied = []
+    for before, after in pairwise(records):
+        skipped = after["skipped"] - before["skipped"]
+        assert skipped in (0, 1)
+        if skipped:
+            assert after["scale"] == before["scale"] * 0.5 and after["_growth_tracker"] == 0
+            assert after["weights"] == before["weights"]
+        else:
+            assert after["scale"] == before["scale"]
+            assert after["_growth_tracker"] == before["_growth_tracker"] + 1
+            assert after["weights"] != before["weights"]
+        applied.append(not skipped)
+    inf_at = next(i for i, r in enumerate(records[1:]) if r["inf"])
+    assert any(applied[:inf_at]), (
+        "the scale must fit the gradients before the inf for the test to mean anything"
+    )
+    assert not applied[inf_at] and all(applied[inf_at + 1 :]), applied

@@ -82,8 +82,8 @@ def resolve_deepspeed_config(path: str | None, micro_batch: int) -> dict[str, An
                 f'"torch_autocast": {{"enabled": true, "dtype": "{AUTOCAST_SPELLING[mode]}"}} instead, '
                 f"as configs/deepspeed/{mode}_zero1.json does"
             )
-    precision_of(ds, path)  # a bad autocast dtype fails here, naming the file
-    _set_gradient_reduction(ds, path, stage)
+    precision = precision_of(ds, path)  # a bad autocast dtype fails here, naming the file
+    _set_gradient_reduction(ds, path, precision, stage)
     ds["train_micro_batch_size_per_gpu"] = micro_batch
     ds.setdefault("gradient_accumulation_steps", 1)
     ds["zero_allow_untested_optimizer"] = True  # our torch optimizer, deliberately
@@ -91,14 +91,22 @@ def resolve_deepspeed_config(path: str | None, micro_batch: int) -> dict[str, An
     return ds
 
 
-def _set_gradient_reduction(ds: dict[str, Any], path: str | None, stage: int) -> None:
+def _set_gradient_reduction(ds: dict[str, Any], path: str | None, precision: str, stage: int) -> None:
     """ZeRO 1/2 reduce in fp32 (:data:`FP32_REDUCTION`), in buckets of :data:`REDUCE_BUCKET_ELEMENTS` unless
-    the JSON sets ``zero_optimization.reduce_bucket_size``; a JSON that would reduce in 16 bits is refused."""
+    the JSON sets ``zero_optimization.reduce_bucket_size``; settings that would reduce in 16 bits, or clip
+    loss-scaled gradients, are refused."""
     autocast = ds.get("torch_autocast", {})
     if autocast.get("lower_precision_safe_modules"):
         raise ConfigError(
             f"engine.deepspeed_config: {path} sets torch_autocast.lower_precision_safe_modules, whose "
             "gradients ZeRO would reduce in 16 bits; remove the key (ilm_dist reduces every gradient in fp32)"
+        )
+    if precision == "fp16" and stage and ds.get("gradient_clipping", 0):
+        # stage_1_and_2.py, unscale_and_clip_grads: the norm it clips is the GradScaler's scaled one, divided
+        # by DeepSpeed's own loss scale (1 under torch_autocast)
+        raise ConfigError(
+            f"engine.deepspeed_config: {path}: gradient_clipping is {ds['gradient_clipping']} with fp16 "
+            "autocast under ZeRO 1/2, which would clip the loss-scaled gradients; set it to 0 or use bf16"
         )
     if autocast.get("enabled"):
         ds["torch_autocast"] = {**autocast, **FP32_REDUCTION}
@@ -160,6 +168,24 @@ def wrap(
     if channels_last and engine.zero_optimization_stage() == 0:
         engine.module.to(memory_format=torch.channels_last)
     return engine
+
+
+def step(engine) -> None:
+    """``engine.step()``; after a step that fp16 autocast under ZeRO 1/2 skipped, the loss scale backs off.
+
+    DeepSpeedZeroOptimizer.step (runtime/zero/stage_1_and_2.py) returns on an inf/NaN gradient before
+    ``_optimizer_step``, the only caller of its GradScaler's ``update``: the scale never came down, and with
+    a scale too high for the gradients every later step was skipped (on 2 CPU ranks at 32 px, all of them:
+    tests/test_precision.py, test_fp16_zero_loss_scale_backs_off_after_an_overflow). Here it backs off as
+    ``update`` does after a skipped step (torch.amp.GradScaler: scale x backoff_factor, growth count 0)."""
+    skipped = engine.skipped_steps
+    engine.step()
+    scaler = getattr(engine.optimizer, "torch_autocast_gradscaler", None)
+    if scaler is not None and engine.skipped_steps > skipped:
+        state = scaler.state_dict()
+        scaler.load_state_dict(
+            {**state, "scale": state["scale"] * state["backoff_factor"], "_growth_tracker": 0}
+        )
 
 
 def safe_checkpoint_engine(config):

@@ -1,5 +1,5 @@
-"""ZeRO 1/2 under ``torch_autocast`` on real ranks: the gradients DeepSpeed reduces and its reduction
-buffers.
+"""ZeRO 1/2 under ``torch_autocast`` on real ranks: the gradients DeepSpeed reduces, its reduction buffers,
+and the fp16 loss scale.
 
     deepspeed --num_gpus 2 tests/dist_scripts/zero_precision.py OUT_DIR key=value ...
 
@@ -9,6 +9,9 @@ Trainers from configs/demo.yaml + the overrides, one after another in the same p
   (``deepspeed.utils.safe_get_full_grad``) is compared with the fp64 mean over the ranks of each rank's
   local gradient, computed without DeepSpeed (a copy of the weights, the same autocast forward, torch's
   backward); recorded with the dtypes of ZeRO's reduction buckets and the sizes of their buffers.
+- ``fp16_zero1``: FP16_STEPS steps; at step INF_AT rank 1's gradient of one weight holds an inf.
+  Before the first step and after each: the GradScaler's state, DeepSpeed's skipped steps and the sum of
+  the weights.
 
 Rank 0 writes OUT_DIR/result.json.
 """
@@ -25,6 +28,8 @@ from ilm_dist import distributed as D
 from ilm_dist.config import load_config
 from ilm_dist.model.moco import MoCoILM
 from ilm_dist.train.trainer import Trainer
+
+FP16_STEPS, INF_AT = 4, 3
 
 
 def trainer(out: Path, name: str, overrides: list[str]) -> Trainer:
@@ -81,12 +86,38 @@ def reduced_against_local(t: Trainer) -> dict:
     }
 
 
+def inf_gradient(grad: torch.Tensor) -> torch.Tensor:
+    grad = grad.clone()
+    grad[(0,) * grad.dim()] = float("inf")
+    return grad
+
+
+def fp16_steps(t: Trainer) -> list[dict]:
+    """FP16_STEPS steps, an inf in one gradient of rank 1 at step INF_AT; the state before and after each."""
+    scaler = t.engine.optimizer.torch_autocast_gradscaler
+    weight = next(t.engine.module.parameters())
+
+    def record(inf: bool) -> dict:
+        weights = sum(float(p.detach().double().sum()) for p in t.engine.module.parameters())
+        return {"inf": inf, "skipped": t.engine.skipped_steps, **scaler.state_dict(), "weights": weights}
+
+    records, batches = [record(False)], iter(t.loader.epoch(0))
+    for step in range(1, FP16_STEPS + 1):
+        handle = weight.register_hook(inf_gradient) if step == INF_AT and D.rank() == 1 else None
+        t.train_step(next(batches))
+        if handle is not None:
+            handle.remove()
+        records.append(record(step == INF_AT))
+    return records
+
+
 if __name__ == "__main__":
     out, *overrides = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     out = Path(out)
     result = {
         name: reduced_against_local(trainer(out, name, overrides)) for name in ("bf16_zero1", "bf16_zero2")
     }
+    result["fp16_zero1"] = fp16_steps(trainer(out, "fp16_zero1", overrides))
     if D.rank() == 0:
         (out / "result.json").write_text(json.dumps(result))
     D.shutdown()
