@@ -80,7 +80,7 @@ def build_plan(
     with torch.device("meta"):
         model = MoCoILM(cfg.model, cfg.moco, cfg.loss)
     _plan_memory(plan, cfg, model, ds, precision, stage, world)
-    _plan_comm(plan, cfg, model, ds, precision, stage, world, batch)
+    _plan_comm(plan, cfg, model, precision, world, batch)
     return plan
 
 
@@ -113,17 +113,22 @@ def _plan_data(
         plan.add("shards", f"{shards} shards, {shards / world:.2f} per rank (readers split by sample index)")
 
 
-# DeepSpeed's default torch_autocast.lower_precision_safe_modules (deepspeed/runtime/torch_autocast.py)
-LOWER_PRECISION_SAFE = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+# the modules whose weights torch.autocast casts to 16 bits for the forward (its lower-precision ops)
+AUTOCAST_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def low_precision_params(model: nn.Module, ds: dict) -> int:
-    """Parameters of the modules autocast computes in 16 bits and ZeRO 1/2 reduce in 16 bits."""
-    names = ds.get("torch_autocast", {}).get("lower_precision_safe_modules")
-    if names is None:
-        names = [f"torch.nn.{n}" for n in LOWER_PRECISION_SAFE]
-    short = {n.rsplit(".", 1)[-1] for n in names}
-    return sum(count(m) for m in model.modules() if type(m).__name__ in short and not list(m.children()))
+def autocast_params(model: nn.Module) -> int:
+    """Parameters of the modules autocast computes in 16 bits, from 16-bit copies of their weights."""
+    return sum(count(m) for m in model.modules() if isinstance(m, AUTOCAST_MODULES))
+
+
+def reduce_buffer_bytes(ds: dict, stage: int) -> int:
+    """ZeRO 1/2's gradient reduction buffers: ``reduce_bucket_size`` fp32 elements, two with overlap_comm,
+    none without contiguous_gradients (deepspeed/runtime/zero/stage_1_and_2.py, setup_buckets)."""
+    zero = ds.get("zero_optimization", {})
+    if not stage or not zero.get("contiguous_gradients", True):
+        return 0
+    return zero["reduce_bucket_size"] * 4 * (2 if zero.get("overlap_comm") else 1)
 
 
 def _plan_memory(
@@ -136,14 +141,15 @@ def _plan_memory(
     and Adam's two fp32 states, where this engine keeps the module fp32 and MoCo's SGD keeps one.)"""
     params, low = count(model), DTYPES[precision].itemsize
     weights = params * 4
-    casts = low_precision_params(model, ds) * low if precision != "fp32" else 0
+    casts = autocast_params(model) * low if precision != "fp32" else 0
     master = params * 4 / world if stage >= 1 else 0
     optim_state = params * 4 * (2 if cfg.optim.name == "adamw" else 1) / (world if stage >= 1 else 1)
     grads = params * 4 / (world if stage >= 2 else 1)
+    buckets = reduce_buffer_bytes(ds, stage)
     key_encoder = count(model.encoder) * 4  # fp32 EMA copy
     queue = cfg.moco.queue_size * cfg.moco.dim * 4
     acts = activation_bytes(model, cfg.data.batch_size, cfg.data.image_size, low)
-    total = weights + casts + master + optim_state + grads + key_encoder + queue + acts
+    total = weights + casts + master + optim_state + grads + buckets + key_encoder + queue + acts
     plan.add(
         "parameters", f"{params / 1e6:.1f} M trainable (+ {count(model.encoder) / 1e6:.1f} M key encoder)"
     )
@@ -151,23 +157,20 @@ def _plan_memory(
         "memory / rank",
         f"~{total / GIB:.1f} GiB = fp32 weights {weights / GIB:.2f} + {precision} casts {casts / GIB:.2f} + "
         f"ZeRO master {master / GIB:.2f} + optimizer {optim_state / GIB:.2f} + fp32 grads {grads / GIB:.2f} + "
+        f"ZeRO reduce buffers {buckets / GIB:.2f} + "
         f"key encoder {key_encoder / GIB:.2f} + queue {queue / GIB:.3f} + activations {acts / GIB:.2f} "
         "(sum of leaf-module outputs of one query forward)",
     )
 
 
-def _plan_comm(
-    plan: Plan, cfg: RunConfig, model: MoCoILM, ds: dict, precision: str, stage: int, world: int, batch: int
-) -> None:
+def _plan_comm(plan: Plan, cfg: RunConfig, model: MoCoILM, precision: str, world: int, batch: int) -> None:
     """Bytes each rank sends per step: ring all-reduce 2(R-1)/R, all-gather (R-1)/R, all_to_all (R-1)/R."""
     if world == 1:
         plan.add("communication", "none (one rank)")
         return
     low, ring = DTYPES[precision].itemsize, (world - 1) / world
-    # all-reduce, or reduce-scatter + all-gather under ZeRO 1/2; ZeRO 1/2 reduce the autocast modules'
-    # gradients in 16 bits and the rest (BatchNorm) in fp32, ZeRO 0 reduces everything in fp32
-    low_params = low_precision_params(model, ds) if stage >= 1 and precision != "fp32" else 0
-    grads = 2 * ring * (low_params * low + (count(model) - low_params) * 4)
+    # all-reduce, or reduce-scatter + all-gather under ZeRO 1/2; every gradient in fp32 (engine.FP32_REDUCTION)
+    grads = 2 * ring * count(model) * 4
     keys = ring * world * batch * cfg.moco.dim * 4
     shuffle = 0.0
     if cfg.moco.shuffle_bn:  # all_to_all: images out, key features (embedding + reduced blocks) back

@@ -4,11 +4,14 @@ The 16-bit engine configs use DeepSpeed's ``torch_autocast`` (fp32 module, autoc
 launcher runs below check, on CPU ranks, that the exported backbone and the key encoder's EMA use the
 fp32 master weights as DeepSpeed itself reconstructs them from the ZeRO partitions
 (``deepspeed.utils.zero_to_fp32``), that a bf16 run's BatchNorm running statistics track an fp32 run's,
-and that a ZeRO-1 run resumes, also on another world size.
+that a ZeRO-1 run resumes, also on another world size, that ZeRO 1/2 reduce the gradients in fp32 in
+buffers of 25 MiB, and that the fp16 loss scale backs off after an overflow
+(tests/dist_scripts/zero_precision.py).
 """
 
 import json
 import shutil
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,12 @@ from ilm_dist.distributed import select_accelerator
 from ilm_dist.losses.contrastive import info_nce, moco_logits
 from ilm_dist.model.moco import MoCoILM
 from ilm_dist.ops.reference import bt_xcorr_loss_reference
-from ilm_dist.train.engine import precision_of, resolve_deepspeed_config
+from ilm_dist.train.engine import (
+    REDUCE_BUCKET_ELEMENTS,
+    precision_of,
+    resolve_deepspeed_config,
+    with_cpu_autocast,
+)
 from tests.launcher import REPO, read_metrics, run_deepspeed
 
 BF16_UNIT_ROUNDOFF = 2.0**-8  # bf16 keeps 8 significant bits
@@ -62,6 +70,30 @@ def test_shipped_engine_configs_keep_the_module_fp32(name, precision, stage):
     assert ds["zero_optimization"]["stage"] == stage
     assert not ds.get("bf16", {}).get("enabled") and not ds.get("fp16", {}).get("enabled")
     assert "buffer_dtype" not in ds.get("data_types", {})
+    # ZeRO 1/2 reduce every gradient in fp32 (no module DeepSpeed would tag with a 16-bit comm dtype) in
+    # 25 MiB buckets; the all-gather allocates no buffer and keeps DeepSpeed's default
+    if precision != "fp32":
+        assert ds["torch_autocast"]["lower_precision_safe_modules"] == []
+    assert ds["zero_optimization"].get("reduce_bucket_size") == (REDUCE_BUCKET_ELEMENTS if stage else None)
+    assert REDUCE_BUCKET_ELEMENTS * 4 == 25 * 2**20
+    assert "allgather_bucket_size" not in ds["zero_optimization"]
+
+
+def test_bf16_autocast_chosen_for_an_amx_cpu_reduces_in_fp32(monkeypatch):
+    monkeypatch.setattr("ilm_dist.train.engine.cpu_has_amx", lambda: True)
+    cfg = load_config(
+        REPO / "configs/demo.yaml", [f"engine.deepspeed_config={REPO}/configs/deepspeed/fp32.json"]
+    )
+    ds = resolve_deepspeed_config(cfg.engine.deepspeed_config, cfg.data.batch_size)
+    ds, _ = with_cpu_autocast(ds, "auto", torch.device("cpu"))
+    assert precision_of(ds) == "bf16"
+    assert ds["torch_autocast"]["lower_precision_safe_modules"] == []
+
+
+def test_a_reduce_bucket_size_set_in_the_json_is_kept(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 10**6}}))
+    assert resolve_deepspeed_config(str(path), 8)["zero_optimization"]["reduce_bucket_size"] == 10**6
 
 
 @pytest.mark.parametrize(
@@ -71,6 +103,14 @@ def test_shipped_engine_configs_keep_the_module_fp32(name, precision, stage):
         ({"fp16": {"enabled": True}}, r"enables DeepSpeed's fp16 mode.*\"dtype\": \"float16\""),
         ({"torch_autocast": {"enabled": True}}, r"torch_autocast.dtype is None; set one of"),
         ({"torch_autocast": {"enabled": True, "dtype": "int8"}}, r"torch_autocast.dtype is 'int8'"),
+        (
+            {"torch_autocast": {"enabled": True, "dtype": "bf16", "lower_precision_safe_modules": ["x.Y"]}},
+            r"sets torch_autocast.lower_precision_safe_modules, whose gradients ZeRO would reduce in 16 bits",
+        ),
+        (
+            {"torch_autocast": {"enabled": True, "dtype": "float16"}, "gradient_clipping": 1.0},
+            r"gradient_clipping is 1.0 with fp16 autocast under ZeRO 1/2, which would clip the loss-scaled",
+        ),
     ],
 )
 def test_engine_configs_that_would_lose_precision_are_refused(tmp_path, section, message):
@@ -226,3 +266,65 @@ def test_bf16_zero1_resumes_on_another_world_size(bf16_zero1, tmp_path):
 def test_bf16_zero2_keeps_fp32_masters_for_the_ema_and_the_export(tmp_path):
     pretrain(tmp_path, "bf16_zero2", 2, "data.batch_size=2")
     check_master_weights(tmp_path, last=2)
+
+
+# --------------------------------------------------------------------------- ZeRO's gradient reduction
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory):
+    """tests/dist_scripts/zero_precision.py on 2 ranks: bf16 ZeRO-1 and ZeRO-2 steps, fp16 ZeRO-1 steps."""
+    out = tmp_path_factory.mktemp("zero_precision")
+    run_deepspeed("tests/dist_scripts/zero_precision.py", [str(out), *TINY[:4], "data.num_workers=0"])
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bf16_zero1", "bf16_zero2"])
+def test_zero_reduces_autocast_gradients_in_fp32(zero_runs, name):
+    """DeepSpeed's reduced gradient against the exact mean of the 2 ranks' local gradients (computed without
+    DeepSpeed), per element relative to the mean of their magnitudes: one fp32 rounding of the sum is at
+    most u = 2^-24. With DeepSpeed's default, which tags conv/linear weights with a bf16 comm dtype and
+    reduces them in a bucket of their own, it was 65,281 u (2^-8, bf16's rounding)."""
+    run = zero_runs[name]
+    assert run["bucket_dtypes"] == ["torch.float32"]
+    assert run["max_error_u"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "buffers"), [("bf16_zero1", 1), ("bf16_zero2", 2)])
+def test_zero_reduction_buffers_are_25_mib(zero_runs, name, buffers):
+    """The buffers ZeRO allocated during the backward: one of 25 MiB, two with ZeRO-2's overlap_comm.
+    DeepSpeed's default allocated 5e8 fp32 elements per buffer and per bucket dtype: 4 GB (ZeRO-1) and
+    8 GB (ZeRO-2) for this 11.5 M-parameter model."""
+    run = zero_runs[name]
+    assert run["reduce_bucket_size"] == REDUCE_BUCKET_ELEMENTS
+    assert run["bucket_buffers"] == {"torch.float32": [[REDUCE_BUCKET_ELEMENTS, "torch.float32"]] * buffers}
+
+
+@pytest.mark.slow
+def test_fp16_zero_loss_scale_backs_off_after_an_overflow(zero_runs):
+    """Each step that DeepSpeed skipped for an inf/NaN gradient leaves the weights as they were and halves
+    the scale, resetting the growth count; an applied step keeps the scale and counts one more (torch's
+    GradScaler.update, growth_interval 2000). The inf put into one gradient on rank 1 skips the step on rank
+    0 too, and the steps after it apply. Before, the scale stayed at its initial 2^16 and here every step
+    was skipped."""
+    records = zero_runs["fp16_zero1"]
+    assert records[0]["scale"] == 2.0**16 and records[0]["skipped"] == 0  # GradScaler's init_scale
+    applied = []
+    for before, after in pairwise(records):
+        skipped = after["skipped"] - before["skipped"]
+        assert skipped in (0, 1)
+        if skipped:
+            assert after["scale"] == before["scale"] * 0.5 and after["_growth_tracker"] == 0
+            assert after["weights"] == before["weights"]
+        else:
+            assert after["scale"] == before["scale"]
+            assert after["_growth_tracker"] == before["_growth_tracker"] + 1
+            assert after["weights"] != before["weights"]
+        applied.append(not skipped)
+    inf_at = next(i for i, r in enumerate(records[1:]) if r["inf"])
+    assert any(applied[:inf_at]), (
+        "the scale must fit the gradients before the inf for the test to mean anything"
+    )
+    assert not applied[inf_at] and all(applied[inf_at + 1 :]), applied

@@ -10,6 +10,8 @@ backbone read the master weights at no cost. DeepSpeed's ``bf16``/``fp16`` modes
 the module to 16 bits, so the EMA would average a rounded copy, and BatchNorm either keeps bf16 weights
 with fp32 statistics (CPU ``batch_norm`` rejects the mix) or, with ``data_types.buffer_dtype``, keeps its
 running statistics in 16 bits (with momentum 0.1 a bf16 statistic near 1 cannot move by less than ~4%).
+ZeRO 1/2 reduce every gradient in fp32 (:data:`FP32_REDUCTION`), in buckets of
+:data:`REDUCE_BUCKET_ELEMENTS`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,22 @@ AUTOCAST_SPELLING = {"bf16": "bfloat16", "fp16": "float16"}
 
 DEFAULT_DS_CONFIG = {"zero_optimization": {"stage": 0}, "gradient_clipping": 0.0}  # fp32, no ZeRO
 
+# DeepSpeed tags the parameters of torch_autocast.lower_precision_safe_modules (default: Linear, Conv1d-3d)
+# with comm_dtype = the autocast dtype (runtime/torch_autocast.py, init_autocast_params); ZeRO 1/2 give each
+# comm dtype a bucket and cast its gradients to that dtype before reducing them, also on one rank
+# (runtime/zero/stage_1_and_2.py: DeepSpeedZeroOptimizer.__init__'s ipg_buckets, allreduce_bucket and
+# gradient_reduction_w_predivide). With no module listed every gradient is reduced in its parameter's dtype,
+# fp32: twice the bytes, but the ranks' sum (and gradient accumulation's) is not rounded to 8 bits
+# (tests/test_precision.py, test_zero_reduces_autocast_gradients_in_fp32).
+FP32_REDUCTION = {"lower_precision_safe_modules": []}
+
+# ZeRO 1/2 allocate a buffer of reduce_bucket_size fp32 elements per bucket, two with overlap_comm, whatever
+# the model's size (stage_1_and_2.py, setup_buckets): DeepSpeed's default, 5e8, is 2 GB per buffer. 25 MiB
+# is DDP's bucket (torch.nn.parallel.DistributedDataParallel, bucket_cap_mb=25): a 25 M-parameter model's
+# gradient is 4 buckets. allgather_bucket_size allocates nothing (runtime/utils.py, all_gather_dp_groups
+# gathers into the flat weights), so it keeps DeepSpeed's default.
+REDUCE_BUCKET_ELEMENTS = 25 * 2**20 // 4
+
 
 def resolve_deepspeed_config(path: str | None, micro_batch: int) -> dict[str, Any]:
     """The DeepSpeed JSON at ``path`` (``engine.deepspeed_config``; None: :data:`DEFAULT_DS_CONFIG`) with
@@ -53,7 +71,8 @@ def resolve_deepspeed_config(path: str | None, micro_batch: int) -> dict[str, An
                 f"engine.deepspeed_config: {path} sets {key!r}; ilm_dist sets it from the run config "
                 "(data.batch_size, optim.*) — remove it from the JSON"
             )
-    if ds.get("zero_optimization", {}).get("stage", 0) not in (0, 1, 2):
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
         raise ConfigError(f"engine.deepspeed_config: {path}: ZeRO stage must be 0, 1 or 2")
     for mode in ("bf16", "fp16"):
         if ds.get(mode, {}).get("enabled"):
@@ -63,12 +82,36 @@ def resolve_deepspeed_config(path: str | None, micro_batch: int) -> dict[str, An
                 f'"torch_autocast": {{"enabled": true, "dtype": "{AUTOCAST_SPELLING[mode]}"}} instead, '
                 f"as configs/deepspeed/{mode}_zero1.json does"
             )
-    precision_of(ds, path)  # a bad autocast dtype fails here, naming the file
+    precision = precision_of(ds, path)  # a bad autocast dtype fails here, naming the file
+    _set_gradient_reduction(ds, path, precision, stage)
     ds["train_micro_batch_size_per_gpu"] = micro_batch
     ds.setdefault("gradient_accumulation_steps", 1)
     ds["zero_allow_untested_optimizer"] = True  # our torch optimizer, deliberately
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def _set_gradient_reduction(ds: dict[str, Any], path: str | None, precision: str, stage: int) -> None:
+    """ZeRO 1/2 reduce in fp32 (:data:`FP32_REDUCTION`), in buckets of :data:`REDUCE_BUCKET_ELEMENTS` unless
+    the JSON sets ``zero_optimization.reduce_bucket_size``; settings that would reduce in 16 bits, or clip
+    loss-scaled gradients, are refused."""
+    autocast = ds.get("torch_autocast", {})
+    if autocast.get("lower_precision_safe_modules"):
+        raise ConfigError(
+            f"engine.deepspeed_config: {path} sets torch_autocast.lower_precision_safe_modules, whose "
+            "gradients ZeRO would reduce in 16 bits; remove the key (ilm_dist reduces every gradient in fp32)"
+        )
+    if precision == "fp16" and stage and ds.get("gradient_clipping", 0):
+        # stage_1_and_2.py, unscale_and_clip_grads: the norm it clips is the GradScaler's scaled one, divided
+        # by DeepSpeed's own loss scale (1 under torch_autocast)
+        raise ConfigError(
+            f"engine.deepspeed_config: {path}: gradient_clipping is {ds['gradient_clipping']} with fp16 "
+            "autocast under ZeRO 1/2, which would clip the loss-scaled gradients; set it to 0 or use bf16"
+        )
+    if autocast.get("enabled"):
+        ds["torch_autocast"] = {**autocast, **FP32_REDUCTION}
+    if stage:
+        ds["zero_optimization"].setdefault("reduce_bucket_size", REDUCE_BUCKET_ELEMENTS)
 
 
 def with_cpu_autocast(
@@ -81,7 +124,7 @@ def with_cpu_autocast(
         return ds_config, ""
     if not cpu_has_amx():
         return ds_config, "engine.cpu_autocast=auto: fp32, this CPU has no AMX"
-    autocast = {"torch_autocast": {"enabled": True, "dtype": AUTOCAST_SPELLING["bf16"]}}
+    autocast = {"torch_autocast": {"enabled": True, "dtype": AUTOCAST_SPELLING["bf16"], **FP32_REDUCTION}}
     return {**ds_config, **autocast}, "engine.cpu_autocast=auto: bf16 autocast, this CPU has AMX"
 
 
@@ -125,6 +168,24 @@ def wrap(
     if channels_last and engine.zero_optimization_stage() == 0:
         engine.module.to(memory_format=torch.channels_last)
     return engine
+
+
+def step(engine) -> None:
+    """``engine.step()``; after a step that fp16 autocast under ZeRO 1/2 skipped, the loss scale backs off.
+
+    DeepSpeedZeroOptimizer.step (runtime/zero/stage_1_and_2.py) returns on an inf/NaN gradient before
+    ``_optimizer_step``, the only caller of its GradScaler's ``update``: the scale never came down, and with
+    a scale too high for the gradients every later step was skipped (on 2 CPU ranks at 32 px, all of them:
+    tests/test_precision.py, test_fp16_zero_loss_scale_backs_off_after_an_overflow). Here it backs off as
+    ``update`` does after a skipped step (torch.amp.GradScaler: scale x backoff_factor, growth count 0)."""
+    skipped = engine.skipped_steps
+    engine.step()
+    scaler = getattr(engine.optimizer, "torch_autocast_gradscaler", None)
+    if scaler is not None and engine.skipped_steps > skipped:
+        state = scaler.state_dict()
+        scaler.load_state_dict(
+            {**state, "scale": state["scale"] * state["backoff_factor"], "_growth_tracker": 0}
+        )
 
 
 def safe_checkpoint_engine(config):

@@ -347,7 +347,7 @@ class Trainer:
         with phase("backward"):
             self.engine.backward(terms["loss"])
         with phase("optimizer"):
-            self.engine.step()
+            ds_engine.step(self.engine)
         with phase("queue"):
             self.queue.enqueue(D.all_gather_no_grad(keys[0]))
         self.micro_steps += 1
