@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
+import platform
 import re
 import subprocess
 from pathlib import Path
 
 import torch
+
+from ilm_dist.cpu_placement import available_cores, cpu_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,3 +52,17 @@ def release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def cpu_description() -> dict:
+    model = platform.processor()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    flags = cpu_flags()
+    return {
+        "model": model,
+        "cores": len(available_cores()),
+        "amx_bf16": "amx_bf16" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }

@@ -29,11 +29,9 @@ read back (threads, cores), samples/s per variant, ratios to the bound and the l
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -44,13 +42,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import ROOT, device_slug, source_commit, write_result
+from common import ROOT, cpu_description, device_slug, source_commit, write_result
 from moco_baseline import BaselineEncoder
 from torch.nn.parallel import DistributedDataParallel
 
 from ilm_dist import distributed as D
 from ilm_dist.config import RunConfig, load_config
-from ilm_dist.cpu_placement import available_cores, cpu_flags, current_placement
+from ilm_dist.cpu_placement import available_cores, current_placement
 from ilm_dist.data import TwoViewBatch
 from ilm_dist.train.trainer import Trainer
 
@@ -255,20 +253,6 @@ def launch(args: argparse.Namespace, ranks: int, placement: str, out: Path) -> d
     print(f"== {ranks} rank(s), placement {placement}", flush=True)
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
     return json.loads(out.read_text())
-
-
-def cpu_description() -> dict:
-    model = platform.processor()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
-        model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
-    flags = cpu_flags()
-    return {
-        "model": model,
-        "cores": len(available_cores()),
-        "amx_bf16": "amx_bf16" in flags,
-        "avx512_bf16": "avx512_bf16" in flags,
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-    }
 
 
 def main() -> None:

@@ -5,8 +5,9 @@ twice, class counts that do not add up, a shard whose size is not the packed siz
 every sample key of the split is unique across its index files (a shard replaced by a copy of another
 repeats 64 of them), and every shard's sha256 equals the manifest's (bytes changed in place, same size). The
 hashing reads the split once at start-up, shared between the ranks of the group (each hashes every R-th
-shard), at about 1.9 GB/s per core on the project's CPU (bench/NOTES.md, section h): seconds for the paper's
-datasets at 224 px, and ``data.verify_sha256=false`` skips it for a trusted copy (sizes, counts and keys are
+shard): about 1.2 GB/s on one core of the project's CPU once the files are cached (``bench/shard_integrity.py``;
+the key check costs about as much again for small shards), i.e. about 85 s per 100 GB for one rank, divided
+by the number of ranks; ``data.verify_sha256=false`` skips it for a trusted copy (sizes, counts and keys are
 still checked). Every rank reaches the same verdict and stops with one line naming the shard.
 """
 
