@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ilm_dist.data.manifest import Manifest
+from ilm_dist.strict import load_json
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -30,7 +31,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    return load_json(Path(path).read_text())
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
