@@ -24,6 +24,7 @@ import yaml
 from ilm_dist.cpu_placement import CpuConfig
 from ilm_dist.errors import ConfigError
 from ilm_dist.losses import INTERMEDIATE_LOSSES, loss_types
+from ilm_dist.paths import check_name
 from ilm_dist.strict import load_yaml
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -189,7 +190,7 @@ class ValConfig:
 
 @dataclass
 class RunConfig:
-    name: str = "run"
+    name: str = "run"  # a name (ilm_dist.paths.NAME_RULE): an evaluation's EVAL_DIR/<name> by default
     seed: int = 0
     output_dir: str = field(default="runs/run", metadata=PATH)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -430,6 +431,7 @@ def _coerce_scalar(tp: type, value: Any, key: str) -> Any:
 
 def validate(cfg: RunConfig) -> None:
     """Check values that are well-typed but impossible; names the key in the error."""
+    check_name(cfg.name, "name")
     _check(
         cfg.model.arch.startswith(("resnet", "resnext", "wide_resnet")),
         "model.arch",

@@ -70,6 +70,11 @@ def test_base_chain_and_presets():
             "moco={dim: 64, dim: 32}",
             "value is not valid YAML (line 1, column 11: key 'dim' given twice in one mapping (first on line 1))",
         ),
+        (
+            "name=..",
+            "name: '..': letters, digits, '_', '.', '-' only, not '.' or '..', not starting with '-' (it names a folder)",
+        ),
+        ("name=runs/moco", "name: 'runs/moco': letters, digits"),
     ],
 )
 def test_errors_name_the_key(override, message):
