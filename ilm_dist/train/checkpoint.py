@@ -155,4 +155,3 @@ def restore(engine, output_dir: str | Path, world_size: int) -> dict[str, Any]:
 def _latest_and_partitions(output_dir: str | Path) -> tuple[Path, int]:
     path = latest_checkpoint(output_dir)
     return path, zero_world_size(path)
-
