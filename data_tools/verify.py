@@ -15,7 +15,6 @@ splits; no unlisted files.  Exit status 0 when everything agrees, 1 otherwise.
 from __future__ import annotations
 
 import io
-import json
 import os
 import sys
 import tarfile
@@ -31,6 +30,7 @@ from data_tools.shard_writer import sha256_file
 from ilm_dist.data.manifest import Manifest, ManifestError, ShardInfo, load_manifest
 from ilm_dist.data.shard_format import COMPONENTS, LabelSpace, index_text, is_sample_key, iter_samples
 from ilm_dist.errors import ArgumentParser
+from ilm_dist.strict import load_json
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,8 @@ def check_jpeg(payload: bytes, mode: str) -> list[str]:
 def check_json(payload: bytes, label_names: list[str]) -> tuple[list[str], str | None]:
     """Problems with the metadata, and the sample's group."""
     try:
-        meta = json.loads(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        meta = load_json(payload)
+    except ValueError as err:  # JSONDecodeError, DuplicateKeyError, UnicodeDecodeError
         return [f".json is not valid JSON ({err})"], None
     if not isinstance(meta, dict) or "source" not in meta:
         return [".json has no 'source'"], None

@@ -2,6 +2,7 @@
 
 A config file may name ``base:`` files (a path or a list, relative to itself) whose values it
 overrides; presets (``configs/presets/*.yaml``) and dataset defaults are shared that way.
+A key given twice in one file (two ``train:`` blocks) is an error naming the file, line and key.
 Unknown keys, wrong types and impossible values raise :class:`ConfigError` naming the key,
 before any process group or model exists.
 """
@@ -23,6 +24,8 @@ import yaml
 from ilm_dist.cpu_placement import CpuConfig
 from ilm_dist.errors import ConfigError
 from ilm_dist.losses import INTERMEDIATE_LOSSES, loss_types
+from ilm_dist.paths import check_name
+from ilm_dist.strict import load_yaml
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 PATH = {"path": True}  # field metadata: a file or directory, relative to the file that names it
@@ -192,7 +195,7 @@ class ValConfig:
 
 @dataclass
 class RunConfig:
-    name: str = "run"
+    name: str = "run"  # a name (ilm_dist.paths.NAME_RULE): an evaluation's EVAL_DIR/<name> by default
     seed: int = 0
     output_dir: str = field(default="runs/run", metadata=PATH)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -260,7 +263,7 @@ def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
     """The mapping at the top of the YAML file ``path`` ({} when empty); a one-line :class:`ConfigError`
     naming the file (``what``: e.g. "the sweep file") when it cannot be read, is not YAML or not a mapping."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except OSError as err:
         raise ConfigError(f"{path}: cannot read {what} ({err.strerror})") from None
     except UnicodeDecodeError:
@@ -337,9 +340,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected key=value, e.g. train.max_steps=20")
     try:
-        return key.strip(), yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise ConfigError(f"override {item!r}: value is not valid YAML") from None
+        return key.strip(), load_yaml(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({_yaml_problem(err)})") from None
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -433,6 +436,7 @@ def _coerce_scalar(tp: type, value: Any, key: str) -> Any:
 
 def validate(cfg: RunConfig) -> None:
     """Check values that are well-typed but impossible; names the key in the error."""
+    check_name(cfg.name, "name")
     _check(
         cfg.model.arch.startswith(("resnet", "resnext", "wide_resnet")),
         "model.arch",

@@ -1,6 +1,8 @@
 """Config loading: overrides, base chains, and error messages that name the key."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from ilm_dist.data.manifest import ManifestError, load_manifest
 from ilm_dist.train.engine import resolve_deepspeed_config
 from ilm_dist.train.preflight import preflight
 from ilm_dist.train.run_plan import training_plan
+from tests.launcher import REPO
 
 RUNS = Path("runs").resolve()  # configs/ name ../../runs: the repository's runs/
 
@@ -63,6 +66,15 @@ def test_base_chain_and_presets():
         ("engine.deepspeed_config=nope.json", "engine.deepspeed_config: file not found"),
         ("data.shards=null", "data.shards: is required for data.backend='torch'"),
         ("train", "override 'train': expected key=value"),
+        (
+            "moco={dim: 64, dim: 32}",
+            "value is not valid YAML (line 1, column 11: key 'dim' given twice in one mapping (first on line 1))",
+        ),
+        (
+            "name=..",
+            "name: '..': letters, digits, '_', '.', '-' only, not '.' or '..', not starting with '-' (it names a folder)",
+        ),
+        ("name=runs/moco", "name: 'runs/moco': letters, digits"),
     ],
 )
 def test_errors_name_the_key(override, message):
@@ -91,8 +103,20 @@ def test_file_errors(tmp_path):
         (b"\xf6\x00\xff", "x is not a UTF-8 text file"),
         ("- 1\n- 2\n", "expected a mapping at the top level"),
         (None, "cannot read x (Is a directory)"),
+        (
+            "train:\n  ckpt_every: 2\n  keep_checkpoints: 3\ntrain:\n  max_steps: 7\n",
+            "x is not valid YAML (line 4, column 1: key 'train' given twice in one mapping (first on line 1))",
+        ),
+        (
+            "train:\n  max_steps: 5\n  max_steps: 7\n",
+            "x is not valid YAML (line 3, column 3: key 'max_steps' given twice in one mapping (first on line 2))",
+        ),
+        (
+            "aug: {hflip: true, hflip: false}\n",
+            "x is not valid YAML (line 1, column 20: key 'hflip' given twice in one mapping (first on line 1))",
+        ),
     ],
-    ids=["parser", "scanner", "binary", "a list", "a directory"],
+    ids=["parser", "scanner", "binary", "a list", "a directory", "two blocks", "a nested key", "flow style"],
 )
 def test_a_yaml_file_that_cannot_be_read_is_one_line(tmp_path, content, message):
     path = tmp_path / "c.yaml"
@@ -108,8 +132,69 @@ def test_a_yaml_file_that_cannot_be_read_is_one_line(tmp_path, content, message)
     assert read_yaml_mapping(write(tmp_path / "empty.yaml", ""), "x") == {}
 
 
+def test_yaml_merge_keys_still_merge_and_python_tags_are_still_refused(tmp_path):
+    text = "a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  y: 3\n"  # a merged key overridden is not a key twice
+    assert read_yaml_mapping(write(tmp_path / "m.yaml", text), "x") == {
+        "a": {"x": 1, "y": 2},
+        "b": {"x": 1, "y": 3},
+    }
+    with pytest.raises(
+        ConfigError, match=r"could not determine a constructor for the tag 'tag:yaml\.org,2002:python"
+    ):
+        read_yaml_mapping(write(tmp_path / "p.yaml", "a: !!python/object/apply:os.system [ls]\n"), "x")
+
+
+def test_a_key_twice_in_a_base_file_is_named_in_that_file(tmp_path):
+    """The issue's case: a second ``data:`` block without ``shards`` fell back to the base config's."""
+    base = write(
+        tmp_path / "base.yaml",
+        f"base: {REPO}/configs/demo.yaml\ndata:\n  shards: /mine\ndata:\n  batch_size: 8\n",
+    )
+    run = write(tmp_path / "run.yaml", "base: base.yaml\ntrain:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(run)
+    assert str(err.value) == (
+        f"{base}: the config file is not valid YAML (line 4, column 1: key 'data' given twice in one mapping "
+        "(first on line 2))"
+    )
+
+
+def test_pretraining_refuses_a_config_with_two_train_blocks_before_any_work(tmp_path):
+    config = write(
+        tmp_path / "run.yaml",
+        f"base: {REPO}/configs/demo.yaml\ntrain:\n  ckpt_every: 2\n  keep_checkpoints: 3\ntrain:\n  max_steps: 7\n",
+    )
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "launch/pretrain.py",
+        "--config",
+        str(config),
+        "data.backend=synthetic",
+        f"output_dir={out}",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr[-3000:]
+    assert proc.stderr == (
+        f"error: {config}: the config file is not valid YAML (line 5, column 1: key 'train' given twice in one "
+        "mapping (first on line 2))\n"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"\xf6\x00\xff", "is not a UTF-8 text file"),
+        (
+            b"seeds: [0]\nseeds: [1]\n",
+            "is not valid YAML (line 2, column 1: key 'seeds' given twice in one mapping (first on line 1))",
+        ),
+    ],
+    ids=["binary", "a key twice"],
+)
 @pytest.mark.parametrize("command", ["pretrain", "tune", "experiment"])
-def test_every_command_names_its_unreadable_file_in_one_line(tmp_path, capsys, command):
+def test_every_command_names_its_unreadable_file_in_one_line(tmp_path, capsys, command, content, problem):
     from ilm_dist.experiment.command import experiment_main
     from ilm_dist.pretrain import pretrain_main
     from ilm_dist.tune.command import tune_main
@@ -120,11 +205,11 @@ def test_every_command_names_its_unreadable_file_in_one_line(tmp_path, capsys, c
         "experiment": (experiment_main, "the experiment file"),
     }[command]
     path = tmp_path / "c.yaml"
-    path.write_bytes(b"\xf6\x00\xff")
+    path.write_bytes(content)
     with pytest.raises(SystemExit) as exit_:
         main(["--config", str(path)])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err == f"error: {path}: {what} is not a UTF-8 text file\n"
+    assert capsys.readouterr().err == f"error: {path}: {what} {problem}\n"
 
 
 def test_missing_shards_fail_before_training(tmp_path):
@@ -148,8 +233,13 @@ def test_deepspeed_json_may_not_set_batch(tmp_path):
         (b'{"bf16": ', "not valid JSON (Expecting value: line 1 column 10 (char 9))"),
         (b"\xf6\x00\xff", "not valid JSON ('utf-8' codec can't decode byte 0xf6 in position 0"),
         (b"[1, 2]", "holds list, expected a JSON object"),
+        (b'{"bf16": {}, "bf16": {"enabled": true}}', "not valid JSON (key 'bf16' given twice in one object)"),
+        (
+            b'{"zero_optimization": {"stage": 0, "stage": 3}}',
+            "not valid JSON (key 'zero_optimization.stage' given twice in one object)",
+        ),
     ],
-    ids=["truncated", "binary", "a list"],
+    ids=["truncated", "binary", "a list", "a key twice", "a nested key twice"],
 )
 def test_an_unreadable_json_file_is_one_line_naming_it(tmp_path, content, message):
     (tmp_path / "manifest.json").write_bytes(content)

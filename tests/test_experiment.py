@@ -9,6 +9,8 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ from ilm_dist.experiment.config import load_experiment
 from ilm_dist.experiment.state import State
 from ilm_dist.experiment.stats import Resamples, over_seeds, paired_difference, resampled_metric, score
 from ilm_dist.folder_lock import FolderBusy, FolderLock
+from ilm_dist.paths import NAME_RULE
 from ilm_dist.pretrain import pretrain_parser
 from ilm_dist.processes import module_command
 from tests.launcher import REPO
@@ -102,7 +105,20 @@ def data(tmp_path_factory) -> Path:
             {"methods": {"m": {"confg": "x"}}},
             "unknown key 'methods.m.confg' (did you mean 'methods.m.config'?)",
         ),
-        ({"methods": {"subsets": {"config": str(DEMO)}}}, "methods.subsets: a method name is"),
+        (
+            {"methods": {"subsets": {"config": str(DEMO)}}},
+            "methods: 'subsets': reserved, EVAL_DIR/subsets holds the label subsets",
+        ),
+        (
+            {"methods": {"..": {"config": str(DEMO)}}},
+            "methods: '..': letters, digits, '_', '.', '-' only, not '.' or '..', not starting with '-' (it names a folder)",
+        ),
+        ({"methods": {".": {"config": str(DEMO)}}}, "methods: '.': letters, digits"),
+        ({"methods": {"a/b": {"config": str(DEMO)}}}, "methods: 'a/b': letters, digits"),
+        ({"methods": {"-x": {"config": str(DEMO)}}}, "methods: '-x': letters, digits"),
+        ({"methods": {"": {"config": str(DEMO)}}}, "methods: '': letters, digits"),
+        ({"methods": {1: {"config": str(DEMO)}}}, "methods: 1: letters, digits"),
+        ({"name": ".."}, "name: '..': letters, digits"),
         (
             {"methods": {"m": {"config": str(DEMO), "overrides": ["data.shards=/x"]}}},
             "methods.m.overrides: 'data.shards=/x': data.shards is set by the experiment",
@@ -478,6 +494,19 @@ def test_the_command_reports_a_bad_experiment_file_in_one_line(tmp_path, data, c
         experiment_main(["--config", str(path)])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == f"error: {path}: seeds: [1, 1]: repeated seed\n"
+
+
+def test_a_method_named_dot_dot_is_refused_before_any_work(tmp_path, data):
+    """The issue's case: method '..' put both seeds' evaluations in evals/, so seed 1 reused seed 0's."""
+    raw = experiment_dict(data, tmp_path / "out", seeds=[0, 1])
+    raw["methods"] = {"..": {"config": str(DEMO), "weights": "random"}}
+    raw["evaluations"] = {"probe": raw["evaluations"]["probe"]}
+    path = write_experiment(tmp_path / "exp.yaml", raw)
+    cmd = [sys.executable, "launch/experiment.py", "--config", str(path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr[-3000:]
+    assert proc.stderr == f"error: {path}: methods: '..': {NAME_RULE}\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_command_refuses_a_file_as_output_dir_in_one_line(tmp_path, data, capsys):

@@ -1,4 +1,4 @@
-"""Output folders are checked before any work: a file where a folder should be is one line, exit 2."""
+"""Output folders and the names that become folder names are checked before any work: one line, exit 2."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from ilm_dist.errors import InputError
+from ilm_dist.errors import ConfigError, InputError
 from ilm_dist.eval.commands import analyse_main, probe_main
-from ilm_dist.paths import check_output_dir
+from ilm_dist.paths import NAME_RULE, check_name, check_output_dir
 from ilm_dist.pretrain import pretrain_main
 from tests.launcher import REPO
 
@@ -79,3 +79,49 @@ def test_evaluations_refuse_a_file_as_out(tmp_path, capsys, command):
     else:
         err = run_main(analyse_main, [str(tmp_path), "--out", out], capsys)
     assert err == f"error: --out {out}: cannot be created, {tmp_path}/f is a file, not a directory\n"
+
+
+@pytest.mark.parametrize("name", ["moco", "moco_bt.v2-1", "run", "é", ".hidden", "a..b"])
+def test_a_name_is_one_plain_folder_name(name):
+    check_name(name, "name")
+
+
+@pytest.mark.parametrize(
+    "name", ["", ".", "..", "a/b", "/abs", "a\\b", "a\0b", "-x", "my run", "a\n", 3, None]
+)
+def test_a_name_that_is_not_one_plain_folder_name_is_refused_naming_key_and_value(name):
+    with pytest.raises(ConfigError) as err:
+        check_name(name, "methods")
+    assert str(err.value) == f"methods: {name!r}: {NAME_RULE}"
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("..", NAME_RULE),
+        ("a/b", NAME_RULE),
+        ("subsets", "reserved, EVAL_DIR/subsets holds the label subsets"),
+    ],
+)
+def test_evaluations_refuse_a_name_that_is_not_a_method_folder(tmp_path, capsys, name, problem):
+    demo = str(REPO / "configs" / "demo.yaml")
+    argv = ["--weights", "random", "--config", demo, "--out", str(tmp_path / "ev"), "--name", name]
+    assert run_main(probe_main, argv, capsys) == f"error: --name: {name!r}: {problem}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pretraining_refuses_a_run_name_that_is_not_one_folder_name(tmp_path, capsys):
+    demo = str(REPO / "configs" / "demo.yaml")
+    err = run_main(
+        pretrain_main,
+        [
+            "--config",
+            demo,
+            "data.backend=synthetic",
+            f"output_dir={tmp_path}",
+            "train.max_steps=1",
+            "name=..",
+        ],
+        capsys,
+    )
+    assert err == f"error: name: '..': {NAME_RULE}\n"

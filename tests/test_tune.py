@@ -182,6 +182,7 @@ def write_sweep(path, shards, space, **settings):
         ({"metric": "knn_acc_block5"}, "metric: 'knn_acc_block5' is not reported for this data"),
         ({"metric": "knn_auc_block4"}, "metric: 'knn_auc_block4' is not reported"),  # a single-label set
         ({"num_samples": 0}, "num_samples: must be >= 1"),
+        ({"name": ".."}, "name: '..': letters, digits, '_', '.', '-' only, not '.' or '..'"),
         ({"scheduler": {"reduction_factor": 1}}, "scheduler.reduction_factor: must be > 1"),
         ({"resources": {"gpus": 2, "ranks": 1}}, "resources.ranks: with GPUs, one rank per GPU"),
         ({"resources": {"gpus": 1.5}}, "resources.gpus: a whole number, or a fraction < 1"),

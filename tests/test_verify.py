@@ -11,6 +11,7 @@ import pytest
 
 from data_tools.pack import main as pack_main
 from data_tools.synthetic_dataset import main as synthetic_main
+from data_tools.verify import check_json
 from data_tools.verify import main as verify_main
 from tests.test_pack import save, smooth
 
@@ -135,3 +136,8 @@ def test_group_leak_between_splits(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_missing_dataset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, output = verify(tmp_path, capsys)
     assert code == 1 and "manifest.json: not found" in output
+
+
+def test_a_sample_json_with_a_key_twice_is_a_finding() -> None:
+    problems, _ = check_json(b'{"source": "a.png", "labels": ["x"], "labels": []}', [])
+    assert problems == [".json is not valid JSON (key 'labels' given twice in one object)"]

@@ -57,11 +57,11 @@ stored, rescale, VOI source and function; see ``data_tools.dicom``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ilm_dist.errors import InputError
+from ilm_dist.strict import load_json
 
 FORMAT = "ilm_dist.shards/v1"
 TASKS = ("binary", "multiclass", "ordinal", "multilabel")
@@ -130,8 +130,8 @@ def load_manifest(root: str | Path, check_files: bool = True) -> Manifest:
     if not path.is_file():
         raise ManifestError(f"{path}: not found (is {root} a directory written by data_tools.pack?)")
     try:
-        raw = json.loads(path.read_text())
-    except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError for a binary file
+        raw = load_json(path.read_text())
+    except ValueError as err:  # JSONDecodeError, DuplicateKeyError, or UnicodeDecodeError for a binary file
         raise ManifestError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(raw, dict):
         raise ManifestError(f"{path}: holds {type(raw).__name__}, expected a JSON object")

@@ -30,7 +30,15 @@ from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.features import BlockFeatures, block_extractor, eval_loader, run_blocks, sharded_rows
 from ilm_dist.eval.fit import predict
 from ilm_dist.eval.protocol import BUILTIN, BUILTIN_PROTOCOL, EvalProtocol, load_protocol
-from ilm_dist.eval.store import dataset_id, digest, load_npz, read_json, save_npz, write_json
+from ilm_dist.eval.store import (
+    check_method_name,
+    dataset_id,
+    digest,
+    load_npz,
+    read_json,
+    save_npz,
+    write_json,
+)
 from ilm_dist.eval.weights import InitSpec, build_classifier, check_fits, load_state, resolve_init
 from ilm_dist.folder_lock import FolderLock
 from ilm_dist.model.encoder import build_resnet
@@ -166,7 +174,11 @@ class EvalTarget:
         default=None, metadata=option("run config (default: the config.yaml of the run that wrote --weights)")
     )
     name: str | None = field(
-        default=None, metadata=option("method name (default: the run's name; 'random_init' for random)")
+        default=None,
+        metadata=option(
+            "method name, the folder EVAL_DIR/<name>: letters, digits, '_', '.', '-' (default: the run's "
+            "name; 'random_init' for random)"
+        ),
     )
     workers: int = field(default=0, metadata=option("DataLoader workers (per rank)", min=0))
     eval_batch_size: int = field(
@@ -208,6 +220,8 @@ def open_context(target: EvalTarget, device: torch.device | None = None) -> Eval
             "model.arch, data.shards, data.image_size and aug), e.g. --config configs/idc/moco.yaml"
         )
     cfg = load_config(config_path, overrides)
+    name = target.name or default_name(init, cfg)
+    check_method_name(name, "--name")
     if device is None:
         device = join_launcher(cfg, target.workers)
     if cfg.data.shards is None:
@@ -226,7 +240,7 @@ def open_context(target: EvalTarget, device: torch.device | None = None) -> Eval
         init,
         state,
         Path(target.out),
-        target.name or default_name(init, cfg),
+        name,
         device,
         target.workers,
         target.eval_batch_size,

@@ -20,6 +20,19 @@ from typing import Any
 import numpy as np
 
 from ilm_dist.data.manifest import Manifest
+from ilm_dist.errors import ConfigError
+from ilm_dist.paths import check_name
+from ilm_dist.strict import load_json
+
+SUBSETS = "subsets"  # EVAL_DIR/subsets: the label subsets, not a method
+
+
+def check_method_name(name: object, key: str) -> None:
+    """Raise :class:`ConfigError` naming ``key`` unless ``name`` can be the folder ``EVAL_DIR/<name>``: a
+    plain name (:func:`~ilm_dist.paths.check_name`), and not :data:`SUBSETS`."""
+    check_name(name, key)
+    if name == SUBSETS:
+        raise ConfigError(f"{key}: {name!r}: reserved, EVAL_DIR/{SUBSETS} holds the label subsets")
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -30,7 +43,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    return load_json(Path(path).read_text())
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:

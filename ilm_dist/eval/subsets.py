@@ -19,7 +19,7 @@ from ilm_dist.data.shard_format import squeeze_labels
 from ilm_dist.data.shard_reader import ShardReader
 from ilm_dist.data.stratify import allocate, count_vectors
 from ilm_dist.eval.errors import EvalError
-from ilm_dist.eval.store import dataset_id, digest, fraction_tag, read_json, write_json
+from ilm_dist.eval.store import SUBSETS, dataset_id, digest, fraction_tag, read_json, write_json
 
 
 def subset_count(fraction: float, n: int) -> int:
@@ -54,7 +54,7 @@ def split_labels(reader: ShardReader) -> np.ndarray:
 
 
 def subset_path(eval_dir: Path, split: str, fraction: float, seed: int) -> Path:
-    return Path(eval_dir) / "subsets" / f"{split}_{fraction_tag(fraction)}_s{seed}.json"
+    return Path(eval_dir) / SUBSETS / f"{split}_{fraction_tag(fraction)}_s{seed}.json"
 
 
 def load_or_draw_subset(eval_dir: Path, manifest: Manifest, split: str, fraction: float, seed: int) -> dict:

@@ -2,7 +2,7 @@
 
 Every key, with its default (a relative path is relative to the experiment file, as in run configs)::
 
-    name: demo                          # letters, digits, '_', '.', '-'
+    name: demo                          # a name (ilm_dist.paths.NAME_RULE): letters, digits, '_', '.', '-'
     dataset: ../../runs/demo/data       # a packed dataset (data_tools.pack)
     output_dir: ../../runs/experiments/demo
     seeds: [0]                          # pretraining seeds; seed s also seeds the evaluations of seed s
@@ -11,7 +11,8 @@ Every key, with its default (a relative path is relative to the experiment file,
                                         # ilm_dist (built in), a name in configs/protocols, or a YAML file
     protocol_dataset: null              # the protocol's dataset section (--dataset; default: by the task)
     overrides: []                       # run-config key=value overrides of every method
-    methods:                            # name -> run config; pretrained by the experiment unless weights is set
+    methods:                            # name -> run config; pretrained by the experiment unless weights is set;
+                                        # a name as above, not 'subsets' (it names folders: runs/<name>_s<seed>, ...)
       moco:        {config: ../demo.yaml, overrides: [loss.type=none]}
       moco_mse:    {config: ../demo.yaml}
       random_init: {config: ../demo.yaml, weights: random}   # or weights: a backbone file (a fixed baseline)
@@ -39,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,12 +63,12 @@ from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.finetune import FRACTIONS, FinetuneSettings
 from ilm_dist.eval.probe import ProbeSettings
 from ilm_dist.eval.protocol import BUILTIN, EvalProtocol, load_protocol
+from ilm_dist.eval.store import check_method_name
 from ilm_dist.eval.subsets import subset_count
 from ilm_dist.options import flag_of
+from ilm_dist.paths import check_name
 from ilm_dist.processes import ResourcesConfig
 
-NAME = re.compile(r"[\w.-]+")
-RESERVED_METHOD_NAMES = ("subsets",)  # EVAL_DIR/subsets holds the label subsets
 SET_BY_EXPERIMENT = ("data.shards", "seed", "name", "output_dir")  # run-config keys
 REFERENCE = "random_init"
 # evaluation -> (the settings class of its command, the fields the experiment sets)
@@ -306,8 +306,8 @@ def _load_protocol(settings: ExperimentSettings, manifest: Manifest) -> EvalProt
 
 
 def _check_settings(s: ExperimentSettings) -> None:
+    check_name(s.name, "name")
     checks = [
-        (bool(NAME.fullmatch(s.name)), "name", f"{s.name!r}: letters, digits, '_', '.', '-' only"),
         (len(s.seeds) > 0, "seeds", "at least one seed"),
         (all(seed >= 0 for seed in s.seeds), "seeds", f"{s.seeds}: seeds are >= 0"),
         (len(set(s.seeds)) == len(s.seeds), "seeds", f"{s.seeds}: repeated seed"),
@@ -369,11 +369,8 @@ def _load_methods(raw: Any, directory: Path, common: list[str]) -> dict[str, Met
         raise ConfigError("methods: expected a mapping of method names to {config: RUN_CONFIG, ...}")
     methods = {}
     for name, entry in raw.items():
+        check_method_name(name, "methods")
         key = f"methods.{name}"
-        if not isinstance(name, str) or not NAME.fullmatch(name) or name in RESERVED_METHOD_NAMES:
-            raise ConfigError(
-                f"{key}: a method name is letters, digits, '_', '.', '-' (and not {RESERVED_METHOD_NAMES})"
-            )
         cfg: MethodConfig = from_dict(MethodConfig, entry if entry is not None else {}, f"{key}.")
         if not cfg.config:
             raise ConfigError(f"{key}.config: required (the method's run config)")

@@ -16,7 +16,6 @@ ZeRO 1/2 reduce every gradient in fp32 (:data:`FP32_REDUCTION`), in buckets of
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 from ilm_dist.config import ConfigError
 from ilm_dist.cpu_placement import cpu_has_amx
 from ilm_dist.serialization import load_tensors, save_tensors
+from ilm_dist.strict import load_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # the 16-bit torch_autocast.dtype spellings DeepSpeed accepts (its DtypeEnum), by precision
@@ -58,8 +58,8 @@ def resolve_deepspeed_config(path: str | None, micro_batch: int) -> dict[str, An
     """The DeepSpeed JSON at ``path`` (``engine.deepspeed_config``; None: :data:`DEFAULT_DS_CONFIG`) with
     the per-rank batch ``micro_batch`` (``data.batch_size``) and ilm_dist's fixed settings."""
     try:
-        ds = json.loads(Path(path).read_text()) if path else dict(DEFAULT_DS_CONFIG)
-    except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError for a binary file
+        ds = load_json(Path(path).read_text()) if path else dict(DEFAULT_DS_CONFIG)
+    except ValueError as err:  # JSONDecodeError, DuplicateKeyError, or UnicodeDecodeError for a binary file
         raise ConfigError(f"engine.deepspeed_config: {path}: not valid JSON ({err})") from None
     if not isinstance(ds, dict):
         raise ConfigError(

@@ -7,7 +7,6 @@ Errors raise :class:`~ilm_dist.config.ConfigError` naming the key.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +22,7 @@ from ilm_dist.config import (
 )
 from ilm_dist.data.manifest import ManifestError, load_manifest
 from ilm_dist.eval.monitor import metric_names
+from ilm_dist.paths import check_name
 from ilm_dist.processes import ResourcesConfig
 from ilm_dist.train.preflight import preflight
 from ilm_dist.tune.space import SearchSpace, parse_space
@@ -144,8 +144,8 @@ def _reported_metrics(base: RunConfig) -> list[str]:
 
 
 def _validate_settings(s: SweepSettings) -> None:
+    check_name(s.name, "name")  # runs/<name>/best
     checks = [
-        (bool(re.fullmatch(r"[\w.-]+", s.name)), "name", "letters, digits, '_', '.', '-' only"),
         (s.num_samples >= 1, "num_samples", "must be >= 1"),
         (s.max_concurrent >= 1, "max_concurrent", "must be >= 1"),
         (s.scheduler.grace_period >= 1, "scheduler.grace_period", "must be >= 1"),
