@@ -24,8 +24,13 @@ def run_deepspeed(
     script: str, args: list[str], num_procs: int = 2, timeout: int = 600, check: bool = True, **env: str
 ) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus N script args`` with DS_ACCELERATOR=cpu; with ``check`` raises with the output."""
-    cmd = [str(DEEPSPEED), "--num_gpus", str(num_procs), "--master_port", str(free_port()), script, *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(**env), capture_output=True, text=True, timeout=timeout)
+    for _ in range(2):  # once more when another process took the free port before the ranks bound it
+        cmd = [str(DEEPSPEED), "--num_gpus", str(num_procs), "--master_port", str(free_port()), script, *args]
+        proc = subprocess.run(
+            cmd, cwd=REPO, env=cpu_env(**env), capture_output=True, text=True, timeout=timeout
+        )
+        if "EADDRINUSE" not in proc.stdout + proc.stderr:
+            break
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"

@@ -15,6 +15,7 @@ LAYERS = [
         "ilm_dist.errors",
         "ilm_dist.cpu_placement",
         "ilm_dist.folder_lock",
+        "ilm_dist.strict",
         "ilm_dist.paths",
         "ilm_dist.distributed",
         "ilm_dist.serialization",

@@ -7,6 +7,8 @@ and fine-tuning share one per-sample seeding and one batching rule.
 from __future__ import annotations
 
 import signal
+import threading
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -103,8 +105,18 @@ def epoch_loader(
 
 def leave_sigterm_to_the_parent(worker_id: int) -> None:
     """A SIGTERM to the whole process group (``timeout``, a scheduler) stops the training process, which ends its
-    workers; a worker killed by it first made the DataLoader raise a second error beside the trainer's."""
+    workers; a worker killed by it first made the DataLoader raise a second error beside the trainer's. And a
+    worker handing a batch's shared memory to a parent that is going away (multiprocessing's resource_sharer
+    thread) loses the connection: that is the parent's exit, not an error to print."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.excepthook = _quiet_when_the_parent_left
+
+
+def _quiet_when_the_parent_left(args: threading.ExceptHookArgs) -> None:
+    frames = traceback.extract_tb(args.exc_traceback)
+    if issubclass(args.exc_type, ConnectionError) and any("resource_sharer" in f.filename for f in frames):
+        return
+    threading.__excepthook__(args)
 
 
 class TorchLoader:
