@@ -66,18 +66,21 @@ def packed_tiny(tmp_path_factory):
 LONGEST_FILES = (
     "test_pretrain_distributed.py",
     "test_eval_distributed.py",
+    "test_precision.py",
+    "test_run_safety.py",
     "test_cluster.py",
     "test_experiment_processes.py",
-    "test_run_safety.py",
     "test_tune.py",
-    "test_precision.py",
-    "test_experiment.py",
     "test_gpu_check.py",
     "test_validation_loss.py",
+    "test_experiment.py",
+    "test_bench_cpu_bound.py",
     "test_shuffle_bn_distributed.py",
+    "test_pack_strict.py",
     "test_eval_pipeline.py",
     "test_bench_throughput.py",
-    "test_bench_cpu_bound.py",
+    "test_bench_cpu_step.py",
+    "test_checkpoint.py",
 )
 
 
