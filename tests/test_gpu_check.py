@@ -145,22 +145,23 @@ def test_wheel_closure_follows_markers_extras_and_versions(monkeypatch):
     assert any("lib requires zlib-ng, which is neither carried nor on the node" in e for e in errors)
 
 
-@pytest.mark.slow
-def test_dry_run_runs_every_stage_and_prints_the_device_calls(tmp_path):
-    out = tmp_path / "out"
-    env = {
-        **os.environ,
-        "PYTHON": sys.executable,
-        "GPU_CHECK_WORK": str(tmp_path / "work"),
-    }
-    proc = subprocess.run(
-        ["bash", "bench/gpu_check.sh", "--dry-run", str(out)],
+def run_gpu_check(tmp_path: Path, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    """``bash bench/gpu_check.sh ARGS`` with this interpreter and a work folder under ``tmp_path``."""
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WORK": str(tmp_path / "work")}
+    return subprocess.run(
+        ["bash", "bench/gpu_check.sh", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
+
+
+@pytest.mark.slow
+def test_dry_run_runs_every_stage_and_prints_the_device_calls(tmp_path):
+    out = tmp_path / "out"
+    proc = run_gpu_check(tmp_path, "--dry-run", str(out), timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     stages = {s["name"]: s for s in summary["stages"]}
@@ -207,15 +208,7 @@ def test_gpu_mode_without_cuda_stops_after_env(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("tests a machine without CUDA")
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WORK": str(tmp_path / "work")}
-    proc = subprocess.run(
-        ["bash", "bench/gpu_check.sh", "--stages", "env,nccl", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_gpu_check(tmp_path, "--stages", "env,nccl", str(out), timeout=300)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "sees no CUDA device" in proc.stderr and "stopping before the other stages" in proc.stderr
     statuses = json.loads((out / "summary.json").read_text())["statuses"]

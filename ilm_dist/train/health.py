@@ -41,7 +41,7 @@ class NanWatch:
         on one rank stops every rank with the same message (naming that rank) instead of leaving the others in
         the next collective until its timeout (NCCL; gloo fails fast)."""
         found = self._first_non_finite()
-        verdicts = D.all_gather_object(found) if D.world_size() > 1 else [found]
+        verdicts = D.all_gather_object(found)  # [found] without a group of several ranks
         bad = [(rank, message) for rank, message in enumerate(verdicts) if message is not None]
         if bad:
             rank, message = bad[0]
