@@ -15,13 +15,22 @@ from ilm_dist.eval.features import extract_block_features
 from ilm_dist.eval.knn import knn_accuracy
 from ilm_dist.eval.weights import build_classifier, load_state, resolve_init
 from ilm_dist.model.encoder import build_resnet
+from ilm_dist.train.engine import forward_dtype
+
+CPU = torch.device("cpu")
 
 
-def block_knn_accuracies(resnet, manifest, cfg, bank_split: str, split: str) -> list[float]:
-    device = torch.device("cpu")
-    args = (cfg.aug, cfg.data.image_size, device)
-    bank = extract_block_features(resnet, manifest, bank_split, *args)
-    test = extract_block_features(resnet, manifest, split, *args)
+def block_knn_accuracies(
+    resnet, manifest, cfg, dtype: torch.dtype, bank_split: str, split: str
+) -> list[float]:
+    """Per block, the kNN accuracy on ``split`` with neighbours from ``bank_split``, the forward computed
+    as the run trained: in ``dtype`` (autocast) and channels-last where ``model.channels_last``."""
+    if cfg.model.channels_last:
+        resnet = resnet.to(memory_format=torch.channels_last)
+    args = (cfg.aug, cfg.data.image_size, CPU)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        bank = extract_block_features(resnet, manifest, bank_split, *args)
+        test = extract_block_features(resnet, manifest, split, *args)
     return [
         knn_accuracy(b, bank.labels, t, test.labels) for b, t in zip(bank.blocks, test.blocks, strict=True)
     ]
@@ -41,18 +50,24 @@ def main(argv: list[str] | None = None) -> None:
             raise ManifestError(
                 f"{cfg.data.shards}: knn_check's kNN needs single-label data, task is multilabel"
             )
+        dtype = forward_dtype(cfg.engine, cfg.data.batch_size, CPU)
         trained = build_classifier(cfg.model.arch, load_state(resolve_init(str(run))), 1000, str(run))
     except (ConfigError, ManifestError, FileNotFoundError, ValueError) as err:
         fail(str(err))
-    print(f"cpu placement: {place_this_process(0, cfg.cpu, announce=False).describe()}")
+    layout = "channels-last" if cfg.model.channels_last else "NCHW"
+    print(
+        f"cpu placement: {place_this_process(0, cfg.cpu, announce=False).describe()}; forward: {dtype}, {layout}"
+    )
     torch.manual_seed(cfg.seed + 1)
     results = {
-        "trained": block_knn_accuracies(trained, manifest, cfg, args.bank_split, args.split),
+        "trained": block_knn_accuracies(trained, manifest, cfg, dtype, args.bank_split, args.split),
         "random_init": block_knn_accuracies(
-            build_resnet(cfg.model.arch), manifest, cfg, args.bank_split, args.split
+            build_resnet(cfg.model.arch), manifest, cfg, dtype, args.bank_split, args.split
         ),
     }
-    (run / "knn_check.json").write_text(json.dumps(results | vars(args), indent=2))
+    (run / "knn_check.json").write_text(
+        json.dumps(results | vars(args) | {"forward": f"{dtype}, {layout}"}, indent=2)
+    )
     print(f"kNN accuracy (k=20) on '{args.split}', neighbours from '{args.bank_split}' of {cfg.data.shards}:")
     print(f"{'block':>8} {'trained':>9} {'random':>9}")
     for i, (a, b) in enumerate(zip(results["trained"], results["random_init"], strict=True), start=1):

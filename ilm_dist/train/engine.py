@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ilm_dist.config import ConfigError
+from ilm_dist.config import ConfigError, EngineConfig
 from ilm_dist.cpu_placement import cpu_has_amx
 from ilm_dist.serialization import load_tensors, save_tensors
 from ilm_dist.strict import load_json
@@ -126,6 +126,14 @@ def with_cpu_autocast(
         return ds_config, "engine.cpu_autocast=auto: fp32, this CPU has no AMX"
     autocast = {"torch_autocast": {"enabled": True, "dtype": AUTOCAST_SPELLING["bf16"], **FP32_REDUCTION}}
     return {**ds_config, **autocast}, "engine.cpu_autocast=auto: bf16 autocast, this CPU has AMX"
+
+
+def forward_dtype(engine_cfg: EngineConfig, micro_batch: int, device: torch.device) -> torch.dtype:
+    """The dtype a run's forward computes in on ``device``: its DeepSpeed config's autocast, else
+    ``engine.cpu_autocast``'s choice (what the trainer runs, so that an evaluation can run the same)."""
+    ds_config = resolve_deepspeed_config(engine_cfg.deepspeed_config, micro_batch)
+    ds_config, _ = with_cpu_autocast(ds_config, engine_cfg.cpu_autocast, device)
+    return DTYPES[precision_of(ds_config)]
 
 
 def precision_of(ds_config: dict[str, Any], path: str | Path = "the DeepSpeed config") -> str:
