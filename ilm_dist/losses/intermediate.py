@@ -62,6 +62,11 @@ class IntermediateLoss(nn.Module):
         """Weighted per-block losses ``[len(blocks)]``; their sum is added to InfoNCE."""
         raise NotImplementedError
 
+    def comm_bytes(self, batch: int, world: int, itemsize: int) -> float:
+        """Bytes a rank sends per training step in the loss's own collectives, for ``batch`` samples per rank
+        on ``world`` ranks in ``itemsize``-byte activations (the dry run's estimate); none by default."""
+        return 0.0
+
 
 def register_intermediate_loss(cls: type[IntermediateLoss]) -> type[IntermediateLoss]:
     """Class decorator: makes ``cls.name`` a ``loss.type`` with options ``cls.Config`` at ``loss.<name>``."""
