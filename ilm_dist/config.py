@@ -23,7 +23,7 @@ import yaml
 
 from ilm_dist.cpu_placement import CpuConfig
 from ilm_dist.errors import ConfigError
-from ilm_dist.losses import INTERMEDIATE_LOSSES, loss_types
+from ilm_dist.losses import INTERMEDIATE_LOSSES, import_loss_modules, loss_types
 from ilm_dist.paths import check_name
 from ilm_dist.strict import load_yaml
 
@@ -58,9 +58,15 @@ def _loss_options() -> dict[str, Any]:
 class LossConfig:
     """The intermediate loss: ``type`` (``none`` or a registered loss), the blocks it applies to and their
     weights; each registered loss's own options are a section ``loss.<name>`` (``loss.mse``, ``loss.bt``),
-    held in ``options`` and read as attributes (:mod:`ilm_dist.losses.intermediate`)."""
+    held in ``options`` and read as attributes (:mod:`ilm_dist.losses.intermediate`).
+
+    ``plugins`` names modules outside the package (importable: installed, or on ``PYTHONPATH``) that
+    register more losses; loading the config imports them first, so every process that reads it (each
+    rank, sweep trial, experiment cell and evaluation) knows their types and sections. Importing runs the
+    module's code, as naming it asks."""
 
     type: str = "none"
+    plugins: list[str] = field(default_factory=list)  # e.g. [my_losses]: then loss.type=<its loss's name>
     blocks: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     weights: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25, 0.25])  # one per block
     options: dict[str, Any] = field(default_factory=_loss_options)
@@ -69,6 +75,12 @@ class LossConfig:
     def sections() -> dict[str, type]:
         """The sections beside the fields: one per registered loss, its ``Config``."""
         return {name: loss.Config for name, loss in INTERMEDIATE_LOSSES.items()}
+
+    @staticmethod
+    def register_sections(raw: dict[str, Any], prefix: str) -> None:
+        """Import the modules ``raw`` names in ``plugins``, whose losses then have sections."""
+        key = f"{prefix}plugins"
+        import_loss_modules(_coerce(list[str], raw.get("plugins", []), key), key)
 
     def __getattr__(self, name: str) -> Any:
         options = self.__dict__.get("options", {})
@@ -109,9 +121,19 @@ class DaliConfig:
     prefetch: int = 2  # batches prepared ahead (pipeline prefetch_queue_depth)
 
 
+# the data.backend values besides "auto" (ilm_dist.data.resolve_backend), each naming its loader class, which
+# a rank imports only when it builds that loader (ilm_dist.data.build_pretrain_loader)
+DATA_BACKENDS: dict[str, str] = {
+    "torch": "ilm_dist.data.torch_backend:TorchLoader",
+    "synthetic": "ilm_dist.data.random_backend:RandomTensorLoader",
+    "dali": "ilm_dist.data.dali_backend:DaliLoader",
+}
+AUTO_BACKEND = "auto"
+
+
 @dataclass
 class DataConfig:
-    backend: Literal["auto", "torch", "dali", "synthetic"] = "auto"
+    backend: str = AUTO_BACKEND  # "auto" or a name in DATA_BACKENDS
     shards: str | None = field(default=None, metadata=PATH)  # directory written by data_tools.pack
     split: str = "train"
     image_size: int = 224
@@ -371,6 +393,8 @@ def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``raw``, rejecting unknown keys and wrong types by dotted name."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    if hasattr(cls, "register_sections"):
+        cls.register_sections(raw, prefix)
     fields = section_fields(cls)
     for key in raw:
         if key not in fields:
@@ -520,6 +544,8 @@ def validate_aug(aug: AugConfig) -> None:
 
 
 def _validate_data(data: DataConfig) -> None:
+    backends = [AUTO_BACKEND, *DATA_BACKENDS]
+    _check(data.backend in backends, "data.backend", f"{data.backend!r} is not one of {backends}")
     _check(data.image_size >= 32, "data.image_size", "must be >= 32 (a ResNet downsamples 32x)")
     _check(data.batch_size >= 2, "data.batch_size", "must be >= 2 (BatchNorm needs a batch)")
     _check(data.num_workers >= 0, "data.num_workers", "must be >= 0")

@@ -180,14 +180,12 @@ def _plan_comm(plan: Plan, cfg: RunConfig, model: MoCoILM, precision: str, world
             )
         per_sample = 3 * cfg.data.image_size**2 * low + sum(t.numel() for t in two) // 2 * 4
         shuffle = ring * batch * per_sample  # on average (R-1)/R of a rank's B samples leave it
-    bt = 0.0
-    if cfg.loss.type == "bt" and cfg.loss.bt.global_batch:
-        bt = 2 * ring * world * batch * len(cfg.loss.blocks) * cfg.loss.bt.proj_dims[-1] * low
-    total = grads + keys + shuffle + bt
+    loss = model.intermediate.comm_bytes(batch, world, low) if model.intermediate is not None else 0.0
+    total = grads + keys + shuffle + loss
     plan.add(
         "communication / step",
         f"~{total / 1e6:.1f} MB/rank = gradients {grads / 1e6:.1f} + keys {keys / 1e6:.2f} + shuffle-BN "
-        f"{shuffle / 1e6:.1f} + BT global batch {bt / 1e6:.2f}",
+        f"{shuffle / 1e6:.1f} + {cfg.loss.type} loss {loss / 1e6:.2f}",
     )
 
 

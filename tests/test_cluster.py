@@ -153,3 +153,22 @@ def test_the_dry_run_plans_a_config_that_trains_with_small_images():
     low = DTYPES[precision_of(resolve_deepspeed_config(cfg.engine.deepspeed_config, 8))].itemsize
     expected = 0.5 * 8 * (3 * 32 * 32 * low + features * 4) / 1e6  # (R-1)/R of a rank's 8 samples, R = 2
     assert shuffle_mb == pytest.approx(expected, abs=0.05)
+
+
+@pytest.mark.parametrize(("loss", "global_batch"), [("bt", True), ("bt", False), ("mse", False)])
+def test_the_dry_run_counts_what_the_intermediate_loss_sends(loss, global_batch):
+    """The Barlow Twins term on the global batch all-gathers both views' [blocks, batch, last projector width]
+    projections: each of R ranks receives the other R-1 ranks' shares; the other losses send nothing."""
+    overrides = [
+        "data.image_size=32",
+        "data.batch_size=8",
+        f"loss.type={loss}",
+        "loss.bt.proj_dims=[64, 2048]",
+    ]
+    cfg = load_config("configs/demo.yaml", [*overrides, f"loss.bt.global_batch={str(global_batch).lower()}"])
+    text = build_plan(cfg, 1, 4, None, None).render()
+    sent_mb = float(re.search(rf"{loss} loss ([\d.]+)", text).group(1))
+    low = DTYPES[precision_of(resolve_deepspeed_config(cfg.engine.deepspeed_config, 8))].itemsize
+    # 2 views x the 3 other ranks' 8 samples x 4 blocks x 2048 wide
+    expected = 2 * 3 * 8 * 4 * 2048 * low / 1e6 if global_batch else 0.0
+    assert sent_mb == pytest.approx(expected, abs=0.005)

@@ -7,8 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from ilm_dist.config import ConfigError, absolute_overrides, load_config, read_yaml_mapping, save_config
+from ilm_dist.config import (
+    DATA_BACKENDS,
+    ConfigError,
+    absolute_overrides,
+    load_config,
+    read_yaml_mapping,
+    save_config,
+)
+from ilm_dist.data import backend_factory
 from ilm_dist.data.manifest import ManifestError, load_manifest
+from ilm_dist.data.random_backend import RandomTensorLoader
 from ilm_dist.train.engine import resolve_deepspeed_config
 from ilm_dist.train.preflight import preflight
 from ilm_dist.train.run_plan import training_plan
@@ -65,6 +74,11 @@ def test_base_chain_and_presets():
         ("model.arch=vit_b_16", "model.arch: 'vit_b_16' is not a torchvision ResNet"),
         ("engine.deepspeed_config=nope.json", "engine.deepspeed_config: file not found"),
         ("data.shards=null", "data.shards: is required for data.backend='torch'"),
+        ("data.backend=dalli", "data.backend: 'dalli' is not one of ['auto', 'torch', 'synthetic', 'dali']"),
+        (
+            "loss.plugins=[no_such_losses]",
+            "loss.plugins: no module 'no_such_losses' on the Python path (install it, or add its folder to PYTHONPATH)",
+        ),
         ("train", "override 'train': expected key=value"),
         (
             "moco={dim: 64, dim: 32}",
@@ -81,6 +95,18 @@ def test_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config("configs/demo.yaml", [override])
     assert message in str(err.value)
+
+
+def test_a_data_backend_is_a_name_in_the_registry(monkeypatch):
+    """A backend added to DATA_BACKENDS is a data.backend value, and the loader built for it is its class."""
+    monkeypatch.setitem(DATA_BACKENDS, "mine", "ilm_dist.data.random_backend:RandomTensorLoader")
+    cfg = load_config("configs/demo.yaml", ["data.backend=mine"])
+    assert cfg.data.backend == "mine" and backend_factory(cfg.data.backend) is RandomTensorLoader
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.backend: 'theirs' is not one of \['auto', 'torch', 'synthetic', 'dali', 'mine'\]",
+    ):
+        load_config("configs/demo.yaml", ["data.backend=theirs"])
 
 
 def test_file_errors(tmp_path):

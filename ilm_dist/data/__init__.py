@@ -1,4 +1,5 @@
-"""Data backends behind one factory signature: ``(data: DataConfig, aug: AugConfig, where: Placement) -> PretrainLoader``."""
+"""Data backends behind one factory signature: ``(data: DataConfig, aug: AugConfig, where: Placement) -> PretrainLoader``;
+:data:`ilm_dist.config.DATA_BACKENDS` names each one's class (the config checks ``data.backend`` against it)."""
 
 from __future__ import annotations
 
@@ -9,30 +10,24 @@ from collections.abc import Callable
 
 import torch
 
-from ilm_dist.config import AugConfig, DataConfig
+from ilm_dist.config import AUTO_BACKEND, DATA_BACKENDS, AugConfig, DataConfig
 from ilm_dist.data.batch import Placement, PretrainLoader, TwoViewBatch
 from ilm_dist.data.integrity import check_split_content
 from ilm_dist.data.manifest import load_manifest
 
 log = logging.getLogger("ilm_dist")
 
-BACKENDS: dict[str, str] = {
-    "torch": "ilm_dist.data.torch_backend:TorchLoader",
-    "synthetic": "ilm_dist.data.random_backend:RandomTensorLoader",
-    "dali": "ilm_dist.data.dali_backend:DaliLoader",
-}
-
 
 def resolve_backend(requested: str, device: torch.device) -> str:
     """``auto`` means DALI on a GPU when DALI is installed, else the torch DataLoader."""
-    if requested != "auto":
+    if requested != AUTO_BACKEND:
         return requested
     has_dali = importlib.util.find_spec("nvidia.dali") is not None
     return "dali" if device.type == "cuda" and has_dali else "torch"
 
 
 def backend_factory(name: str) -> Callable[..., PretrainLoader]:
-    module, _, attr = BACKENDS[name].partition(":")
+    module, _, attr = DATA_BACKENDS[name].partition(":")
     return getattr(importlib.import_module(module), attr)
 
 
@@ -47,7 +42,6 @@ def build_pretrain_loader(data: DataConfig, aug: AugConfig, where: Placement) ->
 
 
 __all__ = [
-    "BACKENDS",
     "Placement",
     "PretrainLoader",
     "TwoViewBatch",

@@ -1,4 +1,5 @@
-"""InfoNCE and the intermediate-layer losses; importing the package registers the built-in ones."""
+"""InfoNCE and the intermediate-layer losses; importing the package registers the built-in ones (the
+run config's ``loss.plugins`` imports others)."""
 
 # the built-in losses register in this order (loss.type values: none, mse, bt)
 from ilm_dist.losses import mse  # isort: split
@@ -9,6 +10,7 @@ from ilm_dist.losses.intermediate import (
     NO_LOSS,
     IntermediateLoss,
     build_intermediate_loss,
+    import_loss_modules,
     loss_types,
     register_intermediate_loss,
 )
@@ -19,6 +21,7 @@ __all__ = [
     "IntermediateLoss",
     "barlow_twins",
     "build_intermediate_loss",
+    "import_loss_modules",
     "loss_types",
     "mse",
     "register_intermediate_loss",

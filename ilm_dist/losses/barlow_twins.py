@@ -71,3 +71,10 @@ class BtIntermediateLoss(IntermediateLoss):
         loss = bt_xcorr_loss_global if bt.global_batch and self.training else bt_xcorr_loss
         with autocast_off(z1):  # the projectors ran under autocast; the loss accumulates in fp32
             return loss(z1, z2, on_weight, off_weight, eps=bt.eps, impl=bt.impl)
+
+    def comm_bytes(self, batch: int, world: int, itemsize: int) -> float:
+        """With ``global_batch``: the forward all-gather of both views' projections of every block."""
+        if not self.options.global_batch:
+            return 0.0
+        ring = (world - 1) / world
+        return 2 * ring * world * batch * len(self.blocks) * self.options.proj_dims[-1] * itemsize
