@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ManifestError(
                 f"{cfg.data.shards}: knn_check's kNN needs single-label data, task is multilabel"
             )
-        trained = build_classifier(cfg.model.arch, load_state(resolve_init(str(run))), 1000, str(run))
+        state = load_state(resolve_init(str(run)))
+        trained = build_classifier(cfg.model.arch, state, 1000, str(run), cfg.model.stem)
     except (ConfigError, ManifestError, FileNotFoundError, ValueError) as err:
         fail(str(err))
     print(f"cpu placement: {place_this_process(0, cfg.cpu, announce=False).describe()}")
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {
         "trained": block_knn_accuracies(trained, manifest, cfg, args.bank_split, args.split),
         "random_init": block_knn_accuracies(
-            build_resnet(cfg.model.arch), manifest, cfg, args.bank_split, args.split
+            build_resnet(cfg.model.arch, stem=cfg.model.stem), manifest, cfg, args.bank_split, args.split
         ),
     }
     (run / "knn_check.json").write_text(json.dumps(results | vars(args), indent=2))
