@@ -95,7 +95,7 @@ class BaselineEncoder(nn.Module):
 
     def __init__(self, cfg: RunConfig):
         super().__init__()
-        self.backbone = build_resnet(cfg.model.arch, cfg.model.zero_init_residual)
+        self.backbone = build_resnet(cfg.model.arch, cfg.model.zero_init_residual, cfg.model.stem)
         self.head = projection_head(self.backbone.fc.in_features, cfg.moco.dim, cfg.moco.mlp)
         self.backbone.fc = nn.Identity()
 

@@ -51,7 +51,8 @@ def block_features(weights: str, cfg, manifest: Manifest) -> dict[str, tuple[lis
     if weights == "colour":
         return {split: colour_statistics(manifest, split) for split in SPLITS}
     torch.manual_seed(cfg.seed)
-    model = build_classifier(cfg.model.arch, load_state(resolve_init(weights)), manifest.num_classes, weights)
+    state = load_state(resolve_init(weights))
+    model = build_classifier(cfg.model.arch, state, manifest.num_classes, weights, cfg.model.stem)
     out = {}
     for split in SPLITS:
         feats = extract_block_features(

@@ -30,11 +30,14 @@ from ilm_dist.strict import load_yaml
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 PATH = {"path": True}  # field metadata: a file or directory, relative to the file that names it
 BLOCKS = (1, 2, 3, 4)
+Stem = Literal["imagenet", "small"]  # ilm_dist.model.encoder: torchvision's stem or the CIFAR-scale one
 
 
 @dataclass
 class ModelConfig:
     arch: str = "resnet50"  # any torchvision ResNet
+    # imagenet: torchvision's 7x7 stride-2 conv + max-pool; small: a 3x3 stride-1 conv, no max-pool
+    stem: Stem = "imagenet"
     zero_init_residual: bool = True  # official code (Kaku et al.) and Goyal et al. 2017
     channels_last: bool = False  # NHWC inputs, loader layout and key encoder; the engine's weights stay NCHW
 

@@ -79,9 +79,27 @@ def build_plan(
     _plan_data(plan, cfg, batch, world, accum, num_samples, num_shards)
     with torch.device("meta"):
         model = MoCoILM(cfg.model, cfg.moco, cfg.loss)
+    _plan_encoder(plan, cfg, model)
     _plan_memory(plan, cfg, model, ds, precision, stage, world)
     _plan_comm(plan, cfg, model, precision, world, batch)
     return plan
+
+
+def block_shapes(model: MoCoILM, image_size: int) -> list[tuple[int, ...]]:
+    """``(C, H, W)`` of blocks 1-4 for one ``image_size`` input (two samples: train-mode BatchNorm refuses
+    one value per channel)."""
+    with torch.no_grad():
+        out = model.encoder(torch.empty(2, 3, image_size, image_size, device="meta"))
+    return [tuple(block.shape[1:]) for block in out.blocks]
+
+
+def _plan_encoder(plan: Plan, cfg: RunConfig, model: MoCoILM) -> None:
+    shapes = block_shapes(model, cfg.data.image_size)
+    plan.add(
+        "encoder",
+        f"{cfg.model.arch}, {cfg.model.stem} stem; blocks 1-4 at {cfg.data.image_size} px: "
+        + ", ".join("x".join(map(str, shape)) for shape in shapes),
+    )
 
 
 def _plan_queue(plan: Plan, cfg: RunConfig, keys_per_step: int) -> None:

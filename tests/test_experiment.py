@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import yaml
 from scipy import stats as scipy_stats
 from sklearn.metrics import roc_auc_score
 
+from data_tools.splits import group_function
 from ilm_dist.config import ConfigError, load_config
 from ilm_dist.eval.__main__ import main as eval_main
 from ilm_dist.eval.commands import analyse_parser, finetune_parser, probe_parser
@@ -31,6 +33,7 @@ from ilm_dist.experiment.state import State
 from ilm_dist.experiment.stats import Resamples, over_seeds, paired_difference, resampled_metric, score
 from ilm_dist.folder_lock import FolderBusy, FolderLock
 from ilm_dist.paths import NAME_RULE
+from ilm_dist.plan import build_plan
 from ilm_dist.pretrain import pretrain_parser
 from ilm_dist.processes import module_command
 from tests.launcher import REPO
@@ -554,7 +557,7 @@ def findings(tmp_path_factory) -> Path:
     return pack_dataset(tmp_path_factory.mktemp("findings"), {"train": 48, "val": 16, "test": 24}, 4, True)
 
 
-@pytest.mark.parametrize("name", ["idc_cpu", "nih64_cpu", "idc_gpu", "nih_gpu"])
+@pytest.mark.parametrize("name", ["idc_cpu", "nih64_cpu", "pneumonia_cpu", "idc_gpu", "nih_gpu"])
 def test_the_shipped_paper_experiments_pretrain_every_method_and_seed(tmp_path, data, findings, name):
     dataset = findings if name == "nih_gpu" else data
     changes = [f"dataset={dataset}", f"output_dir={tmp_path}", "fractions=[0.5,1.0]"]
@@ -574,3 +577,65 @@ def test_the_shipped_paper_experiments_pretrain_every_method_and_seed(tmp_path, 
         method = cell.id.split("/")[1]
         assert run.loss.type == {"moco": "none", "moco_mse": "mse", "moco_bt": "bt"}[method]
         assert Path(run.data.shards) == dataset and run.name == method
+
+
+def test_the_pneumonia_packing_groups_images_by_patient():
+    """The --group-by of pneumonia_cpu.yaml's packing command maps each file-name pattern of the source to
+    its patient (PROVENANCE.md of pneumonia_cxr_128)."""
+    header = (REPO / "configs" / "experiments" / "pneumonia_cpu.yaml").read_text()
+    group_of = group_function(re.search(r"--group-by '([^']+)'", header).group(1))
+    assert {
+        path: group_of(path)
+        for path in (
+            "PNEUMONIA/person1430_bacteria_3695.jpeg",
+            "PNEUMONIA/person12_virus_39_2.jpeg",
+            "NORMAL/IM-0435-0001.jpeg",
+            "NORMAL/IM-0437-0001-0002.jpeg",
+            "NORMAL/NORMAL2-IM-0123-0001.jpeg",
+            "NORMAL/NORMAL2-IM-1345-0001-0002.jpeg",
+        )
+    } == {
+        "PNEUMONIA/person1430_bacteria_3695.jpeg": "person1430",
+        "PNEUMONIA/person12_virus_39_2.jpeg": "person12",
+        "NORMAL/IM-0435-0001.jpeg": "IM-0435",
+        "NORMAL/IM-0437-0001-0002.jpeg": "IM-0437",
+        "NORMAL/NORMAL2-IM-0123-0001.jpeg": "NORMAL2-IM-0123",
+        "NORMAL/NORMAL2-IM-1345-0001-0002.jpeg": "NORMAL2-IM-1345",
+    }
+
+
+CPU_EXPERIMENTS = sorted((REPO / "configs" / "experiments").glob("*_cpu.yaml"))
+
+
+@pytest.fixture(scope="module")
+def hundred(tmp_path_factory) -> Path:
+    """A synthetic set with 50 train images per class, the fewest that keep one per class at 1% labels."""
+    return pack_dataset(
+        tmp_path_factory.mktemp("hundred"), {"train": 100, "val": 8, "test": 8}, num_classes=2
+    )
+
+
+def test_the_cpu_experiments_are_the_shipped_ones():
+    assert {p.stem for p in CPU_EXPERIMENTS} >= {"idc_cpu", "nih64_cpu", "pneumonia_cpu"}
+
+
+@pytest.mark.parametrize("path", CPU_EXPERIMENTS, ids=lambda path: path.stem)
+def test_every_cpu_experiment_resolves_and_dry_runs_on_the_synthetic_set(path, hundred, tmp_path, capsys):
+    """The file as shipped (its fractions, methods, evaluations) on a synthetic set: every cell is printed
+    with its command, and every pretraining run config plans (shapes, memory) without a warning."""
+    changes = [f"dataset={hundred}", f"output_dir={tmp_path}"]
+    assert run_experiment(str(path), changes, dry_run=True) == 0
+    printed = capsys.readouterr().out.splitlines()
+    exp = load_experiment(path, changes)
+    cells = plan(exp)
+    assert [line.split()[2] for line in printed[::2]] == [cell.id for cell in cells]
+    assert all(line.startswith("to do ") for line in printed[::2])
+    split = exp.manifest.split("train")
+    for method in (m for m in exp.methods.values() if m.pretrained):
+        cfg = exp.run_config(method, exp.seeds[0])
+        built = build_plan(cfg, 1, 1, split.num_samples, len(split.shards))
+        assert built.warnings == []
+        assert (
+            f"{cfg.model.arch}, {cfg.model.stem} stem; blocks 1-4 at {cfg.data.image_size} px"
+            in built.render()
+        )

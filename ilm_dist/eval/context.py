@@ -50,8 +50,9 @@ log = logging.getLogger("ilm_dist")
 SPLITS = ("train", "val", "test")
 SOURCE = "source.json"
 PROTOCOL = "protocol.json"  # the resolved evaluation protocol of a method directory
-# keys of source.json that must agree when a method directory is reused
-SOURCE_IDENTITY = ("weights", "arch", "dataset_id", "image_size")
+# keys of source.json that must agree when a method directory is reused, with the value a file written
+# before the key existed means
+SOURCE_IDENTITY = {"weights": None, "arch": None, "stem": "imagenet", "dataset_id": None, "image_size": None}
 
 
 @dataclass
@@ -94,7 +95,8 @@ class EvalContext:
         """
         torch.manual_seed(self.cfg.seed)
         source = str(self.init.path or self.init.spec)
-        return build_classifier(self.cfg.model.arch, self.state, self.manifest.num_classes, source).to(
+        model = self.cfg.model
+        return build_classifier(model.arch, self.state, self.manifest.num_classes, source, model.stem).to(
             self.device
         )
 
@@ -144,6 +146,7 @@ class EvalContext:
             "name": self.name,
             "weights": self.init.describe(),
             "arch": self.cfg.model.arch,
+            "stem": self.cfg.model.stem,
             "config": str(config_path),
             "data": str(self.manifest.root),
             "dataset_id": dataset_id(self.manifest),
@@ -233,7 +236,7 @@ def open_context(target: EvalTarget, device: torch.device | None = None) -> Eval
     apply_inputs(cfg, protocol, init)
     state = load_state(init)
     if state is not None:
-        check_fits(build_resnet(cfg.model.arch), state, cfg.model.arch, str(init.path))
+        check_fits(build_resnet(cfg.model.arch, stem=cfg.model.stem), state, cfg.model.arch, str(init.path))
     ctx = EvalContext(
         cfg,
         manifest,
@@ -301,10 +304,10 @@ def claim_method_dir(ctx: EvalContext, config_path: Path) -> None:
     path = ctx.method_dir / SOURCE
     if path.is_file():
         old = read_json(path)
-        diff = [k for k in SOURCE_IDENTITY if old.get(k) != record[k]]
+        diff = [k for k, before in SOURCE_IDENTITY.items() if old.get(k, before) != record[k]]
         if diff:
             raise EvalError(
-                f"{path} describes another evaluation ({', '.join(f'{k}: {old.get(k)} vs {record[k]}' for k in diff)}); "
+                f"{path} describes another evaluation ({', '.join(f'{k}: {old.get(k, SOURCE_IDENTITY[k])} vs {record[k]}' for k in diff)}); "
                 "pass another --name or remove that directory"
             )
     protocol, protocol_path = ctx.protocol.record(), ctx.method_dir / PROTOCOL

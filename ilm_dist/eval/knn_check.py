@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{cfg.data.shards}: knn_check's kNN needs single-label data, task is multilabel"
             )
         dtype = forward_dtype(cfg.engine, cfg.data.batch_size, CPU)
-        trained = build_classifier(cfg.model.arch, load_state(resolve_init(str(run))), 1000, str(run))
+        state = load_state(resolve_init(str(run)))
+        trained = build_classifier(cfg.model.arch, state, 1000, str(run), cfg.model.stem)
     except (ConfigError, ManifestError, FileNotFoundError, ValueError) as err:
         fail(str(err))
     layout = "channels-last" if cfg.model.channels_last else "NCHW"
@@ -62,7 +63,12 @@ def main(argv: list[str] | None = None) -> None:
     results = {
         "trained": block_knn_accuracies(trained, manifest, cfg, dtype, args.bank_split, args.split),
         "random_init": block_knn_accuracies(
-            build_resnet(cfg.model.arch), manifest, cfg, dtype, args.bank_split, args.split
+            build_resnet(cfg.model.arch, stem=cfg.model.stem),
+            manifest,
+            cfg,
+            dtype,
+            args.bank_split,
+            args.split,
         ),
     }
     (run / "knn_check.json").write_text(

@@ -11,7 +11,8 @@ Accepted ``--weights`` values:
   ``backbone.pt``.
 
 Weights that do not fit the architecture raise :class:`EvalError` naming the file and the first
-mismatching tensors (and the architecture the file looks like).
+mismatching tensors (and the architecture the file looks like); weights of the other stem (``model.stem``,
+told apart by ``conv1``'s kernel) name both stems.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ilm_dist.config import Stem
 from ilm_dist.eval.errors import EvalError
-from ilm_dist.model.encoder import build_resnet
+from ilm_dist.model.encoder import STEM_KERNELS, build_resnet
 from ilm_dist.serialization import load_tensors
 
 RUN_CONFIG = "config.yaml"
@@ -115,9 +117,12 @@ def load_state(init: InitSpec) -> dict[str, Tensor] | None:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items() if not k.startswith("fc.")}
 
 
-def build_classifier(arch: str, state: dict[str, Tensor] | None, num_outputs: int, source: str) -> nn.Module:
-    """A torchvision ResNet with ``state`` loaded (random when ``None``) and a fresh ``fc`` of ``num_outputs``."""
-    model = build_resnet(arch)
+def build_classifier(
+    arch: str, state: dict[str, Tensor] | None, num_outputs: int, source: str, stem: Stem = "imagenet"
+) -> nn.Module:
+    """A torchvision ResNet with ``stem``, ``state`` loaded (random when ``None``) and a fresh ``fc`` of
+    ``num_outputs``."""
+    model = build_resnet(arch, stem=stem)
     if state is not None:
         check_fits(model, state, arch, source)
         model.load_state_dict(state, strict=False)
@@ -126,6 +131,13 @@ def build_classifier(arch: str, state: dict[str, Tensor] | None, num_outputs: in
 
 
 def check_fits(model: nn.Module, state: dict[str, Tensor], arch: str, source: str) -> None:
+    file_stem, model_stem = stem_of(state), stem_of(model.state_dict())
+    if file_stem is not None and file_stem != model_stem:
+        raise EvalError(
+            f"{source}: weights of model.stem={file_stem} ({STEM_KERNELS[file_stem]}x{STEM_KERNELS[file_stem]} "
+            f"conv1), the run config has model.stem={model_stem}; evaluate them with the config of the run "
+            f"that wrote them, or pass model.stem={file_stem}"
+        )
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -141,6 +153,13 @@ def check_fits(model: nn.Module, state: dict[str, Tensor], arch: str, source: st
             f"{source}: weights do not fit {arch}{looks} (missing {missing[:3]}, unexpected {unexpected[:3]}, "
             f"shape file vs model {shapes[:2]})"
         )
+
+
+def stem_of(state: dict[str, Tensor]) -> str | None:
+    """The stem whose ``conv1`` kernel ``state`` holds (:data:`~ilm_dist.model.encoder.STEM_KERNELS`), if any."""
+    conv1 = state.get("conv1.weight")
+    by_kernel = {kernel: stem for stem, kernel in STEM_KERNELS.items()}
+    return by_kernel.get(conv1.shape[-1]) if conv1 is not None and conv1.dim() == 4 else None
 
 
 def guess_arch(state: dict[str, Tensor]) -> str | None:

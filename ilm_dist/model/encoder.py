@@ -1,8 +1,12 @@
 """ResNet encoder with taps on the block outputs, and the MoCo projection head.
 
-The backbone is an unmodified torchvision ResNet; ``create_feature_extractor`` exposes
-``layer1..layer4`` and the pooled features without forking its forward. Parameter names stay
-torchvision's, so the exported backbone loads into ``torchvision.models.<arch>()``.
+The backbone is a torchvision ResNet; ``create_feature_extractor`` exposes ``layer1..layer4`` and the
+pooled features without forking its forward. Its stem (``model.stem``) is torchvision's ``imagenet`` one
+(7x7 stride-2 conv, then 3x3 stride-2 max-pooling: block maps at 1/4..1/32 of the input) or the ``small``
+one of CIFAR-scale SSL recipes (3x3 stride-1 conv, no max-pooling: block maps at 1/1..1/8; SimCLR,
+Chen et al. 2020, Appendix B.9). Parameter names stay torchvision's, so the exported backbone loads into
+``torchvision.models.<arch>()`` (the small stem's once its ``conv1`` and ``maxpool`` are swapped the same
+way, :func:`build_resnet`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,11 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from ilm_dist.config import Stem
+
 BLOCK_NODES = ("layer1", "layer2", "layer3", "layer4")
+# conv1's kernel size per stem: how a weights file shows which stem it was trained with
+STEM_KERNELS: dict[str, int] = {"imagenet": 7, "small": 3}
 
 
 @dataclass
@@ -22,12 +30,23 @@ class EncoderOutput:
     blocks: list[Tensor]  # outputs of layer1..layer4, [B, C_i, H_i, W_i]
 
 
-def build_resnet(arch: str, zero_init_residual: bool = True) -> nn.Module:
-    """A randomly initialised torchvision ResNet (``zero_init_residual``: Goyal et al. 2017)."""
+def build_resnet(arch: str, zero_init_residual: bool = True, stem: Stem = "imagenet") -> nn.Module:
+    """A randomly initialised torchvision ResNet (``zero_init_residual``: Goyal et al. 2017) with ``stem``."""
     try:
-        return torchvision.models.get_model(arch, weights=None, zero_init_residual=zero_init_residual)
+        resnet = torchvision.models.get_model(arch, weights=None, zero_init_residual=zero_init_residual)
     except ValueError:
         raise ValueError(f"model.arch: {arch!r} is not a torchvision model name") from None
+    if stem == "small":
+        use_small_stem(resnet)
+    return resnet
+
+
+def use_small_stem(resnet: nn.Module) -> None:
+    """Swap ``conv1`` for a 3x3 stride-1 conv (initialised as torchvision initialises its convs) and drop the
+    max-pooling: the stem of CIFAR-scale ResNets, which keeps 32 px inputs at 32 px into ``layer1``."""
+    conv = nn.Conv2d(3, resnet.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    resnet.conv1, resnet.maxpool = conv, nn.Identity()
 
 
 def block_channels(resnet: nn.Module) -> list[int]:
@@ -50,9 +69,11 @@ def projection_head(in_dim: int, out_dim: int, mlp: bool) -> nn.Module:
 class Encoder(nn.Module):
     """Backbone + head; returns the embedding and the four block outputs."""
 
-    def __init__(self, arch: str, dim: int, mlp: bool, zero_init_residual: bool = True):
+    def __init__(
+        self, arch: str, dim: int, mlp: bool, zero_init_residual: bool = True, stem: Stem = "imagenet"
+    ):
         super().__init__()
-        resnet = build_resnet(arch, zero_init_residual)
+        resnet = build_resnet(arch, zero_init_residual, stem)
         self.arch = arch
         self.channels = block_channels(resnet)
         nodes = {name: name for name in BLOCK_NODES} | {"flatten": "pooled"}

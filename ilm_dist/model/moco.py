@@ -20,7 +20,7 @@ from ilm_dist.model.encoder import Encoder
 class MoCoILM(nn.Module):
     def __init__(self, model: ModelConfig, moco: MocoConfig, loss: LossConfig):
         super().__init__()
-        self.encoder = Encoder(model.arch, moco.dim, moco.mlp, model.zero_init_residual)
+        self.encoder = Encoder(model.arch, moco.dim, moco.mlp, model.zero_init_residual, model.stem)
         self.intermediate = build_intermediate_loss(loss, self.encoder.channels)
         self.temperature = moco.temperature
 

@@ -50,11 +50,13 @@ def data_identity(cfg: RunConfig) -> dict[str, Any]:
 
 def settings_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     """The run-defining settings that differ between the run's saved config and ``cfg``, as ``key: old -> new``
-    per leaf key (``model.arch: 'resnet18' -> 'resnet34'``)."""
-    now = cfg.to_dict()
-    old_leaves, new_leaves = (
-        {k: v for key in RUN_DEFINING for k, v in _leaves(key, _at(c, key))} for c in (saved, now)
+    per leaf key (``model.arch: 'resnet18' -> 'resnet34'``). A key the saved config lacks (a setting added
+    since the run started, such as ``model.stem``) had its default value."""
+    old_leaves, new_leaves, default_leaves = (
+        {k: v for key in RUN_DEFINING for k, v in _leaves(key, _at(c, key))}
+        for c in (saved, cfg.to_dict(), RunConfig().to_dict())
     )
+    old_leaves = default_leaves | old_leaves
     return [
         f"{key}: {old_leaves.get(key)!r} -> {new_leaves.get(key)!r}"
         for key in dict.fromkeys([*old_leaves, *new_leaves])

@@ -45,6 +45,14 @@ def test_run_defining_settings_are_compared_leaf_by_leaf():
     ]
 
 
+def test_a_setting_added_since_the_run_started_had_its_default():
+    saved = load_config("configs/demo.yaml").to_dict()
+    del saved["model"]["stem"]  # a run saved before model.stem existed: the imagenet stem
+    assert settings_changes(saved, load_config("configs/demo.yaml")) == []
+    small = load_config("configs/demo.yaml", ["model.stem=small"])
+    assert settings_changes(saved, small) == ["model.stem: 'imagenet' -> 'small'"]
+
+
 def test_changes_are_refused_unless_allowed(tmp_path):
     refuse_changes(tmp_path, [], allowed=False)
     refuse_changes(tmp_path, ["seed: 0 -> 3"], allowed=True)
