@@ -1,10 +1,16 @@
 """The process group: starting it, and collectives that also work without one (rank 0 of world 1).
 
-Everything that talks to ``torch.distributed`` in ilm_dist goes through here, so the model and
-the losses stay free of distribution code. :func:`init_process_group` joins the launcher's group
-(``deepspeed``, ``torchrun`` or SLURM's variables) or makes a world of one for plain ``python``; on a
-machine without CUDA ``DS_ACCELERATOR=cpu`` selects DeepSpeed's CPU accelerator and gloo, which must
-be set before deepspeed is imported (:func:`select_accelerator`).
+The collectives ilm_dist calls itself go through here (``tests/test_architecture.py`` names the few
+modules allowed to call ``torch.distributed`` directly): shuffle-BN's all_to_all, the key queue's
+all-gather, the Barlow Twins loss over the global batch (:func:`all_gather_with_grad`), the logged loss,
+the NaN watch, evaluation's sharded passes and rank 0's decisions (:func:`on_main`); the model holds no
+distribution code. What torch and DeepSpeed bring communicates over the same group on its own:
+the DeepSpeed engine and DDP (evaluation) all-reduce gradients, SyncBatchNorm its statistics.
+
+:func:`init_process_group` joins the launcher's group (``deepspeed``, ``torchrun`` or SLURM's variables)
+or makes a world of one for plain ``python``; on a machine without CUDA ``DS_ACCELERATOR=cpu`` selects
+DeepSpeed's CPU accelerator and gloo, which must be set before deepspeed is imported
+(:func:`select_accelerator`).
 """
 
 from __future__ import annotations
@@ -191,6 +197,14 @@ def all_gather_with_grad(tensor: Tensor, dim: int = 0, group=None) -> Tensor:
     if not is_initialized() or dist.get_world_size(group) == 1:
         return tensor
     return _GatherWithGrad.apply(tensor, dim, group)
+
+
+def all_to_all_rows(rows: Tensor, send_splits: list[int], recv_splits: list[int]) -> Tensor:
+    """Send ``send_splits[d]`` consecutive rows of ``rows`` to rank ``d``; returns the rows received,
+    ``recv_splits[s]`` of them from rank ``s``, grouped by source rank in rank order (uneven splits allowed)."""
+    out = rows.new_empty((sum(recv_splits), *rows.shape[1:]))
+    dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits)
+    return out
 
 
 def all_reduce_mean_(tensor: Tensor) -> Tensor:

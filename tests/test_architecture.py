@@ -1,5 +1,6 @@
 """The layering of docs/ARCHITECTURE.md, checked on the imports themselves: every import runs downhill
-(or within a layer), and no library module imports a command module."""
+(or within a layer), no library module imports a command module, the modules of ``ilm_dist.eval`` import
+each other without a circle, and only ``ilm_dist.distributed`` talks to ``torch.distributed``."""
 
 import ast
 from pathlib import Path
@@ -31,6 +32,7 @@ LAYERS = [
 ]
 COMMANDS = {
     "ilm_dist.pretrain",
+    "ilm_dist.plan",
     "ilm_dist.eval.commands",
     "ilm_dist.eval.__main__",
     "ilm_dist.eval.knn_check",
@@ -60,8 +62,8 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def imports(path: Path) -> set[str]:
-    """Every module ``path`` imports at run time (``TYPE_CHECKING`` blocks excluded)."""
+def run_time_nodes(path: Path) -> list[ast.AST]:
+    """Every node of ``path``'s syntax tree, functions' bodies included, ``TYPE_CHECKING`` blocks excluded."""
     tree = ast.parse(path.read_text())
     skipped = {
         id(node)
@@ -69,14 +71,21 @@ def imports(path: Path) -> set[str]:
         if isinstance(block, ast.If) and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
         for node in ast.walk(block)
     }
-    found = set()
-    for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return [node for node in ast.walk(tree) if id(node) not in skipped]
+
+
+def imported_names(node: ast.AST) -> set[str]:
+    """The dotted names an import statement names (a module, and ``module.name`` for each name taken)."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names}
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        return {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return set()
+
+
+def imports(path: Path) -> set[str]:
+    """Every module ``path`` imports at run time, at module level or inside a function."""
+    found = set().union(*map(imported_names, run_time_nodes(path)))
     return {name for name in found if name.split(".")[0] in ("ilm_dist", "data_tools")}
 
 
@@ -96,3 +105,67 @@ def test_imports_run_downhill_and_never_into_a_command(name):
         assert layer_of(target) <= own, f"{name} (layer {own}) imports {target} (layer {layer_of(target)})"
         if name not in COMMANDS:
             assert target not in COMMANDS, f"library module {name} imports the command module {target}"
+
+
+def test_every_console_script_is_a_command():
+    tree = ast.parse((REPO / "setup.py").read_text())
+    scripts = next(
+        node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "CONSOLE_SCRIPTS"
+    )
+    modules = {ast.literal_eval(item).split("=")[1].split(":")[0].strip() for item in scripts.elts}
+    assert modules - COMMANDS == set()
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A circle of imports in ``graph`` (module -> the modules it imports), as ``[a, b, ..., a]``, or None."""
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        if module in path:
+            return [*path[path.index(module) :], module]
+        if module in done:
+            return None
+        for target in sorted(graph[module]):
+            if cycle := visit(target, [*path, module]):
+                return cycle
+        done.add(module)
+        return None
+
+    return next(filter(None, (visit(module, []) for module in sorted(graph))), None)
+
+
+def test_import_cycle_finds_a_circle():
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert import_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_eval_modules_import_each_other_without_a_circle():
+    """Module-level and late (inside a function) imports alike: ``ilm_dist.eval`` draws as a tree of layers."""
+    package = "ilm_dist.eval"
+    members = {name for name in ALL if name.startswith(package + ".")}
+    graph = {name: imports(ALL[name]) & members for name in members}
+    assert import_cycle(graph) is None
+
+
+# Modules that call torch.distributed themselves; every other module goes through ilm_dist.distributed.
+TORCH_DISTRIBUTED_USERS = {
+    "ilm_dist.distributed",
+    "ilm_dist.train.validation",  # ValidationLoss's all_reduce of its sums
+}
+
+
+def names_torch_distributed(path: Path) -> bool:
+    """Whether ``path`` imports ``torch.distributed`` or names it (``torch.distributed.x``) at run time."""
+    for node in run_time_nodes(path):
+        names = {ast.unparse(node)} if isinstance(node, ast.Attribute) else imported_names(node)
+        if any(name == "torch.distributed" or name.startswith("torch.distributed.") for name in names):
+            return True
+    return False
+
+
+def test_only_the_distributed_module_talks_to_torch_distributed():
+    assert sorted(name for name, path in ALL.items() if names_torch_distributed(path)) == sorted(
+        TORCH_DISTRIBUTED_USERS
+    )

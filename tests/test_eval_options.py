@@ -9,8 +9,7 @@ import pytest
 
 from ilm_dist.errors import InputError
 from ilm_dist.eval.commands import finetune_main, probe_main
-from ilm_dist.eval.finetune import FinetuneSettings
-from ilm_dist.eval.probe import ProbeSettings
+from ilm_dist.eval.settings import FinetuneSettings, ProbeSettings
 from ilm_dist.options import add_options, check_bounds, from_args, given_options, option
 from tests.test_eval_support import pack_dataset
 

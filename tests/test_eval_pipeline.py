@@ -20,7 +20,8 @@ from ilm_dist.eval import probe as probe_module
 from ilm_dist.eval.commands import analyse_main, finetune_main, probe_main
 from ilm_dist.eval.context import EvalTarget, init_test_features, open_context
 from ilm_dist.eval.monitor import KnnMonitor
-from ilm_dist.eval.probe import ProbeSettings, probe
+from ilm_dist.eval.probe import probe
+from ilm_dist.eval.settings import ProbeSettings
 from ilm_dist.eval.store import load_npz
 from ilm_dist.eval.weights import fingerprint, load_state, resolve_init
 from ilm_dist.folder_lock import FolderLock

@@ -16,10 +16,10 @@ from ilm_dist.data.manifest import load_manifest
 from ilm_dist.eval.commands import analyse_main, finetune_main, probe_main
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.features import extract_block_features
-from ilm_dist.eval.finetune import FinetuneSettings
 from ilm_dist.eval.fit import validation_steps
 from ilm_dist.eval.metrics import bootstrap_ci
 from ilm_dist.eval.protocol import load_protocol
+from ilm_dist.eval.settings import FinetuneSettings
 from ilm_dist.eval.store import load_npz
 from ilm_dist.eval.weights import build_classifier
 from tests.test_eval_support import pack_dataset

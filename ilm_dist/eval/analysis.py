@@ -13,46 +13,17 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ilm_dist.eval.cka import NUM_SUBSETS, RBF_SIGMA, SUBSET_SIZE, linear_cka, subset_plan, subset_rbf_cka
+from ilm_dist.eval.cka import linear_cka, subset_plan, subset_rbf_cka
 from ilm_dist.eval.context import PROTOCOL, SOURCE
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.ks import ks_per_class
 from ilm_dist.eval.protocol import EvalProtocol, load_protocol, recorded_protocol
+from ilm_dist.eval.settings import CkaParams
 from ilm_dist.eval.store import arrays_digest, load_npz, read_json, write_json
-from ilm_dist.options import check_bounds, option
 
 log = logging.getLogger("ilm_dist")
 
 CKA_FORMAT = 2  # bump when cka.json's contents change, so older files are recomputed
-
-
-@dataclass(frozen=True)
-class CkaParams:
-    num_subsets: int = field(
-        default=NUM_SUBSETS,
-        metadata=option("RBF CKA: random test subsets (official: 50)", flag="--cka-subsets", min=1),
-    )
-    subset_size: int = field(
-        default=SUBSET_SIZE,
-        metadata=option("RBF CKA: images per subset (official: 1000)", flag="--cka-subset-size", min=2),
-    )
-    sigma: float = field(default=RBF_SIGMA, metadata=option("RBF kernel width", flag="--rbf-sigma", above=0))
-    absolute_sigma: bool = field(
-        default=False,
-        metadata=option(
-            "sigma on raw distances, as the official code (default: sigma x median distance)",
-            flag="--rbf-absolute",
-        ),
-    )
-    seed: int = field(default=0, metadata=option("seed of the CKA subsets"))
-
-    def __post_init__(self) -> None:
-        check_bounds(self)
-
-    @property
-    def relative(self) -> bool:
-        """Sigma scaled by the median pairwise distance (Kornblith et al. 2019), not absolute."""
-        return not self.absolute_sigma
 
 
 @dataclass

@@ -9,8 +9,8 @@ Results already saved are reused unless ``--force``. Bad input exits with ``erro
 (on every rank).
 
 Every option is declared once, on the settings dataclass it fills (:mod:`ilm_dist.options`):
-:class:`~ilm_dist.eval.context.EvalTarget`, :class:`~ilm_dist.eval.finetune.FinetuneSettings`,
-:class:`~ilm_dist.eval.probe.ProbeSettings`, :class:`~ilm_dist.eval.analysis.CkaParams`. ``--protocol``
+:class:`~ilm_dist.eval.context.EvalTarget`, :class:`~ilm_dist.eval.settings.FinetuneSettings`,
+:class:`~ilm_dist.eval.settings.ProbeSettings`, :class:`~ilm_dist.eval.settings.CkaParams`. ``--protocol``
 (:mod:`ilm_dist.eval.protocol`) sets the defaults of the last three; a flag on the command line wins.
 ``analyse`` takes the protocol the methods were evaluated under, and refuses a ``--protocol`` that differs.
 """
@@ -24,19 +24,13 @@ from pathlib import Path
 
 from ilm_dist.distributed import dist_info, shutdown
 from ilm_dist.errors import ArgumentParser, exit_on_input_error
-from ilm_dist.eval.analysis import (
-    CkaParams,
-    check_comparable,
-    check_protocol,
-    expand_dirs,
-    load_method,
-    summarise,
-)
+from ilm_dist.eval.analysis import check_comparable, check_protocol, expand_dirs, load_method, summarise
 from ilm_dist.eval.context import EvalContext, EvalTarget, init_test_features, open_context
-from ilm_dist.eval.finetune import FRACTIONS, FinetuneSettings, check_batch_size, finetune
-from ilm_dist.eval.probe import ProbeSettings, probe
+from ilm_dist.eval.finetune import FRACTIONS, check_batch_size, finetune
+from ilm_dist.eval.probe import probe
 from ilm_dist.eval.protocol import settings_from_args
 from ilm_dist.eval.report import write_report
+from ilm_dist.eval.settings import CkaParams, FinetuneSettings, ProbeSettings
 from ilm_dist.options import add_options, from_args
 from ilm_dist.paths import check_output_dir
 

@@ -19,7 +19,6 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -31,39 +30,7 @@ from torch.utils.data import DataLoader
 from ilm_dist.data.shard_format import squeeze_labels
 from ilm_dist.distributed import all_reduce_mean_, world_size
 from ilm_dist.eval.metrics import compute_metrics, probabilities
-from ilm_dist.options import option
-
-ADAM_LR = 1e-3  # official fine-tuning and probing code
-
-FIT_HELP = {
-    "epochs": ("passes over the labelled images", {"min": 1}),
-    "min_steps": ("at least this many optimizer steps (small label fractions)", {"min": 0}),
-    "batch_size": ("training batch (global: split evenly over the ranks)", {"min": 1}),
-    "lr": ("Adam learning rate (official: 1e-3)", {"above": 0}),
-    "evals": ("validation checks over the run (model selection on the val split)", {"min": 1}),
-    "eval_each_epoch": ("validate after every epoch (official) instead of --evals checks over the run", {}),
-    "select": ("val metric that selects the model (default: the task's primary metric)", {}),
-    "report": ("headline test metric of the results and the report (default: the task's primary)", {}),
-    "ci": ("95%% CIs: percentile bootstrap, or the official mean +- 1.96 std / sqrt(resamples)", {}),
-    "train_aug": (
-        "training views: the run's MoCo augmentations, the protocol's for the dataset, or none",
-        {},
-    ),
-    "frozen_bn": (
-        "BatchNorm of the frozen backbone (--mode linear, probing): eval keeps its statistics, train "
-        "normalises with batch statistics and updates them (official)",
-        {},
-    ),
-    "seed": ("label subsets, shuffling, augmentation, bootstrap", {}),
-    "n_boot": ("bootstrap resamples of the test split for the 95%% CIs (0: none)", {"min": 0}),
-}
-
-
-def fit_option(name: str, default: Any) -> Any:
-    """A field of the supervised-training settings shared by fine-tuning and probing (help, bounds)."""
-    help, bounds = FIT_HELP[name]
-    flag = "--bootstrap" if name == "n_boot" else None
-    return field(default=default, metadata=option(help, flag=flag, **bounds))
+from ilm_dist.eval.settings import ADAM_LR, FitSettings
 
 
 @dataclass
@@ -92,6 +59,12 @@ def validation_steps(steps: int, steps_per_epoch: int, evals: int, each_epoch: b
     if each_epoch:
         return set(range(steps_per_epoch, steps + 1, steps_per_epoch)) | {steps}
     return eval_points(steps, evals)
+
+
+def schedule(settings: FitSettings, steps_per_epoch: int) -> tuple[int, set[int]]:
+    """The optimizer steps of a fit (``epochs`` passes, at least ``min_steps``) and its validation steps."""
+    steps = max(settings.epochs * steps_per_epoch, settings.min_steps)
+    return steps, validation_steps(steps, steps_per_epoch, settings.evals, settings.eval_each_epoch)
 
 
 @contextmanager

@@ -26,9 +26,9 @@ The live path trains data-parallel as fine-tuning does. Rank 0 alone writes.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,64 +39,18 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from ilm_dist.distributed import on_main
 from ilm_dist.eval.context import SPLITS, EvalContext, result_lock, saved_or_computed
 from ilm_dist.eval.errors import EvalError
-from ilm_dist.eval.finetune import train_loader, training_transform
-from ilm_dist.eval.fit import (
-    ADAM_LR,
-    fit,
-    fit_option,
-    metric_score,
-    predict,
-    torch_threads,
-    val_score,
-    validation_steps,
-)
+from ilm_dist.eval.fit import fit, metric_score, predict, schedule, torch_threads, val_score
 from ilm_dist.eval.metrics import check_metric, evaluate_predictions, probabilities
+from ilm_dist.eval.settings import ProbeSettings
 from ilm_dist.eval.store import probe_result_dir, read_json, save_npz, write_json
 from ilm_dist.eval.subsets import load_or_draw_subset
+from ilm_dist.eval.training_data import train_loader
 from ilm_dist.eval.weights import assert_unchanged, fingerprint
 from ilm_dist.model.encoder import BLOCK_NODES, block_channels
-from ilm_dist.options import check_bounds, option
 
 log = logging.getLogger("ilm_dist")
 
 PREDICTIONS = "predictions.npz"  # test labels and each block's test probabilities (block<i>_probs)
-
-
-@dataclass
-class ProbeSettings:
-    fraction: float = field(
-        default=1.0,
-        metadata=option(
-            "labelled fraction of the train split (a saved subset, as for fine-tuning)", above=0, max=1
-        ),
-    )
-    epochs: int = fit_option("epochs", 100)
-    min_steps: int = fit_option("min_steps", 0)
-    batch_size: int = fit_option("batch_size", 256)
-    lr: float = fit_option("lr", ADAM_LR)
-    evals: int = fit_option("evals", 20)
-    eval_each_epoch: bool = fit_option("eval_each_epoch", False)
-    train_aug: Literal["moco", "protocol", "none"] = fit_option("train_aug", "none")
-    frozen_bn: Literal["eval", "train"] = fit_option("frozen_bn", "eval")
-    standardise: bool = field(
-        default=True,
-        metadata=option("standardise the cached features with the train mean/std (official: raw features)"),
-    )
-    select: str | None = fit_option("select", None)
-    report: str | None = fit_option("report", None)
-    seed: int = fit_option("seed", 0)
-    n_boot: int = fit_option("n_boot", 1000)
-    ci: Literal["percentile", "official"] = fit_option("ci", "percentile")
-    # set by an evaluation protocol, not a flag: AugConfig fields over the run's aug (train_aug=protocol)
-    aug: dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        check_bounds(self)
-
-    @property
-    def live(self) -> bool:
-        """Whether the backbone must run at every step (train-mode BatchNorm or augmented views)."""
-        return self.frozen_bn == "train" or self.train_aug != "none"
 
 
 class Scored(NamedTuple):
@@ -148,7 +102,7 @@ def probe_block(ctx: EvalContext, feats: dict, block: str, settings: ProbeSettin
         generator=generator,
     )
     val, test = (DataLoader(data[s], batch_size=4096) for s in ("val", "test"))
-    steps = max(settings.epochs * len(loader), settings.min_steps)
+    steps, checks = schedule(settings, len(loader))
     select = check_metric(settings.select, ctx.task, "--select")
     result = fit(
         head,
@@ -156,7 +110,7 @@ def probe_block(ctx: EvalContext, feats: dict, block: str, settings: ProbeSettin
         loader,
         ctx.task,
         steps,
-        validation_steps(steps, len(loader), settings.evals, settings.eval_each_epoch),
+        checks,
         lambda: val_score(head, val, ctx.device, select, ctx.task, ctx.class_names),
         ctx.device,
         settings.lr,
@@ -191,9 +145,8 @@ def probe_block_live(ctx: EvalContext, indices: list[int], block: int, settings:
     """One block's head on the frozen network run at every step (data-parallel under the launcher)."""
     net = BlockProbe(ctx.classifier(), block, ctx.manifest.num_classes, settings.frozen_bn).to(ctx.device)
     before = fingerprint(net.body, buffers=False)
-    transform = training_transform(ctx, settings.train_aug, settings.aug)
-    loader = train_loader(ctx, indices, transform, settings.batch_size, settings.seed)
-    steps = max(settings.epochs * len(loader), settings.min_steps)
+    loader = train_loader(ctx, indices, settings)
+    steps, checks = schedule(settings, len(loader))
     select = check_metric(settings.select, ctx.task, "--select")
     result = fit(
         net,
@@ -201,7 +154,7 @@ def probe_block_live(ctx: EvalContext, indices: list[int], block: int, settings:
         loader,
         ctx.task,
         steps,
-        validation_steps(steps, len(loader), settings.evals, settings.eval_each_epoch),
+        checks,
         lambda: metric_score(select, ctx.task, *ctx.predictions(net, "val"), ctx.class_names),
         ctx.device,
         settings.lr,

@@ -1,9 +1,9 @@
 """Evaluation protocols: named sets of defaults for the evaluation commands' settings.
 
 A protocol is a YAML file (``configs/protocols/<name>.yaml``, or any path; ``base:`` names files it
-extends, relative to itself) with the values it sets for :class:`~ilm_dist.eval.finetune.FinetuneSettings`
-(``finetune:``), :class:`~ilm_dist.eval.probe.ProbeSettings` (``probe:``) and
-:class:`~ilm_dist.eval.analysis.CkaParams` (``cka:``), the input normalisation (``inputs: run`` keeps
+extends, relative to itself) with the values it sets for :class:`~ilm_dist.eval.settings.FinetuneSettings`
+(``finetune:``), :class:`~ilm_dist.eval.settings.ProbeSettings` (``probe:``) and
+:class:`~ilm_dist.eval.settings.CkaParams` (``cka:``), the input normalisation (``inputs: run`` keeps
 the run config's mean/std, ``to_tensor`` feeds pixel values in [0, 1] as ``ToTensor`` does), and per
 dataset (``datasets: {name: {task: ..., finetune: ..., probe: ...}}``) the values that differ between
 datasets, such as training augmentations (``aug``: run-config ``aug`` fields) and metrics. A flag given
@@ -28,6 +28,7 @@ from ilm_dist.config import AugConfig, from_dict, load_yaml_chain, validate_aug
 from ilm_dist.data.manifest import TASKS
 from ilm_dist.errors import InputError
 from ilm_dist.eval.errors import EvalError
+from ilm_dist.eval.settings import CkaParams, FinetuneSettings, ProbeSettings
 from ilm_dist.eval.store import digest
 from ilm_dist.options import given_options
 
@@ -38,15 +39,7 @@ BUILTIN = "ilm_dist"  # the dataclass defaults; no file
 INPUTS = ("run", "to_tensor")
 TOP_LEVEL = ("name", "description", "inputs", "finetune", "probe", "cka", "datasets")
 PER_DATASET = ("task", "finetune", "probe")
-
-
-def section_classes() -> dict[str, type]:
-    """The settings dataclass of each protocol section (imported late: those modules import this one's users)."""
-    from ilm_dist.eval.analysis import CkaParams
-    from ilm_dist.eval.finetune import FinetuneSettings
-    from ilm_dist.eval.probe import ProbeSettings
-
-    return {"finetune": FinetuneSettings, "probe": ProbeSettings, "cka": CkaParams}
+SECTIONS: dict[str, type] = {"finetune": FinetuneSettings, "probe": ProbeSettings, "cka": CkaParams}
 
 
 @dataclass(frozen=True)
@@ -61,11 +54,11 @@ class EvalProtocol:
 
     def settings(self, section: str, given: dict[str, Any] | None = None) -> Any:
         """The section's settings: dataclass defaults, then the protocol's values, then ``given`` (flags)."""
-        return section_classes()[section](**(self.values.get(section, {}) | (given or {})))
+        return SECTIONS[section](**(self.values.get(section, {}) | (given or {})))
 
     def resolved(self) -> dict[str, dict[str, Any]]:
         """Every setting of every section with the value the protocol gives it (defaults included)."""
-        return {section: dataclasses.asdict(self.settings(section)) for section in section_classes()}
+        return {section: dataclasses.asdict(self.settings(section)) for section in SECTIONS}
 
     @property
     def digest(self) -> str:
@@ -85,12 +78,12 @@ BUILTIN_PROTOCOL = EvalProtocol(BUILTIN, "built-in", None, "run", {})
 
 def settings_from_args(protocol: EvalProtocol, section: str, args) -> Any:
     """The section's settings for a command: the protocol's values overridden by the flags on its line."""
-    return protocol.settings(section, given_options(section_classes()[section], args))
+    return protocol.settings(section, given_options(SECTIONS[section], args))
 
 
 def recorded_protocol(record: dict[str, Any]) -> EvalProtocol:
     """The protocol a ``protocol.json`` records (its resolved values)."""
-    values = {section: record[section] for section in section_classes()}
+    values = {section: record[section] for section in SECTIONS}
     return EvalProtocol(record["name"], record["source"], record["dataset"], record["inputs"], values)
 
 
@@ -120,7 +113,7 @@ class Protocol:
                 f"--dataset {name}: protocol {self.name} describes {name} as a {entry['task']} task, but the "
                 f"packed dataset is {task}"
             )
-        values = {s: self.values.get(s, {}) | entry.get(s, {}) for s in section_classes()}
+        values = {s: self.values.get(s, {}) | entry.get(s, {}) for s in SECTIONS}
         return EvalProtocol(self.name, self.source, name, self.inputs, values)
 
     def _dataset_for(self, task: str) -> str | None:
@@ -164,7 +157,7 @@ def _check(raw: dict[str, Any], path: Path) -> Protocol:
     inputs = raw.get("inputs", "run")
     if inputs not in INPUTS:
         raise EvalError(f"{path}: inputs is {inputs!r}, expected one of {INPUTS}")
-    values = {s: _section(raw.get(s), s, path, f"{s}") for s in section_classes() if s in raw}
+    values = {s: _section(raw.get(s), s, path, f"{s}") for s in SECTIONS if s in raw}
     datasets = {}
     for dataset, entry in (raw.get("datasets") or {}).items():
         where = f"datasets.{dataset}"
@@ -186,7 +179,7 @@ def _section(raw: Any, section: str, path: Path, where: str) -> dict[str, Any]:
     raw = dict(raw or {})
     aug = raw.pop("aug", None)
     try:
-        built = from_dict(section_classes()[section], raw, f"{where}.")
+        built = from_dict(SECTIONS[section], raw, f"{where}.")
         if aug is not None:
             validate_aug(from_dict(AugConfig, aug, f"{where}.aug."))
     except InputError as err:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from ilm_dist.eval.analysis import CkaParams, MethodResults
+from ilm_dist.eval.analysis import MethodResults
+from ilm_dist.eval.settings import CkaParams
 
 DPI = 90
 

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from ilm_dist.config import ConfigError, load_config
-from ilm_dist.eval.analysis import CkaParams
 from ilm_dist.eval.context import EvalTarget
 from ilm_dist.eval.probe import PREDICTIONS
+from ilm_dist.eval.settings import CkaParams
 from ilm_dist.eval.store import digest, finetune_dir, fraction_tag, probe_result_dir, read_json
 from ilm_dist.experiment.config import (
     EVALUATIONS,

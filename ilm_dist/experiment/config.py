@@ -57,12 +57,11 @@ from ilm_dist.config import (
 )
 from ilm_dist.data.manifest import Manifest, ManifestError, load_manifest
 from ilm_dist.errors import InputError
-from ilm_dist.eval.analysis import CkaParams
 from ilm_dist.eval.context import SPLITS, EvalTarget
 from ilm_dist.eval.errors import EvalError
-from ilm_dist.eval.finetune import FRACTIONS, FinetuneSettings
-from ilm_dist.eval.probe import ProbeSettings
+from ilm_dist.eval.finetune import FRACTIONS
 from ilm_dist.eval.protocol import BUILTIN, EvalProtocol, load_protocol
+from ilm_dist.eval.settings import CkaParams, FinetuneSettings, ProbeSettings
 from ilm_dist.eval.store import check_method_name
 from ilm_dist.eval.subsets import subset_count
 from ilm_dist.options import flag_of

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from ilm_dist import distributed as D
@@ -75,13 +74,6 @@ def route(perm: Tensor, rank: int, batch: int) -> Route:
     )
 
 
-def _exchange(rows: Tensor, send_splits: list[int], recv_splits: list[int]) -> Tensor:
-    """all_to_all of the rows of a contiguous tensor, ``send_splits[d]`` rows to rank ``d``."""
-    out = rows.new_empty((sum(recv_splits), *rows.shape[1:]))
-    dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits)
-    return out
-
-
 def _pack(outputs: list[Tensor], batch: int) -> tuple[Tensor, list[tuple[torch.Size, torch.dtype, int]]]:
     """The per-sample outputs as one ``[batch, bytes]`` uint8 tensor, so one collective moves them all."""
     parts, meta = [], []
@@ -124,13 +116,13 @@ def shuffled_forward(
         and images.is_contiguous(memory_format=torch.channels_last)
     )
     wire = images.permute(0, 2, 3, 1) if nhwc else images  # a contiguous view of the same bytes
-    received = _exchange(wire[send_index], r.send_splits, r.recv_splits)
+    received = D.all_to_all_rows(wire[send_index], r.send_splits, r.recv_splits)
     mine = torch.empty_like(received)
     mine[recv_order] = received
     outputs = fn(mine.permute(0, 3, 1, 2) if nhwc else mine)
 
     packed, meta = _pack(outputs, batch)
-    back = _exchange(packed[recv_order], r.recv_splits, r.send_splits)
+    back = D.all_to_all_rows(packed[recv_order], r.recv_splits, r.send_splits)
     result = torch.empty_like(back)
     result[send_index] = back
     return _unpack(result, meta)

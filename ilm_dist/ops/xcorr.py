@@ -18,15 +18,17 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from ilm_dist.distributed import all_gather_with_grad
 from ilm_dist.ops._extension import LOAD_ERROR, extension_available
 from ilm_dist.ops.reference import bt_xcorr_loss_reference, compute_dtype
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 Impl = Literal["auto", "ext", "torch"]
 
@@ -57,7 +59,7 @@ def bt_xcorr_loss_global(
     on_weight: Tensor,
     off_weight: Tensor,
     eps: float = 1e-5,
-    group: dist.ProcessGroup | None = None,
+    group: ProcessGroup | None = None,
     impl: Impl = "auto",
 ) -> Tensor:
     """:func:`bt_xcorr_loss` on the global batch: ``z1, z2: [L, N_local, D]`` are all-gathered along N.

@@ -9,7 +9,6 @@ from scipy.stats import ks_2samp
 
 from ilm_dist.eval import analysis
 from ilm_dist.eval.analysis import (
-    CkaParams,
     check_comparable,
     cka_for,
     expand_dirs,
@@ -19,6 +18,7 @@ from ilm_dist.eval.analysis import (
 )
 from ilm_dist.eval.cka import linear_cka, subset_rbf_cka
 from ilm_dist.eval.errors import EvalError
+from ilm_dist.eval.settings import CkaParams
 from ilm_dist.eval.store import load_npz, save_npz
 from tests.eval.method_dirs import N_TEST, block_features, write_method
 

@@ -6,8 +6,9 @@ import re
 
 import pytest
 
-from ilm_dist.eval.analysis import CkaParams, load_method
+from ilm_dist.eval.analysis import load_method
 from ilm_dist.eval.report import new_figure, share_legend_and_labels, write_report
+from ilm_dist.eval.settings import CkaParams
 from tests.eval.method_dirs import write_method
 
 NAMES = ("moco_mse", "imagenet", "random_init")
