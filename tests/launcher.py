@@ -1,7 +1,17 @@
-"""Run ilm_dist's entry points through the real DeepSpeed launcher on CPU (gloo)."""
+"""Run ilm_dist's entry points through the real DeepSpeed launcher on CPU (gloo).
+
+DeepSpeed starts a node's ranks in two processes: the ``deepspeed`` command (``launcher/runner.py``: the
+hostfile, ``--num_gpus``, the world description) starts ``python -m deepspeed.launcher.launch`` with the
+world encoded in ``--world_info``, and that node launcher starts, watches and stops the ranks. On one node the
+runner only execs the node launcher with its own environment, and costs a process that imports torch and
+DeepSpeed (about 2 s of a core) per run: :func:`run_deepspeed` starts the node launcher directly, as the
+runner would, unless ``runner=True`` (the tests of the ``deepspeed`` command itself: hostfiles, SLURM, the
+README's command).
+"""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -20,12 +30,35 @@ def cpu_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", **extra}
 
 
+def launcher_command(num_procs: int, port: int, runner: bool) -> list[str]:
+    """``deepspeed --num_gpus N --master_port P``, or the node-launcher command the runner would run for it."""
+    if runner:
+        return [str(DEEPSPEED), "--num_gpus", str(num_procs), "--master_port", str(port)]
+    world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(num_procs))}).encode()).decode()
+    return [
+        *(sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}"),
+        *(
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            "--enable_each_rank_log=None",
+            "--log_level=info",
+        ),
+    ]
+
+
 def run_deepspeed(
-    script: str, args: list[str], num_procs: int = 2, timeout: int = 600, check: bool = True, **env: str
+    script: str,
+    args: list[str],
+    num_procs: int = 2,
+    timeout: int = 600,
+    check: bool = True,
+    runner: bool = False,
+    **env: str,
 ) -> subprocess.CompletedProcess:
-    """``deepspeed --num_gpus N script args`` with DS_ACCELERATOR=cpu; with ``check`` raises with the output."""
+    """``deepspeed --num_gpus N script args`` with DS_ACCELERATOR=cpu (the node launcher it starts, unless
+    ``runner``); with ``check`` raises with the output."""
     for _ in range(2):  # once more when another process took the free port before the ranks bound it
-        cmd = [str(DEEPSPEED), "--num_gpus", str(num_procs), "--master_port", str(free_port()), script, *args]
+        cmd = [*launcher_command(num_procs, free_port(), runner), script, *args]
         proc = subprocess.run(
             cmd, cwd=REPO, env=cpu_env(**env), capture_output=True, text=True, timeout=timeout
         )

@@ -99,7 +99,7 @@ def test_two_nodes_equal_one_node(tmp_path):
     deadline = time.time() + 600
     outputs = [p.communicate(timeout=max(1, deadline - time.time()))[0] for p in launches]
     assert [p.returncode for p in launches] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    run_deepspeed("launch/pretrain.py", [*TINY, f"output_dir={single}"], num_procs=4)
+    run_deepspeed("launch/pretrain.py", [*TINY, f"output_dir={single}"], num_procs=4, runner=True)
     a, b = (json.loads((d / "final_state.json").read_text()) for d in (nodes, single))
     assert a["world_size"] == b["world_size"] == 4
     assert a["queue_sha256_per_rank"] == b["queue_sha256_per_rank"]

@@ -39,7 +39,7 @@ def pretrain(out, *extra, resume=False, **launch):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    pretrain(out, "train.max_steps=12")
+    pretrain(out, "train.max_steps=12", runner=True)  # the README's `deepspeed` command, runner included
     return out
 
 
