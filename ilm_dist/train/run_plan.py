@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ilm_dist.config import RunConfig
 from ilm_dist.train.optim import scaled_lr
+from ilm_dist.train.run_dir import RunDir
 
 
 def training_plan(cfg: RunConfig, steps_per_epoch: int, world: int, accum: int) -> str:
@@ -30,20 +29,20 @@ def training_plan(cfg: RunConfig, steps_per_epoch: int, world: int, accum: int) 
         f"plan: {length}; global batch {global_batch} = {cfg.data.batch_size}/rank x {world} ranks x "
         f"{accum} accumulation; lr {lr:.4g} ({optim.name}, {scaling}{optim.schedule}{warmup}); "
         f"checkpoints {every}at the end, the last {cfg.train.keep_checkpoints} kept, in "
-        f"{Path(cfg.output_dir) / 'checkpoints'}; {exported(cfg)}"
+        f"{RunDir(cfg.output_dir).checkpoints}; {exported(cfg)}"
     )
 
 
 def exported(cfg: RunConfig) -> str:
     """What the run validates and which backbone it exports (``val``, ``train.export``)."""
-    out, val = Path(cfg.output_dir), cfg.val
+    run, val = RunDir(cfg.output_dir), cfg.val
     if not val.every:
-        return f"{out / 'backbone.pt'}: the last step's backbone"
+        return f"{run.backbone}: the last step's backbone"
     samples = "all" if val.max_samples is None else f"at most {val.max_samples}"
     checks = (
         f"validation loss every {val.every} steps and at the last on {samples} samples of split "
-        f"{val.split!r} ({val.views} views), the lowest val_{val.select}'s backbone in {out / 'backbone_best.pt'}"
+        f"{val.split!r} ({val.views} views), the lowest val_{val.select}'s backbone in {run.best_backbone}"
     )
     if cfg.train.export == "best":
-        return f"{checks}; {out / 'backbone.pt'}: that best backbone (train.export=best), backbone_last.pt the last"
-    return f"{checks}; {out / 'backbone.pt'}: the last step's backbone (train.export=last)"
+        return f"{checks}; {run.backbone}: that best backbone (train.export=best), {RunDir.last_backbone.name} the last"
+    return f"{checks}; {run.backbone}: the last step's backbone (train.export=last)"

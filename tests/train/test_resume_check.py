@@ -8,6 +8,7 @@ import pytest
 from ilm_dist.config import load_config
 from ilm_dist.errors import InputError
 from ilm_dist.train.resume_check import data_change, data_identity, refuse_changes, settings_changes
+from ilm_dist.train.run_dir import RunDir
 
 
 def packed(tmp_path, name: str, text: str = '{"format": "x"}'):
@@ -46,9 +47,9 @@ def test_run_defining_settings_are_compared_leaf_by_leaf():
 
 
 def test_changes_are_refused_unless_allowed(tmp_path):
-    refuse_changes(tmp_path, [], allowed=False)
-    refuse_changes(tmp_path, ["seed: 0 -> 3"], allowed=True)
+    refuse_changes(RunDir(tmp_path), [], allowed=False)
+    refuse_changes(RunDir(tmp_path), ["seed: 0 -> 3"], allowed=True)
     with pytest.raises(
         InputError, match=r"--resume: this config changes what the run in .* is \(seed: 0 -> 3\)"
     ):
-        refuse_changes(tmp_path, ["seed: 0 -> 3"], allowed=False)
+        refuse_changes(RunDir(tmp_path), ["seed: 0 -> 3"], allowed=False)
