@@ -24,10 +24,10 @@ from ilm_dist.losses.contrastive import info_nce, moco_logits, top1_accuracy
 from ilm_dist.serialization import load_tensors
 from ilm_dist.train import validation
 from ilm_dist.train.preflight import preflight
-from ilm_dist.train.run_plan import training_plan
 from ilm_dist.train.validation import ValidationLoss
 from tests.dist_scripts.validation_loss import fixed_models
 from tests.launcher import REPO, read_metrics, run_deepspeed
+from tests.test_config import plan_line
 from tests.test_eval_support import pack_dataset
 
 CPU = torch.device("cpu")
@@ -192,12 +192,12 @@ def test_a_validation_split_smaller_than_a_batch_is_refused_before_the_run(data)
 
 
 def test_the_plan_line_says_what_is_validated_and_exported(data):
-    line = training_plan(config(data, "val.every=50", "train.export=best"), 100, 1, 1)
+    line = plan_line(config(data, "val.every=50", "train.export=best"), 100, 1, 1)
     assert (
         "validation loss every 50 steps and at the last on all samples of split 'val' (augmented views)"
         in line
     )
     assert "backbone.pt: that best backbone (train.export=best), backbone_last.pt the last" in line
-    assert "the last step's backbone (train.export=last)" in training_plan(
+    assert "the last step's backbone (train.export=last)" in plan_line(
         config(data, "val.every=50"), 100, 1, 1
     )

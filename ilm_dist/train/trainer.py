@@ -25,6 +25,7 @@ from ilm_dist import distributed as D
 from ilm_dist.config import RunConfig, read_yaml_mapping, save_config
 from ilm_dist.cpu_placement import current_placement, place_this_process
 from ilm_dist.data import Placement, TwoViewBatch, build_pretrain_loader
+from ilm_dist.data.sampling import GlobalBatch
 from ilm_dist.errors import InputError
 from ilm_dist.folder_lock import FolderLock
 from ilm_dist.moco.key_encoder import KeyEncoder
@@ -136,18 +137,18 @@ class Trainer:
             ds_config, cfg.engine.cpu_autocast, self.device
         )
         self.grad_accum = ds_config["gradient_accumulation_steps"]
+        self.batch = GlobalBatch(cfg.data.batch_size, self.info.world_size, self.grad_accum)
         self.total_steps = self._total_steps()
         if self.info.is_main:
             per_epoch = self.loader.steps_per_epoch // self.grad_accum
-            plan = training_plan(cfg, per_epoch, self.info.world_size, self.grad_accum)
+            plan = training_plan(cfg.train, cfg.optim, cfg.val, self.run, self.batch, per_epoch)
             log.info(
                 "%s; cpu: %s%s", plan, self.cpu.describe(), f"; {precision_note}" if precision_note else ""
             )
         self.dtype = ds_engine.DTYPES[ds_engine.precision_of(ds_config)]
         model = self._build_model()
         self.key_encoder = KeyEncoder(model.encoder).to(self.device, memory_format=self._memory_format())
-        global_batch = cfg.data.batch_size * self.info.world_size * self.grad_accum
-        optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim, global_batch))
+        optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim, self.batch.samples))
         scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
         self.engine = ds_engine.wrap(model, optimizer, scheduler, ds_config, cfg.model.channels_last)
         self.queue = KeyQueue(cfg.moco.queue_size, cfg.moco.dim, self.device, cfg.seed)
@@ -284,8 +285,8 @@ class Trainer:
 
     def _reshard(self, state: dict) -> None:
         """Continue on another world size or batch: same epoch permutation, position kept in samples."""
-        done = state["step_in_epoch"] * state["batch_size"] * state["world_size"]
-        global_batch = self.cfg.data.batch_size * self.info.world_size
+        done = state["step_in_epoch"] * GlobalBatch(state["batch_size"], state["world_size"]).per_micro_step
+        global_batch = self.batch.per_micro_step
         self.step_in_epoch = done // global_batch
         log.warning(
             "resuming on %d ranks x batch %d (checkpoint: %d x %d): data re-sharded, %d samples of epoch %d "
@@ -375,7 +376,7 @@ class Trainer:
 
     def _train(self, bar: tqdm) -> None:
         cfg = self.cfg
-        samples_per_step = cfg.data.batch_size * self.info.world_size
+        samples_per_step = self.batch.per_micro_step
         tick, ticks = time.perf_counter(), 0
         while self.global_step < self.total_steps:
             for batch in self.loader.epoch(self.epoch, self.step_in_epoch):
