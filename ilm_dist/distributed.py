@@ -193,6 +193,13 @@ def all_gather_with_grad(tensor: Tensor, dim: int = 0, group=None) -> Tensor:
     return _GatherWithGrad.apply(tensor, dim, group)
 
 
+def all_reduce_sum_(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over the ranks in place (no-op on one rank)."""
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def all_reduce_mean_(tensor: Tensor) -> Tensor:
     if world_size() > 1:
         dist.all_reduce(tensor)

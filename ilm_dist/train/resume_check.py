@@ -11,14 +11,12 @@ a resume re-shards for) may change freely.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-from pathlib import Path
 from typing import Any
 
-from ilm_dist.config import RunConfig, to_plain
-from ilm_dist.data.manifest import MANIFEST
+from ilm_dist.config import DataConfig, RunConfig, to_plain
+from ilm_dist.data.manifest import Manifest
 from ilm_dist.errors import InputError
 from ilm_dist.train.run_dir import RunDir
 
@@ -36,16 +34,12 @@ RUN_DEFINING = (
 )
 
 
-def data_identity(cfg: RunConfig) -> dict[str, Any]:
-    """What identifies the data a run trains on: the manifest's sha256 (and where it was), or the synthetic set's
-    settings."""
-    if cfg.data.backend == "synthetic":
-        return {"synthetic": to_plain(cfg.data.synthetic)}
-    manifest = Path(cfg.data.shards) / MANIFEST
-    return {
-        "shards": str(cfg.data.shards),
-        "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
-    }
+def data_identity(data: DataConfig, manifest: Manifest | None) -> dict[str, Any]:
+    """What identifies the data a run trains on: the manifest's sha256 (and where it was), or without one
+    (``data.backend=synthetic``) the synthetic set's settings."""
+    if manifest is None:
+        return {"synthetic": to_plain(data.synthetic)}
+    return {"shards": str(data.shards), "manifest_sha256": manifest.sha256}
 
 
 def settings_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:

@@ -25,6 +25,7 @@ from ilm_dist import distributed as D
 from ilm_dist.config import RunConfig, read_yaml_mapping, save_config
 from ilm_dist.cpu_placement import current_placement, place_this_process
 from ilm_dist.data import Placement, TwoViewBatch, build_pretrain_loader
+from ilm_dist.data.manifest import load_manifest
 from ilm_dist.data.sampling import GlobalBatch
 from ilm_dist.errors import InputError
 from ilm_dist.folder_lock import FolderLock
@@ -126,12 +127,14 @@ class Trainer:
 
     def _set_up(self, resume: bool, validators: Sequence[ValidatorBuilder], timer: StepTimer | None) -> None:
         cfg = self.cfg
-        self.data_identity = data_identity(cfg)
+        # loaded once, handed to the loader, the resume check and the validators
+        self.manifest = None if cfg.data.backend == "synthetic" else load_manifest(cfg.data.shards)
+        self.data_identity = data_identity(cfg.data, self.manifest)
         torch.manual_seed(cfg.seed)
         where = Placement(
             self.info.rank, self.info.world_size, self.device, cfg.seed, cfg.model.channels_last
         )
-        self.loader = build_pretrain_loader(cfg.data, cfg.aug, where)
+        self.loader = build_pretrain_loader(cfg.data, cfg.aug, where, self.manifest)
         ds_config = ds_engine.resolve_deepspeed_config(cfg.engine.deepspeed_config, cfg.data.batch_size)
         ds_config, precision_note = ds_engine.with_cpu_autocast(
             ds_config, cfg.engine.cpu_autocast, self.device
@@ -164,7 +167,7 @@ class Trainer:
         self.heartbeat = Heartbeat(self.run, self.info.rank, self.info.world_size)
         self.validators = [
             v
-            for v in (build(self.device) for build in validators)
+            for v in (build(where, self.manifest) for build in validators)
             if self.info.is_main or not v.main_rank_only
         ]
         self.timer = timer or StepTimer()
@@ -251,15 +254,16 @@ class Trainer:
                 "global_step": self.global_step,
                 "world_size": self.info.world_size,
                 "batch_size": self.cfg.data.batch_size,
-                "arch": self.cfg.model.arch,
                 "data": self.data_identity,
             },
             "selection": self.selection.state_dict() if self.selection is not None else None,
         }
 
     def _restore(self) -> None:
+        # the run-defining settings (model.arch included) live in config.yaml alone, not in the checkpoint:
+        # compared before DeepSpeed tries to load another model's tensors
         saved = self.run.config
-        if saved.is_file():  # before DeepSpeed tries to load another model's tensors
+        if saved.is_file():
             changes = settings_changes(read_yaml_mapping(saved, "the run's saved config"), self.cfg)
             refuse_changes(self.run, changes, self.allow_changes)
             self.resume_changes += changes
