@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import overload
 
 from ilm_dist.errors import InputError
 
@@ -25,6 +26,12 @@ class _Member:
 
     def __init__(self, name: str):
         self.name = name
+
+    @overload
+    def __get__(self, run: None, owner: type) -> _Member: ...
+
+    @overload
+    def __get__(self, run: RunDir, owner: type) -> Path: ...
 
     def __get__(self, run: RunDir | None, owner: type) -> _Member | Path:
         return self if run is None else run.root / self.name
