@@ -272,7 +272,8 @@ def bf16_accuracy(trainer: Trainer, batch: TwoViewBatch) -> dict:
 
 def loader_rate(cfg: RunConfig, batches: int) -> float:
     """Two-view samples/s of the torch backend's loader alone (worker start-up included)."""
-    loader = build_pretrain_loader(cfg.data, cfg.aug, Placement(0, 1, torch.device("cpu"), cfg.seed))
+    where = Placement(0, 1, torch.device("cpu"), cfg.seed)
+    loader = build_pretrain_loader(cfg.data, cfg.aug, where, load_manifest(cfg.data.shards))
     start, seen = time.perf_counter(), 0
     for i, batch in enumerate(loader.epoch(0)):
         seen += len(batch.view1)

@@ -44,6 +44,7 @@ from common import ROOT, write_result
 from ilm_dist.config import AugConfig, DataConfig
 from ilm_dist.data.batch import Placement, TwoViewBatch
 from ilm_dist.data.dali_backend import DaliLoader
+from ilm_dist.data.manifest import load_manifest
 
 MIB = 2**20
 STACK_FRAMES = 4  # innermost Python frames kept per synchronizing call
@@ -111,7 +112,7 @@ def dali_loader(args: argparse.Namespace) -> DaliLoader:
         batch_size=args.batch,
         num_workers=os.cpu_count() or 1,
     )
-    return DaliLoader(data, AugConfig(), Placement(0, 1, device(), args.seed))
+    return DaliLoader(data, AugConfig(), Placement(0, 1, device(), args.seed), load_manifest(args.shards))
 
 
 # --------------------------------------------------------------------------- dali-buffers

@@ -207,6 +207,13 @@ def all_to_all_rows(rows: Tensor, send_splits: list[int], recv_splits: list[int]
     return out
 
 
+def all_reduce_sum_(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over the ranks in place (no-op on one rank)."""
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def all_reduce_mean_(tensor: Tensor) -> Tensor:
     if world_size() > 1:
         dist.all_reduce(tensor)

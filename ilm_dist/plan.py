@@ -13,10 +13,12 @@ from torch import nn
 
 from ilm_dist.config import RunConfig, load_config
 from ilm_dist.data.manifest import load_manifest
+from ilm_dist.data.sampling import GlobalBatch
 from ilm_dist.errors import ArgumentParser, exit_on_input_error, fail
 from ilm_dist.model.moco import MoCoILM
 from ilm_dist.train.engine import DTYPES, precision_of, resolve_deepspeed_config
 from ilm_dist.train.optim import scaled_lr
+from ilm_dist.train.run_dir import RunDir
 from ilm_dist.train.run_plan import training_plan
 
 GIB = 1024**3
@@ -68,15 +70,15 @@ def build_plan(
         ds["gradient_accumulation_steps"],
     )
     batch = cfg.data.batch_size
-    global_batch = batch * world * accum
+    global_batch = GlobalBatch(batch, world, accum)
     plan.add("world", f"{nodes} nodes x {gpus_per_node} ranks = {world} ranks")
-    plan.add("batch", f"{batch}/rank x {world} ranks x {accum} accumulation = global {global_batch}")
+    plan.add("batch", f"{batch}/rank x {world} ranks x {accum} accumulation = global {global_batch.samples}")
     compute = f"{precision} autocast (fp32 weights, statistics, losses)" if precision != "fp32" else "fp32"
     plan.add("precision / ZeRO", f"{compute}, stage {stage}")
-    lr = scaled_lr(cfg.optim, global_batch)
+    lr = scaled_lr(cfg.optim, global_batch.samples)
     plan.add("learning rate", f"{lr:.4g} ({cfg.optim.name}, {cfg.optim.schedule})")
-    _plan_queue(plan, cfg, batch * world)
-    _plan_data(plan, cfg, batch, world, accum, num_samples, num_shards)
+    _plan_queue(plan, cfg, global_batch.per_micro_step)
+    _plan_data(plan, cfg, global_batch, num_samples, num_shards)
     with torch.device("meta"):
         model = MoCoILM(cfg.model, cfg.moco, cfg.loss)
     _plan_encoder(plan, cfg, model)
@@ -114,21 +116,26 @@ def _plan_queue(plan: Plan, cfg: RunConfig, keys_per_step: int) -> None:
 
 
 def _plan_data(
-    plan: Plan, cfg: RunConfig, batch: int, world: int, accum: int, samples: int | None, shards: int | None
+    plan: Plan, cfg: RunConfig, batch: GlobalBatch, samples: int | None, shards: int | None
 ) -> None:
     if samples is None:
         plan.add("data", "no manifest read (pass --num-samples or make data.shards reachable)")
         return
-    steps = samples // (batch * world)
-    dropped = samples - steps * batch * world
+    steps = samples // batch.per_micro_step
+    dropped = samples - steps * batch.per_micro_step
     plan.add(
         "data", f"{samples} samples -> {steps} steps/epoch, {dropped} dropped per epoch (same on every rank)"
     )
-    plan.add("run", training_plan(cfg, steps // accum, world, accum).removeprefix("plan: "))
+    line = training_plan(
+        cfg.train, cfg.optim, cfg.val, RunDir(cfg.output_dir), batch, steps // batch.accumulation
+    )
+    plan.add("run", line.removeprefix("plan: "))
     if steps == 0:
         plan.warnings.append("fewer samples than one global batch: the job cannot take a step")
     if shards is not None:
-        plan.add("shards", f"{shards} shards, {shards / world:.2f} per rank (readers split by sample index)")
+        plan.add(
+            "shards", f"{shards} shards, {shards / batch.ranks:.2f} per rank (readers split by sample index)"
+        )
 
 
 # the modules whose weights torch.autocast casts to 16 bits for the forward (its lower-precision ops)

@@ -91,7 +91,6 @@ def _raise_terminated(signum, frame) -> None:
 
 def run_guarded(trainer) -> int:
     """Train; turn a non-finite loss or a lost rank into one clear line naming rank, step and culprit."""
-    from ilm_dist.train import checkpoint
     from ilm_dist.train.health import NonFiniteLoss
 
     log = logging.getLogger("ilm_dist")
@@ -103,7 +102,7 @@ def run_guarded(trainer) -> int:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return EXIT_INPUT_ERROR
     except NonFiniteLoss as err:
-        latest = checkpoint.latest_tag(trainer.out)
+        latest = trainer.run.latest_tag()
         log.error("rank %d/%d: %s; stopped, last good checkpoint: %s", rank, world, err, latest or "none")
         return 3
     except (RuntimeError, Terminated) as err:
@@ -116,7 +115,7 @@ def run_guarded(trainer) -> int:
                 "stopped at step %d: %s (by a scheduler, timeout or kill); last checkpoint: %s",
                 step,
                 err,
-                checkpoint.latest_tag(trainer.out) or "none",
+                trainer.run.latest_tag() or "none",
             )
             return 4
         cause = " (the launcher stops the other ranks when one exits)" if isinstance(err, Terminated) else ""

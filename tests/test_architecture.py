@@ -150,10 +150,7 @@ def test_eval_modules_import_each_other_without_a_circle():
 
 
 # Modules that call torch.distributed themselves; every other module goes through ilm_dist.distributed.
-TORCH_DISTRIBUTED_USERS = {
-    "ilm_dist.distributed",
-    "ilm_dist.train.validation",  # ValidationLoss's all_reduce of its sums
-}
+TORCH_DISTRIBUTED_USERS = {"ilm_dist.distributed"}
 
 
 def names_torch_distributed(path: Path) -> bool:

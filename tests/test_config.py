@@ -18,8 +18,10 @@ from ilm_dist.config import (
 from ilm_dist.data import backend_factory
 from ilm_dist.data.manifest import ManifestError, load_manifest
 from ilm_dist.data.random_backend import RandomTensorLoader
+from ilm_dist.data.sampling import GlobalBatch
 from ilm_dist.train.engine import resolve_deepspeed_config
 from ilm_dist.train.preflight import preflight
+from ilm_dist.train.run_dir import RunDir
 from ilm_dist.train.run_plan import training_plan
 from tests.launcher import REPO
 
@@ -301,11 +303,17 @@ def test_relative_paths_are_relative_to_the_file_that_names_them(tmp_path, monke
     ]
 
 
+def plan_line(cfg, steps_per_epoch: int, world: int, accum: int) -> str:
+    """The plan line of ``cfg`` on ``world`` ranks with ``accum`` accumulation steps."""
+    batch = GlobalBatch(cfg.data.batch_size, world, accum)
+    return training_plan(cfg.train, cfg.optim, cfg.val, RunDir(cfg.output_dir), batch, steps_per_epoch)
+
+
 def test_training_plan_line_states_length_batch_lr_and_what_is_saved():
     nih = load_config(
         "configs/nih/moco_bt.yaml", ["data.batch_size=16", "train.epochs=200", "train.ckpt_every=5000"]
     )
-    assert training_plan(nih, steps_per_epoch=100, world=4, accum=2) == (
+    assert plan_line(nih, steps_per_epoch=100, world=4, accum=2) == (
         "plan: 20000 steps = 200 x 100 steps/epoch (train.epochs); global batch 128 = 16/rank x 4 ranks x "
         "2 accumulation; lr 0.03 (sgd, constant); checkpoints every 5000 steps and at the end, the last 2 "
         f"kept, in {RUNS}/nih/moco_bt/checkpoints; validation loss every 5000 steps and at the last on all "
@@ -313,7 +321,7 @@ def test_training_plan_line_states_length_batch_lr_and_what_is_saved():
         f"{RUNS}/nih/moco_bt/backbone.pt: that best backbone (train.export=best), backbone_last.pt the last"
     )
     demo = load_config("configs/demo.yaml", ["train.max_steps=25", "train.ckpt_every=0"])
-    line = training_plan(demo, steps_per_epoch=50, world=2, accum=1)
+    line = plan_line(demo, steps_per_epoch=50, world=2, accum=1)
     assert line.startswith(
         "plan: 25 steps (train.max_steps; 0.5 x 50 steps/epoch); global batch 64 = 32/rank"
     )

@@ -30,7 +30,8 @@ CPU = torch.device("cpu")
 
 
 def dali_loader(cfg: RunConfig, rank: int, world: int) -> DaliLoader:
-    return DaliLoader(cfg.data, cfg.aug, Placement(rank, world, CPU, cfg.seed, cfg.model.channels_last))
+    where = Placement(rank, world, CPU, cfg.seed, cfg.model.channels_last)
+    return DaliLoader(cfg.data, cfg.aug, where, load_manifest(cfg.data.shards))
 
 
 SIZE = 32
@@ -337,7 +338,9 @@ def test_gpu_graph_places_decode_and_augmentations_on_the_gpu(classes):
 
 def test_factory_builds_it_and_imports_dali_lazily(classes):
     assert isinstance(
-        build_pretrain_loader(make_cfg(classes).data, make_cfg(classes).aug, Placement(0, 1, CPU, 0)),
+        build_pretrain_loader(
+            make_cfg(classes).data, make_cfg(classes).aug, Placement(0, 1, CPU, 0), load_manifest(classes)
+        ),
         DaliLoader,
     )
     code = "import sys, ilm_dist.data; sys.exit(any(m.startswith('nvidia.dali') for m in sys.modules))"

@@ -2,7 +2,13 @@
 
 import pytest
 
-from ilm_dist.data.sampling import rank_batches, sample_seed, steps_per_epoch
+from ilm_dist.data.sampling import GlobalBatch, rank_batches, sample_seed, steps_per_epoch
+
+
+def test_the_global_batch_of_a_micro_step_and_of_an_optimizer_step():
+    batch = GlobalBatch(per_rank=16, ranks=4, accumulation=2)
+    assert (batch.per_micro_step, batch.samples) == (64, 128)
+    assert GlobalBatch(8, 3).samples == GlobalBatch(8, 3).per_micro_step == 24  # no accumulation
 
 
 @pytest.mark.parametrize(("n", "batch", "world"), [(103, 4, 3), (64, 8, 2), (10, 3, 1)])

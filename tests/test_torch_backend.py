@@ -29,7 +29,8 @@ def loader(
         f"seed={seed}",
     ]
     cfg = load_config(None, overrides)
-    return TorchLoader(cfg.data, cfg.aug, Placement(rank, world, torch.device("cpu"), cfg.seed))
+    where = Placement(rank, world, torch.device("cpu"), cfg.seed)
+    return TorchLoader(cfg.data, cfg.aug, where, load_manifest(shards))
 
 
 def first(loader_: TorchLoader, epoch: int = 0, start_step: int = 0, steps: int = STEPS) -> list:

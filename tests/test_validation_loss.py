@@ -16,18 +16,18 @@ import torch.nn.functional as F
 
 from ilm_dist.config import ConfigError, load_config
 from ilm_dist.data.augment import eval_transform
+from ilm_dist.data.batch import Placement
 from ilm_dist.data.manifest import load_manifest
 from ilm_dist.data.shard_reader import ShardReader
 from ilm_dist.data.torch_backend import SplitDataset, TwoViews
 from ilm_dist.eval.weights import load_state, resolve_init
 from ilm_dist.losses.contrastive import info_nce, moco_logits, top1_accuracy
 from ilm_dist.serialization import load_tensors
-from ilm_dist.train import validation
 from ilm_dist.train.preflight import preflight
-from ilm_dist.train.run_plan import training_plan
 from ilm_dist.train.validation import ValidationLoss
 from tests.dist_scripts.validation_loss import fixed_models
 from tests.launcher import REPO, read_metrics, run_deepspeed
+from tests.test_config import plan_line
 from tests.test_eval_support import pack_dataset
 
 CPU = torch.device("cpu")
@@ -54,12 +54,18 @@ def config(data, *extra):
     return load_config(REPO / "configs/demo.yaml", [f"data.shards={data}", *SMALL, "val.every=1", *extra])
 
 
+def validation_loss(cfg, rank: int = 0, world: int = 1) -> ValidationLoss:
+    """The validator the trainer builds for ``rank`` of ``world`` on the CPU."""
+    where = Placement(rank, world, CPU, cfg.seed, cfg.model.channels_last)
+    return ValidationLoss(cfg.val, cfg.data, cfg.aug, where, load_manifest(cfg.data.shards))
+
+
 def test_the_loss_is_the_whole_split_s_loss_and_nothing_changes(data):
     cfg = config(data, "val.views=eval")
     models = fixed_models(cfg, CPU)
     models.query.train()
     before = [snapshot(m) for m in (models.query, models.key_encoder)], models.queue.clone()
-    got = ValidationLoss(cfg, CPU)(models, step=1)
+    got = validation_loss(cfg)(models, step=1)
     assert models.query.training and models.key_encoder.training  # modes restored
     for module, state in zip((models.query, models.key_encoder), before[0], strict=True):
         assert_same_tensors(snapshot(module), state)  # weights and BatchNorm statistics
@@ -82,13 +88,9 @@ def test_the_loss_is_the_whole_split_s_loss_and_nothing_changes(data):
     assert got["val_loss"] == pytest.approx(info_nce(logits).item() + mse.sum().item(), rel=1e-5)
 
 
-def test_each_rank_validates_a_range_of_whole_batches(data, monkeypatch):
+def test_each_rank_validates_a_range_of_whole_batches(data):
     cfg = config(data)
-    monkeypatch.setattr(validation.D, "world_size", lambda: 2)
-    shards = []
-    for rank in (0, 1):
-        monkeypatch.setattr(validation.D, "rank", lambda rank=rank: rank)
-        shards.append(ValidationLoss(cfg, CPU).loader.dataset.indices)
+    shards = [validation_loss(cfg, rank, world=2).loader.dataset.indices for rank in (0, 1)]
     assert shards == [list(range(8)), list(range(8, 24))]  # batch 1, batches 2-3; 4 images dropped
 
 
@@ -192,12 +194,12 @@ def test_a_validation_split_smaller_than_a_batch_is_refused_before_the_run(data)
 
 
 def test_the_plan_line_says_what_is_validated_and_exported(data):
-    line = training_plan(config(data, "val.every=50", "train.export=best"), 100, 1, 1)
+    line = plan_line(config(data, "val.every=50", "train.export=best"), 100, 1, 1)
     assert (
         "validation loss every 50 steps and at the last on all samples of split 'val' (augmented views)"
         in line
     )
     assert "backbone.pt: that best backbone (train.export=best), backbone_last.pt the last" in line
-    assert "the last step's backbone (train.export=last)" in training_plan(
+    assert "the last step's backbone (train.export=last)" in plan_line(
         config(data, "val.every=50"), 100, 1, 1
     )

@@ -45,7 +45,7 @@ from ilm_dist.config import AugConfig, DataConfig
 from ilm_dist.data.batch import Placement, TwoViewBatch
 from ilm_dist.data.dali_augment import moco_view
 from ilm_dist.data.dali_shards import BadSample, decode_problem, find_undecodable, scan_split, write_indexes
-from ilm_dist.data.manifest import Manifest, ManifestError, load_manifest
+from ilm_dist.data.manifest import Manifest, ManifestError
 from ilm_dist.data.sampling import steps_per_epoch
 from ilm_dist.data.shard_format import split_member, squeeze_labels
 
@@ -77,10 +77,9 @@ def reader_pipeline(reader: dict[str, Any]):
 
 
 class DaliLoader:
-    def __init__(self, data: DataConfig, aug: AugConfig, where: Placement):
+    def __init__(self, data: DataConfig, aug: AugConfig, where: Placement, manifest: Manifest):
         rank, world_size, device = where.rank, where.world_size, where.device
         self.data, self.aug, self.where = data, aug, where
-        manifest = load_manifest(data.shards)
         undecodable = _shared_decode_scan(manifest, data.split) if data.dali.skip_bad else None
         self.scan = scan_split(manifest, data.split, undecodable)
         self._check_scan()

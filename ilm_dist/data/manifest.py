@@ -57,6 +57,7 @@ stored, rescale, VOI source and function; see ``data_tools.dicom``).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,7 @@ class Manifest:
     image_mode: str
     splits: dict[str, SplitInfo]
     raw: dict
+    sha256: str  # of manifest.json's bytes: it names every shard with its own sha256, so it names the data
 
     @property
     def num_classes(self) -> int:
@@ -129,8 +131,9 @@ def load_manifest(root: str | Path, check_files: bool = True) -> Manifest:
     path = root / MANIFEST
     if not path.is_file():
         raise ManifestError(f"{path}: not found (is {root} a directory written by data_tools.pack?)")
+    data = path.read_bytes()
     try:
-        raw = load_json(path.read_text())
+        raw = load_json(data.decode())
     except ValueError as err:  # JSONDecodeError, DuplicateKeyError, or UnicodeDecodeError for a binary file
         raise ManifestError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(raw, dict):
@@ -150,7 +153,8 @@ def load_manifest(root: str | Path, check_files: bool = True) -> Manifest:
         for split in splits.values():
             for shard in split.shards:
                 _check_shard_files(path, split.name, shard)
-    return Manifest(root, raw["task"], tuple(raw["class_names"]), raw["image_mode"], splits, raw)
+    sha256 = hashlib.sha256(data).hexdigest()
+    return Manifest(root, raw["task"], tuple(raw["class_names"]), raw["image_mode"], splits, raw, sha256)
 
 
 def plain_file_name(path: Path, split: str, field: str, name: object) -> str:

@@ -18,7 +18,7 @@ POOL = 4  # distinct batches kept on the device and cycled
 
 
 class RandomTensorLoader:
-    def __init__(self, data: DataConfig, aug: AugConfig, where: Placement):
+    def __init__(self, data: DataConfig, aug: AugConfig, where: Placement, manifest: None):
         syn, size, batch, device = data.synthetic, data.image_size, data.batch_size, where.device
         gen = torch.Generator(device="cpu").manual_seed(where.seed * 1000 + where.rank)
         shape = (POOL, 2, batch, 3, size, size)

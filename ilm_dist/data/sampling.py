@@ -8,7 +8,29 @@ same global batches as one rank with batch ``R*B``, and resuming at step ``s`` i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+
+@dataclass(frozen=True)
+class GlobalBatch:
+    """The samples of one optimizer step: ``per_rank`` on each of ``ranks``, in ``accumulation`` micro-steps
+    (the one place the global batch is computed: trainer, run plan, dry run and sampling read it here)."""
+
+    per_rank: int
+    ranks: int
+    accumulation: int = 1
+
+    @property
+    def per_micro_step(self) -> int:
+        """The samples of one loader step of every rank (``R*B``)."""
+        return self.per_rank * self.ranks
+
+    @property
+    def samples(self) -> int:
+        """The samples of one optimizer step (``R*B*accumulation``), which scale the learning rate."""
+        return self.per_micro_step * self.accumulation
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
@@ -16,7 +38,7 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def steps_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
-    return num_samples // (batch_size * world_size)
+    return num_samples // GlobalBatch(batch_size, world_size).per_micro_step
 
 
 def rank_batches(
@@ -25,7 +47,7 @@ def rank_batches(
     """This rank's sample indices for each remaining step of ``epoch``."""
     perm = epoch_permutation(num_samples, seed, epoch)
     steps = steps_per_epoch(num_samples, batch_size, world_size)
-    global_batch = batch_size * world_size
+    global_batch = GlobalBatch(batch_size, world_size).per_micro_step
     return [
         perm[s * global_batch + rank * batch_size : s * global_batch + (rank + 1) * batch_size].tolist()
         for s in range(start_step, steps)

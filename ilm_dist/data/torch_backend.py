@@ -22,7 +22,7 @@ from ilm_dist.config import AugConfig, DataConfig
 from ilm_dist.cpu_placement import place_loader_worker
 from ilm_dist.data.augment import MocoViews
 from ilm_dist.data.batch import Placement, TwoViewBatch
-from ilm_dist.data.manifest import load_manifest
+from ilm_dist.data.manifest import Manifest
 from ilm_dist.data.sampling import rank_batches, sample_seed, steps_per_epoch
 from ilm_dist.data.shard_format import squeeze_labels
 from ilm_dist.data.shard_reader import ShardReader
@@ -126,8 +126,7 @@ def _quiet_when_the_parent_left(args: threading.ExceptHookArgs) -> None:
 class TorchLoader:
     """`PretrainLoader` over a split's shards: two MoCo views per sample, the batches of `rank_batches`."""
 
-    def __init__(self, data: DataConfig, aug: AugConfig, where: Placement):
-        manifest = load_manifest(data.shards)
+    def __init__(self, data: DataConfig, aug: AugConfig, where: Placement, manifest: Manifest):
         views = MocoViews(aug, data.image_size, views=2)
         self.dataset = SplitDataset(ShardReader(manifest, data.split), views, seed=where.seed)
         self.data, self.where = data, where

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 
@@ -16,6 +15,7 @@ from ilm_dist.eval.knn import knn_accuracy
 from ilm_dist.eval.weights import build_classifier, load_state, resolve_init
 from ilm_dist.model.encoder import build_resnet
 from ilm_dist.train.engine import forward_dtype
+from ilm_dist.train.run_dir import RunDir
 
 CPU = torch.device("cpu")
 
@@ -42,17 +42,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bank-split", default="train", help="labelled split the neighbours come from")
     parser.add_argument("--split", default="test", help="held-out split to classify")
     args = parser.parse_args(argv)
-    run = Path(args.run)
+    run = RunDir(args.run)
     try:
-        cfg = load_config(run / "config.yaml")
+        cfg = load_config(run.config)
         manifest = load_manifest(cfg.data.shards)
         if manifest.task == "multilabel":
             raise ManifestError(
                 f"{cfg.data.shards}: knn_check's kNN needs single-label data, task is multilabel"
             )
         dtype = forward_dtype(cfg.engine, cfg.data.batch_size, CPU)
-        state = load_state(resolve_init(str(run)))
-        trained = build_classifier(cfg.model.arch, state, 1000, str(run), cfg.model.stem)
+        state = load_state(resolve_init(str(run.root)))
+        trained = build_classifier(cfg.model.arch, state, 1000, str(run.root), cfg.model.stem)
     except (ConfigError, ManifestError, FileNotFoundError, ValueError) as err:
         fail(str(err))
     layout = "channels-last" if cfg.model.channels_last else "NCHW"
@@ -71,11 +71,9 @@ def main(argv: list[str] | None = None) -> None:
             args.split,
         ),
     }
-    (run / "knn_check.json").write_text(
-        json.dumps(results | vars(args) | {"forward": f"{dtype}, {layout}"}, indent=2)
-    )
+    run.knn_check.write_text(json.dumps(results | vars(args) | {"forward": f"{dtype}, {layout}"}, indent=2))
     print(f"kNN accuracy (k=20) on '{args.split}', neighbours from '{args.bank_split}' of {cfg.data.shards}:")
     print(f"{'block':>8} {'trained':>9} {'random':>9}")
     for i, (a, b) in enumerate(zip(results["trained"], results["random_init"], strict=True), start=1):
         print(f"{i:>8} {a:>9.3f} {b:>9.3f}")
-    print(f"chance: {1 / manifest.num_classes:.3f}; written to {run / 'knn_check.json'}")
+    print(f"chance: {1 / manifest.num_classes:.3f}; written to {run.knn_check}")

@@ -10,21 +10,19 @@ The monitor has no collectives: call it on rank 0 only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from torch import nn
 
 from ilm_dist.config import AugConfig, MonitorConfig, RunConfig
-from ilm_dist.data.manifest import Manifest, load_manifest
+from ilm_dist.data.manifest import Manifest
 from ilm_dist.data.sampling import seeded_draw
 from ilm_dist.data.shard_reader import ShardReader
 from ilm_dist.eval.features import block_extractor, eval_loader, run_blocks
 from ilm_dist.eval.knn import knn_scores
 from ilm_dist.eval.metrics import compute_metrics
 from ilm_dist.model.encoder import BLOCK_NODES
-from ilm_dist.train.validation import Models
+from ilm_dist.train.validation import Models, ValidatorBuilder
 
 SAMPLE_SEED = 0  # the bank and query draws are the same in every run on a dataset
 METRIC_PREFIX = "knn_"  # every record key the monitor logs starts with it
@@ -68,11 +66,9 @@ class KnnMonitor:
             )
 
     @classmethod
-    def builder(cls, cfg: RunConfig) -> Callable[[torch.device], KnnMonitor]:
-        """What the trainer is handed: builds the monitor on the training device."""
-        return lambda device: cls(
-            cfg.monitor, load_manifest(cfg.data.shards), device, cfg.aug, cfg.data.image_size
-        )
+    def builder(cls, cfg: RunConfig) -> ValidatorBuilder:
+        """What the trainer is handed: builds the monitor on its device, over the manifest it loaded."""
+        return lambda where, manifest: cls(cfg.monitor, manifest, where.device, cfg.aug, cfg.data.image_size)
 
     def __call__(self, models: Models, step: int) -> dict[str, float]:
         """kNN metrics per block of the query encoder's backbone (trainer entry point)."""

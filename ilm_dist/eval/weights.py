@@ -29,9 +29,8 @@ from ilm_dist.config import Stem
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.model.encoder import STEM_KERNELS, build_resnet
 from ilm_dist.serialization import load_tensors
+from ilm_dist.train.run_dir import RunDir
 
-RUN_CONFIG = "config.yaml"
-BACKBONE = "backbone.pt"
 DS_MODEL_STATES = "mp_rank_00_model_states.pt"
 DS_BACKBONE_PREFIX = "encoder.backbone."
 # torchvision ResNets by blocks per stage and block type (He et al. 2016, Table 1)
@@ -73,26 +72,26 @@ def resolve_init(spec: str) -> InitSpec:
 
 
 def _resolve_dir(spec: str, path: Path) -> InitSpec:
-    if (path / BACKBONE).is_file():
-        return InitSpec(spec, "state_dict", path / BACKBONE, _config_beside(path))
+    if RunDir(path).backbone.is_file():
+        return InitSpec(spec, "state_dict", RunDir(path).backbone, _config_beside(path))
     if (path / DS_MODEL_STATES).is_file():
         return InitSpec(spec, "deepspeed", path / DS_MODEL_STATES, _config_beside(path.parent.parent))
-    for root, run in ((path, path.parent), (path / "checkpoints", path)):
-        if (root / "latest").is_file():
-            tag = (root / "latest").read_text().strip()
+    for root, run in ((path, path.parent), (RunDir(path).checkpoints, path)):  # checkpoints/, or its run
+        latest = root / RunDir.LATEST
+        if latest.is_file():
+            tag = latest.read_text().strip()
             if not (root / tag / DS_MODEL_STATES).is_file():
-                raise EvalError(
-                    f"{root / 'latest'} names tag {tag!r}, but {root / tag / DS_MODEL_STATES} is missing"
-                )
+                raise EvalError(f"{latest} names tag {tag!r}, but {root / tag / DS_MODEL_STATES} is missing")
             return InitSpec(spec, "deepspeed", root / tag / DS_MODEL_STATES, _config_beside(run))
     raise EvalError(
-        f"--weights {spec}: directory has no {BACKBONE}, no DeepSpeed checkpoint ({DS_MODEL_STATES}) "
-        "and no checkpoints/latest"
+        f"--weights {spec}: directory has no {RunDir.backbone.name}, no DeepSpeed checkpoint "
+        f"({DS_MODEL_STATES}) and no {RunDir.checkpoints.name}/{RunDir.LATEST}"
     )
 
 
 def _config_beside(directory: Path) -> Path | None:
-    path = directory / RUN_CONFIG
+    """The ``config.yaml`` of the run in ``directory``, if there is one."""
+    path = RunDir(directory).config
     return path if path.is_file() else None
 
 

@@ -44,8 +44,6 @@ from ilm_dist.experiment.config import (
     settings_flags,
 )
 from ilm_dist.processes import ResourcesConfig
-from ilm_dist.train import run_dir
-from ilm_dist.train.checkpoint import latest_tag
 
 PRETRAIN_MODULE = "ilm_dist.pretrain"
 EVAL_MODULE = "ilm_dist.eval"
@@ -111,11 +109,11 @@ def _method_cells(exp: Experiment, method: Method, seed: int) -> list[Cell]:
 
 
 def _pretrain_cell(exp: Experiment, method: Method, seed: int) -> Cell:
-    out = exp.run_dir(method.name, seed)
+    run = exp.run_dir(method.name, seed)
     args = [PRETRAIN_MODULE, "--config", str(method.config), *exp.run_overrides(method, seed)]
-    if latest_tag(out) is not None:
+    if run.latest_tag() is not None:
         args.append("--resume")  # an interrupted run with a checkpoint
-    elif run_dir.earlier_run_files(out) and not (out / "final_state.json").is_file():
+    elif run.earlier_run_files() and not run.final_state.is_file():
         args.append("--overwrite")  # an interrupted run before its first checkpoint: nothing to keep
     return Cell(
         cell_id(seed, method.name, "pretrain"),
@@ -124,14 +122,14 @@ def _pretrain_cell(exp: Experiment, method: Method, seed: int) -> Cell:
         method.name,
         tuple(args),
         exp.settings.execution.pretrain,
-        outputs=(out / "final_state.json", out / "backbone.pt"),
+        outputs=(run.final_state, run.backbone),
     )
 
 
 def _target_args(exp: Experiment, method: Method, seed: int) -> tuple[list[str], list[str]]:
     """The EvalTarget options and the run-config overrides of an evaluation of ``method`` at ``seed``."""
     if method.pretrained:  # the run's own config.yaml, which holds the experiment's settings
-        target = {"weights": str(exp.run_dir(method.name, seed))}
+        target = {"weights": str(exp.run_dir(method.name, seed).root)}
         overrides: list[str] = []
     else:
         target = {"weights": method.weights, "config": str(method.config)}
@@ -234,20 +232,22 @@ def check_saved(exp: Experiment) -> None:
 
 
 def _check_run(exp: Experiment, method: Method, seed: int) -> None:
-    out = exp.run_dir(method.name, seed)
-    saved = out / run_dir.CONFIG
+    run = exp.run_dir(method.name, seed)
+    saved = run.config
     if not saved.is_file():
         return
     try:
         before = _flat(load_config(saved).to_dict())
     except ConfigError as err:
-        raise ConfigError(f"{saved}: cannot read this earlier run's config ({err}); delete {out}") from None
+        raise ConfigError(
+            f"{saved}: cannot read this earlier run's config ({err}); delete {run.root}"
+        ) from None
     now = _flat(exp.run_config(method, seed).to_dict())
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if changed:
         shown = ", ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now" for k in changed[:3])
         raise ConfigError(
-            f"methods.{method.name}: {out} was pretrained with another run config ({shown}); delete that "
+            f"methods.{method.name}: {run.root} was pretrained with another run config ({shown}); delete that "
             "directory to pretrain again, or give the changed method another name"
         )
 

@@ -67,6 +67,7 @@ from ilm_dist.eval.subsets import subset_count
 from ilm_dist.options import flag_of
 from ilm_dist.paths import check_name
 from ilm_dist.processes import ResourcesConfig
+from ilm_dist.train.run_dir import RunDir
 
 SET_BY_EXPERIMENT = ("data.shards", "seed", "name", "output_dir")  # run-config keys
 REFERENCE = "random_init"
@@ -192,8 +193,8 @@ class Experiment:
     def fractions(self) -> list[float]:
         return self.settings.fractions
 
-    def run_dir(self, method: str, seed: int) -> Path:
-        return self.output / "runs" / f"{method}_s{seed}"
+    def run_dir(self, method: str, seed: int) -> RunDir:
+        return RunDir(self.output / "runs" / f"{method}_s{seed}")
 
     def eval_dir(self, seed: int) -> Path:
         return self.output / "evals" / f"s{seed}"
@@ -209,7 +210,7 @@ class Experiment:
         """The run-config overrides of ``method`` at ``seed``: the file's, then what the experiment sets."""
         fixed = {"data.shards": str(self.dataset), "seed": seed, "name": method.name}
         if method.pretrained:
-            fixed["output_dir"] = str(self.run_dir(method.name, seed))
+            fixed["output_dir"] = str(self.run_dir(method.name, seed).root)
         return [*method.overrides, *(format_override(k, v) for k, v in fixed.items())]
 
     def run_config(self, method: Method, seed: int) -> RunConfig:

@@ -1,7 +1,7 @@
 """Checkpoints: DeepSpeed's engine state with the MoCo state as its client state, an atomic ``latest``, rotation.
 
-Layout: ``output_dir/checkpoints/step_<N>/`` holds DeepSpeed's files; the key encoder, the queue, the
-data position and (under ZeRO) the full optimizer state travel in DeepSpeed's ``client_state`` (inside
+Layout (:class:`ilm_dist.train.run_dir.RunDir` names it): ``output_dir/checkpoints/step_<N>/`` holds
+DeepSpeed's files; the key encoder, the queue, the data position and (under ZeRO) the full optimizer state travel in DeepSpeed's ``client_state`` (inside
 ``mp_rank_00_model_states.pt``), so one ``save_checkpoint`` / ``load_checkpoint`` pair keeps the whole
 training state, on any world size. ``latest`` names the last
 complete checkpoint; it is replaced atomically (write + rename) only after every rank has finished writing,
@@ -14,7 +14,6 @@ complete. Every file is read with ``weights_only=True`` (:func:`ilm_dist.train.e
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,25 +22,15 @@ from ilm_dist import distributed as D
 from ilm_dist.errors import InputError
 from ilm_dist.serialization import CheckpointWriteError, load_tensors
 from ilm_dist.train import faults
+from ilm_dist.train.run_dir import RunDir
 from ilm_dist.train.zero_state import gather_full_optimizer_state, restore_full_optimizer_state
 
-TAG = re.compile(r"^step_(\d+)$")
-LATEST = "latest"
 ZERO_PARTITIONS = "zero_pp_rank_*_mp_rank_*_optim_states.pt"  # one file per data-parallel rank
 LEGACY_MOCO_STATE = "moco_state.pt"  # the sidecar file of checkpoints written before client_state
 FULL_OPTIMIZER_STATE = "full_optimizer_state"  # client-state key of the ZeRO state for another world size
 
 
-def checkpoint_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def latest_tag(output_dir: str | Path) -> str | None:
-    latest = checkpoint_dir(output_dir) / LATEST
-    return latest.read_text(errors="replace").strip() if latest.is_file() else None
-
-
-def save(engine, output_dir: str | Path, step: int, client_state: dict[str, Any], keep: int) -> Path:
+def save(engine, run: RunDir, step: int, client_state: dict[str, Any], keep: int) -> Path:
     """Save the engine and ``client_state`` as ``step_<step>``, then move ``latest`` and rotate.
 
     A step that is already the latest checkpoint is not written again (its state is this state): rank 0
@@ -49,31 +38,31 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict[str, Any]
     (a network file system caching attributes) and one would skip the collectives the others enter. A write
     error raises :class:`CheckpointWriteError` naming the file, after removing the partial checkpoint.
     """
-    root = checkpoint_dir(output_dir)
-    tag = f"step_{step}"
-    if D.on_main(lambda: latest_tag(output_dir)) == tag:
-        return root / tag
+    root, path = run.checkpoints, run.checkpoint(step)
+    tag = path.name
+    if D.on_main(run.latest_tag) == tag:
+        return path
     client_state = {**client_state, FULL_OPTIMIZER_STATE: gather_full_optimizer_state(engine)}
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     except OSError as err:
-        shutil.rmtree(root / tag, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
         raise CheckpointWriteError(
-            err.errno, f"{err.strerror or err}; removed the partial {root / tag}; {_kept(root)}"
+            err.errno, f"{err.strerror or err}; removed the partial {path}; {_kept(run)}"
         ) from None
     D.barrier()  # every rank's files are complete
     faults.maybe_kill("save", step)
     if D.rank() == 0:
-        _write_atomic(root / LATEST, tag)
+        _write_atomic(run.latest, tag)
         _rotate(root, keep)
     D.barrier()
-    return root / tag
+    return path
 
 
-def _kept(root: Path) -> str:
-    latest = latest_tag(root.parent)
+def _kept(run: RunDir) -> str:
+    latest = run.latest_tag()
     return (
-        f"the previous checkpoint {root / latest} and 'latest' are intact"
+        f"the previous checkpoint {run.checkpoint(latest)} and '{RunDir.LATEST}' are intact"
         if latest
         else "no earlier checkpoint"
     )
@@ -92,24 +81,25 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _rotate(root: Path, keep: int) -> None:
-    tags = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := TAG.match(p.name)))
+    tags = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := RunDir.TAG.match(p.name)))
     for _, path in tags[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path:
+def latest_checkpoint(run: RunDir) -> Path:
     """The directory ``latest`` names; :class:`InputError` (for ``--resume``) when there is none."""
-    root = checkpoint_dir(output_dir)
-    tag = latest_tag(output_dir)
+    tag = run.latest_tag()
     if tag is None:
-        raise InputError(f"--resume: no checkpoint in {root} (no '{LATEST}' file); start without --resume")
-    if not TAG.match(tag):  # an emptied file would name the checkpoints folder itself, '../x' one outside it
         raise InputError(
-            f"--resume: {root / LATEST} names {tag!r}, not a checkpoint tag step_<N> of ilm_dist"
+            f"--resume: no checkpoint in {run.checkpoints} (no '{RunDir.LATEST}' file); start without --resume"
         )
-    if not (root / tag).is_dir():
-        raise InputError(f"--resume: {root / LATEST} names {tag!r}, but {root / tag} is missing")
-    return root / tag
+    if not RunDir.TAG.match(
+        tag
+    ):  # an emptied file would name the checkpoints folder itself, '../x' one outside it
+        raise InputError(f"--resume: {run.latest} names {tag!r}, not a checkpoint tag step_<N> of ilm_dist")
+    if not run.checkpoint(tag).is_dir():
+        raise InputError(f"--resume: {run.latest} names {tag!r}, but {run.checkpoint(tag)} is missing")
+    return run.checkpoint(tag)
 
 
 def zero_world_size(path: Path) -> int:
@@ -117,7 +107,7 @@ def zero_world_size(path: Path) -> int:
     return len(list(path.glob(ZERO_PARTITIONS)))
 
 
-def restore(engine, output_dir: str | Path, world_size: int) -> dict[str, Any]:
+def restore(engine, run: RunDir, world_size: int) -> dict[str, Any]:
     """Load the latest checkpoint into ``engine`` (module, optimizer, LR schedule, step); returns its client state.
 
     On another world size ZeRO's optimizer partitions do not fit: the optimizer state then comes from the
@@ -126,7 +116,7 @@ def restore(engine, output_dir: str | Path, world_size: int) -> dict[str, Any]:
     checkpoint. Which checkpoint, and for how many ranks its partitions were written, rank 0 finds and every
     rank follows (as in :func:`save`), so no rank loads another step than the others.
     """
-    path, partitions = D.on_main(lambda: _latest_and_partitions(output_dir))
+    path, partitions = D.on_main(lambda: _latest_and_partitions(run))
     repartition = engine.zero_optimization_stage() > 0 and partitions not in (0, world_size)
     try:
         loaded, client_state = engine.load_checkpoint(
@@ -152,6 +142,6 @@ def restore(engine, output_dir: str | Path, world_size: int) -> dict[str, Any]:
     return client_state
 
 
-def _latest_and_partitions(output_dir: str | Path) -> tuple[Path, int]:
-    path = latest_checkpoint(output_dir)
+def _latest_and_partitions(run: RunDir) -> tuple[Path, int]:
+    path = latest_checkpoint(run)
     return path, zero_world_size(path)

@@ -5,7 +5,7 @@ log and checkpoint time, naming the first bad step and term, so no checkpoint is
 after a non-finite loss and the hot loop never waits on ``.item()``.
 
 :class:`Heartbeat` lets a surviving rank say *which* rank went silent when a collective fails:
-every rank touches ``output_dir/heartbeat/rank<r>`` (at most every few seconds) with its step, and
+every rank touches its file in ``output_dir/heartbeat/`` (at most every few seconds) with its step, and
 on a failure every survivor checks in at once; whoever has not after a grace period is named.
 """
 
@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import torch
 
 from ilm_dist import distributed as D
+from ilm_dist.train.run_dir import RunDir
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -62,9 +62,9 @@ class NanWatch:
 
 
 class Heartbeat:
-    def __init__(self, output_dir: Path, rank: int, world_size: int, period_s: float = 5.0):
-        self.dir = output_dir / "heartbeat"
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, run: RunDir, rank: int, world_size: int, period_s: float = 5.0):
+        self.run = run
+        run.heartbeats.mkdir(parents=True, exist_ok=True)
         self.rank, self.world_size, self.period_s = rank, world_size, period_s
         self.last = 0.0
 
@@ -72,16 +72,16 @@ class Heartbeat:
         now = time.time()
         if force or now - self.last >= self.period_s:
             # write + rename: a survivor reading this file while it is rewritten never sees it empty
-            tmp = self.dir / f".rank{self.rank}.tmp"
+            path = self.run.heartbeat(self.rank)
+            tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text(f"{step} {now:.3f}\n")
-            os.replace(tmp, self.dir / f"rank{self.rank}")
+            os.replace(tmp, path)
             self.last = now
 
     def _last(self, rank: int) -> tuple[str, float] | None:
         """``(step, time)`` of the rank's last heartbeat; None when it has none (or an unreadable one)."""
-        path = self.dir / f"rank{rank}"
         try:
-            step, stamp = path.read_text().split()
+            step, stamp = self.run.heartbeat(rank).read_text().split()
             return step, float(stamp)
         except (OSError, ValueError):
             return None

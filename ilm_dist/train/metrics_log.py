@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
+
+from ilm_dist.train.run_dir import RunDir
 
 
 class MetricsLogger:
     """Appends from ``first_step`` on; TensorBoard drops its events from ``first_step`` on (a resumed run)."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool, first_step: int = 1):
+    def __init__(self, run: RunDir, enabled: bool, first_step: int = 1):
         self.enabled = enabled
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = run.metrics
         self.file = self.path.open("a")
-        self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=first_step)
+        self.tb = SummaryWriter(str(run.tensorboard), purge_step=first_step)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -11,15 +11,14 @@ a resume re-shards for) may change freely.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-from pathlib import Path
 from typing import Any
 
-from ilm_dist.config import RunConfig, to_plain
-from ilm_dist.data.manifest import MANIFEST
+from ilm_dist.config import DataConfig, RunConfig, to_plain
+from ilm_dist.data.manifest import Manifest
 from ilm_dist.errors import InputError
+from ilm_dist.train.run_dir import RunDir
 
 # The settings that make a run what it is (dotted paths into the saved config.yaml).
 RUN_DEFINING = (
@@ -33,19 +32,14 @@ RUN_DEFINING = (
     "data.split",
     "data.image_size",
 )
-CHANGES = "resume_changes.jsonl"
 
 
-def data_identity(cfg: RunConfig) -> dict[str, Any]:
-    """What identifies the data a run trains on: the manifest's sha256 (and where it was), or the synthetic set's
-    settings."""
-    if cfg.data.backend == "synthetic":
-        return {"synthetic": to_plain(cfg.data.synthetic)}
-    manifest = Path(cfg.data.shards) / MANIFEST
-    return {
-        "shards": str(cfg.data.shards),
-        "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
-    }
+def data_identity(data: DataConfig, manifest: Manifest | None) -> dict[str, Any]:
+    """What identifies the data a run trains on: the manifest's sha256 (and where it was), or without one
+    (``data.backend=synthetic``) the synthetic set's settings."""
+    if manifest is None:
+        return {"synthetic": to_plain(data.synthetic)}
+    return {"shards": str(data.shards), "manifest_sha256": manifest.sha256}
 
 
 def settings_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
@@ -78,20 +72,20 @@ def data_change(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
     return [f"data: {_describe(saved)} -> {_describe(now)}"]
 
 
-def refuse_changes(out: Path, changes: list[str], allowed: bool) -> None:
+def refuse_changes(run: RunDir, changes: list[str], allowed: bool) -> None:
     """Refuse ``changes`` naming them and the run's folder, unless ``allowed`` (``--allow-changes``)."""
     if changes and not allowed:
         raise InputError(
-            f"--resume: this config changes what the run in {out} is ({'; '.join(changes)}); resume with the "
+            f"--resume: this config changes what the run in {run.root} is ({'; '.join(changes)}); resume with the "
             "run's own settings and data, start a new run, or pass --allow-changes to continue it on purpose "
-            f"(recorded in {out / CHANGES})"
+            f"(recorded in {run.resume_changes})"
         )
 
 
-def record_changes(out: Path, changes: list[str], step: int) -> None:
+def record_changes(run: RunDir, changes: list[str], step: int) -> None:
     """Append the allowed ``changes`` of a resume at ``step`` to the run's ``resume_changes.jsonl``."""
     if changes:
-        with (out / CHANGES).open("a") as log:
+        with run.resume_changes.open("a") as log:
             record = {"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": changes}
             log.write(json.dumps(record) + "\n")
 

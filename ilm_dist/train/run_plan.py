@@ -2,48 +2,52 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from ilm_dist.config import RunConfig
+from ilm_dist.config import OptimConfig, TrainConfig, ValConfig
+from ilm_dist.data.sampling import GlobalBatch
 from ilm_dist.train.optim import scaled_lr
+from ilm_dist.train.run_dir import RunDir
 
 
-def training_plan(cfg: RunConfig, steps_per_epoch: int, world: int, accum: int) -> str:
+def training_plan(
+    train: TrainConfig,
+    optim: OptimConfig,
+    val: ValConfig,
+    run: RunDir,
+    batch: GlobalBatch,
+    steps_per_epoch: int,
+) -> str:
     """One line: length, global batch, LR after scaling and what the run saves (logged at every start).
 
-    ``steps_per_epoch`` counts optimizer steps (loader batches per rank // ``accum``).
+    ``steps_per_epoch`` counts optimizer steps (loader batches per rank // ``batch.accumulation``).
     """
-    global_batch = cfg.data.batch_size * world * accum
-    if cfg.train.max_steps is not None:
-        steps = cfg.train.max_steps
+    if train.max_steps is not None:
+        steps = train.max_steps
         epochs = steps / steps_per_epoch if steps_per_epoch else float("inf")
         length = f"{steps} steps (train.max_steps; {epochs:.3g} x {steps_per_epoch} steps/epoch)"
     else:
-        steps = steps_per_epoch * cfg.train.epochs
-        length = f"{steps} steps = {cfg.train.epochs} x {steps_per_epoch} steps/epoch (train.epochs)"
-    optim = cfg.optim
-    lr = scaled_lr(optim, global_batch)
-    scaling = f"{optim.lr:g} x {global_batch}/256, " if optim.scale_lr else ""
+        steps = steps_per_epoch * train.epochs
+        length = f"{steps} steps = {train.epochs} x {steps_per_epoch} steps/epoch (train.epochs)"
+    lr = scaled_lr(optim, batch.samples)
+    scaling = f"{optim.lr:g} x {batch.samples}/256, " if optim.scale_lr else ""
     warmup = f", {optim.warmup_steps} warm-up steps" if optim.warmup_steps else ""
-    every = f"every {cfg.train.ckpt_every} steps and " if cfg.train.ckpt_every else ""
+    every = f"every {train.ckpt_every} steps and " if train.ckpt_every else ""
     return (
-        f"plan: {length}; global batch {global_batch} = {cfg.data.batch_size}/rank x {world} ranks x "
-        f"{accum} accumulation; lr {lr:.4g} ({optim.name}, {scaling}{optim.schedule}{warmup}); "
-        f"checkpoints {every}at the end, the last {cfg.train.keep_checkpoints} kept, in "
-        f"{Path(cfg.output_dir) / 'checkpoints'}; {exported(cfg)}"
+        f"plan: {length}; global batch {batch.samples} = {batch.per_rank}/rank x {batch.ranks} ranks x "
+        f"{batch.accumulation} accumulation; lr {lr:.4g} ({optim.name}, {scaling}{optim.schedule}{warmup}); "
+        f"checkpoints {every}at the end, the last {train.keep_checkpoints} kept, in "
+        f"{run.checkpoints}; {exported(train.export, val, run)}"
     )
 
 
-def exported(cfg: RunConfig) -> str:
-    """What the run validates and which backbone it exports (``val``, ``train.export``)."""
-    out, val = Path(cfg.output_dir), cfg.val
+def exported(export: str, val: ValConfig, run: RunDir) -> str:
+    """What the run validates (``val``) and which backbone it exports (``train.export``)."""
     if not val.every:
-        return f"{out / 'backbone.pt'}: the last step's backbone"
+        return f"{run.backbone}: the last step's backbone"
     samples = "all" if val.max_samples is None else f"at most {val.max_samples}"
     checks = (
         f"validation loss every {val.every} steps and at the last on {samples} samples of split "
-        f"{val.split!r} ({val.views} views), the lowest val_{val.select}'s backbone in {out / 'backbone_best.pt'}"
+        f"{val.split!r} ({val.views} views), the lowest val_{val.select}'s backbone in {run.best_backbone}"
     )
-    if cfg.train.export == "best":
-        return f"{checks}; {out / 'backbone.pt'}: that best backbone (train.export=best), backbone_last.pt the last"
-    return f"{checks}; {out / 'backbone.pt'}: the last step's backbone (train.export=last)"
+    if export == "best":
+        return f"{checks}; {run.backbone}: that best backbone (train.export=best), {RunDir.last_backbone.name} the last"
+    return f"{checks}; {run.backbone}: the last step's backbone (train.export=last)"

@@ -23,20 +23,17 @@ from torch import Tensor
 
 from ilm_dist.serialization import save_tensors
 from ilm_dist.train.health import NonFiniteLoss
+from ilm_dist.train.run_dir import RunDir
 
 log = logging.getLogger("ilm_dist")
-
-BEST_BACKBONE = "backbone_best.pt"
-BEST_RECORD = "best.json"
-LAST_BACKBONE = "backbone_last.pt"  # with train.export=best; backbone.pt is then the best one
 
 
 class BestBackbone:
     """Lowest value of ``criterion["metric"]`` so far; ``criterion`` says what the value measures (metric,
     split, views, samples), and a checkpoint's best made under another criterion is not carried over."""
 
-    def __init__(self, out: Path, criterion: dict[str, Any], is_main: bool):
-        self.out, self.criterion, self.is_main = Path(out), dict(criterion), is_main
+    def __init__(self, run: RunDir, criterion: dict[str, Any], is_main: bool):
+        self.run, self.criterion, self.is_main = run, dict(criterion), is_main
         self.step: int | None = None
         self.epoch: int | None = None
         self.value = math.inf
@@ -69,25 +66,26 @@ class BestBackbone:
             "step": self.step,
             "epoch": self.epoch,
             "value": self.value,
-            "backbone": BEST_BACKBONE,
+            "backbone": RunDir.best_backbone.name,
         }
 
     def write_files(self) -> None:
         """Rank 0: ``backbone_best.pt`` then ``best.json``, each renamed into place."""
-        write_atomic_tensors(self.backbone, self.out / BEST_BACKBONE)
-        tmp = self.out / f".{BEST_RECORD}.tmp"
+        write_atomic_tensors(self.backbone, self.run.best_backbone)
+        path = self.run.best_record
+        tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(self.record(), indent=2) + "\n")
-        os.replace(tmp, self.out / BEST_RECORD)
+        os.replace(tmp, path)
 
     def sync_files(self) -> None:
         """Rank 0 of a resumed run: make the files say what the restored state says."""
         if self.step is not None:
             self.write_files()
             return
-        for name in (BEST_BACKBONE, BEST_RECORD):
-            if (self.out / name).exists():
-                (self.out / name).unlink()
-                log.info("removed %s: written after the checkpoint this run resumes from", name)
+        for path in (self.run.best_backbone, self.run.best_record):
+            if path.exists():
+                path.unlink()
+                log.info("removed %s: written after the checkpoint this run resumes from", path.name)
 
     def state_dict(self) -> dict[str, Any] | None:
         """For the checkpoint's client state: the record and (rank 0) the best backbone; None before a best."""

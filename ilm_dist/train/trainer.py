@@ -25,6 +25,8 @@ from ilm_dist import distributed as D
 from ilm_dist.config import RunConfig, read_yaml_mapping, save_config
 from ilm_dist.cpu_placement import current_placement, place_this_process
 from ilm_dist.data import Placement, TwoViewBatch, build_pretrain_loader
+from ilm_dist.data.manifest import load_manifest
+from ilm_dist.data.sampling import GlobalBatch
 from ilm_dist.errors import InputError
 from ilm_dist.folder_lock import FolderLock
 from ilm_dist.moco.key_encoder import KeyEncoder
@@ -32,7 +34,7 @@ from ilm_dist.moco.queue import KeyQueue
 from ilm_dist.moco.shuffle_bn import shuffled_forward
 from ilm_dist.model.moco import MoCoILM
 from ilm_dist.serialization import save_tensors
-from ilm_dist.train import checkpoint, faults, run_dir
+from ilm_dist.train import checkpoint, faults
 from ilm_dist.train import engine as ds_engine
 from ilm_dist.train.health import Heartbeat, NanWatch
 from ilm_dist.train.metrics_log import MetricsLogger
@@ -44,8 +46,9 @@ from ilm_dist.train.resume_check import (
     refuse_changes,
     settings_changes,
 )
+from ilm_dist.train.run_dir import RunDir
 from ilm_dist.train.run_plan import training_plan
-from ilm_dist.train.selection import LAST_BACKBONE, BestBackbone, write_atomic_tensors
+from ilm_dist.train.selection import BestBackbone, write_atomic_tensors
 from ilm_dist.train.timing import StepTimer
 from ilm_dist.train.validation import Models, ValidatorBuilder, selection_criterion
 
@@ -98,7 +101,7 @@ class Trainer:
         self.info, self.device = D.init_process_group(
             cfg.engine.dist_backend, cfg.engine.collective_timeout_s
         )
-        self.out = Path(cfg.output_dir)
+        self.run = RunDir(cfg.output_dir)
         self.folder_lock: FolderLock | None = None  # rank 0's, for the life of the run
         D.on_main(lambda: self._own_output_dir(resume, overwrite))
         try:
@@ -110,10 +113,10 @@ class Trainer:
     def _own_output_dir(self, resume: bool, overwrite: bool) -> None:
         """Rank 0: lock ``output_dir`` against a second run, then (without ``resume``) check or empty it before
         anything is written: an earlier run is never overwritten silently."""
-        self.folder_lock = FolderLock(self.out, "pretraining run")
+        self.folder_lock = FolderLock(self.run.root, "pretraining run")
         if not resume:
             try:
-                run_dir.prepare_fresh(self.out, overwrite)
+                self.run.prepare_fresh(overwrite)
             except BaseException:
                 self.release_output_dir()
                 raise
@@ -124,45 +127,47 @@ class Trainer:
 
     def _set_up(self, resume: bool, validators: Sequence[ValidatorBuilder], timer: StepTimer | None) -> None:
         cfg = self.cfg
-        self.data_identity = data_identity(cfg)
+        # loaded once, handed to the loader, the resume check and the validators
+        self.manifest = None if cfg.data.backend == "synthetic" else load_manifest(cfg.data.shards)
+        self.data_identity = data_identity(cfg.data, self.manifest)
         torch.manual_seed(cfg.seed)
         where = Placement(
             self.info.rank, self.info.world_size, self.device, cfg.seed, cfg.model.channels_last
         )
-        self.loader = build_pretrain_loader(cfg.data, cfg.aug, where)
+        self.loader = build_pretrain_loader(cfg.data, cfg.aug, where, self.manifest)
         ds_config = ds_engine.resolve_deepspeed_config(cfg.engine.deepspeed_config, cfg.data.batch_size)
         ds_config, precision_note = ds_engine.with_cpu_autocast(
             ds_config, cfg.engine.cpu_autocast, self.device
         )
         self.grad_accum = ds_config["gradient_accumulation_steps"]
+        self.batch = GlobalBatch(cfg.data.batch_size, self.info.world_size, self.grad_accum)
         self.total_steps = self._total_steps()
         if self.info.is_main:
             per_epoch = self.loader.steps_per_epoch // self.grad_accum
-            plan = training_plan(cfg, per_epoch, self.info.world_size, self.grad_accum)
+            plan = training_plan(cfg.train, cfg.optim, cfg.val, self.run, self.batch, per_epoch)
             log.info(
                 "%s; cpu: %s%s", plan, self.cpu.describe(), f"; {precision_note}" if precision_note else ""
             )
         self.dtype = ds_engine.DTYPES[ds_engine.precision_of(ds_config)]
         model = self._build_model()
         self.key_encoder = KeyEncoder(model.encoder).to(self.device, memory_format=self._memory_format())
-        global_batch = cfg.data.batch_size * self.info.world_size * self.grad_accum
-        optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim, global_batch))
+        optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim, self.batch.samples))
         scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
         self.engine = ds_engine.wrap(model, optimizer, scheduler, ds_config, cfg.model.channels_last)
         self.queue = KeyQueue(cfg.moco.queue_size, cfg.moco.dim, self.device, cfg.seed)
         self.epoch, self.step_in_epoch, self.micro_steps = 0, 0, 0
         self.selection = (
-            BestBackbone(self.out, selection_criterion(cfg.val), self.info.is_main) if cfg.val.every else None
+            BestBackbone(self.run, selection_criterion(cfg.val), self.info.is_main) if cfg.val.every else None
         )
         if resume:
             self._restore()  # reads only: a failed resume leaves the run as it was
         D.on_main(self._claim_output_dir)
-        self.metrics = MetricsLogger(self.out, self.info.is_main, first_step=self.global_step + 1)
+        self.metrics = MetricsLogger(self.run, self.info.is_main, first_step=self.global_step + 1)
         self.nan_watch = NanWatch(self.engine.module.term_names())
-        self.heartbeat = Heartbeat(self.out, self.info.rank, self.info.world_size)
+        self.heartbeat = Heartbeat(self.run, self.info.rank, self.info.world_size)
         self.validators = [
             v
-            for v in (build(self.device) for build in validators)
+            for v in (build(where, self.manifest) for build in validators)
             if self.info.is_main or not v.main_rank_only
         ]
         self.timer = timer or StepTimer()
@@ -174,10 +179,10 @@ class Trainer:
     def _claim_output_dir(self) -> None:
         """Rank 0, once the run is sure to start: the resolved config, metrics up to the resumed step, and
         the best backbone's files as of that step."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        record_changes(self.out, self.resume_changes, self.global_step)
-        save_config(self.cfg, self.out / run_dir.CONFIG)
-        dropped = run_dir.keep_metrics_until(self.out, self.global_step)
+        self.run.root.mkdir(parents=True, exist_ok=True)
+        record_changes(self.run, self.resume_changes, self.global_step)
+        save_config(self.cfg, self.run.config)
+        dropped = self.run.keep_metrics_until(self.global_step)
         if dropped:
             log.info("dropped %d metric records logged after step %d", dropped, self.global_step)
         if self.selection is not None:
@@ -249,22 +254,23 @@ class Trainer:
                 "global_step": self.global_step,
                 "world_size": self.info.world_size,
                 "batch_size": self.cfg.data.batch_size,
-                "arch": self.cfg.model.arch,
                 "data": self.data_identity,
             },
             "selection": self.selection.state_dict() if self.selection is not None else None,
         }
 
     def _restore(self) -> None:
-        saved = self.out / run_dir.CONFIG
-        if saved.is_file():  # before DeepSpeed tries to load another model's tensors
+        # the run-defining settings (model.arch included) live in config.yaml alone, not in the checkpoint:
+        # compared before DeepSpeed tries to load another model's tensors
+        saved = self.run.config
+        if saved.is_file():
             changes = settings_changes(read_yaml_mapping(saved, "the run's saved config"), self.cfg)
-            refuse_changes(self.out, changes, self.allow_changes)
+            refuse_changes(self.run, changes, self.allow_changes)
             self.resume_changes += changes
-        client_state = checkpoint.restore(self.engine, self.out, self.info.world_size)
+        client_state = checkpoint.restore(self.engine, self.run, self.info.world_size)
         state = client_state["moco"]
         changes = data_change(state.get("data"), self.data_identity)
-        refuse_changes(self.out, changes, self.allow_changes)
+        refuse_changes(self.run, changes, self.allow_changes)
         self.resume_changes += changes
         if self.selection is not None:
             self.selection.load_state_dict(client_state.get("selection"))
@@ -283,8 +289,8 @@ class Trainer:
 
     def _reshard(self, state: dict) -> None:
         """Continue on another world size or batch: same epoch permutation, position kept in samples."""
-        done = state["step_in_epoch"] * state["batch_size"] * state["world_size"]
-        global_batch = self.cfg.data.batch_size * self.info.world_size
+        done = state["step_in_epoch"] * GlobalBatch(state["batch_size"], state["world_size"]).per_micro_step
+        global_batch = self.batch.per_micro_step
         self.step_in_epoch = done // global_batch
         log.warning(
             "resuming on %d ranks x batch %d (checkpoint: %d x %d): data re-sharded, %d samples of epoch %d "
@@ -304,19 +310,19 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         self.nan_watch.check()  # never checkpoint a run whose loss went non-finite
         return checkpoint.save(
-            self.engine, self.out, self.global_step, self.client_state(), self.cfg.train.keep_checkpoints
+            self.engine, self.run, self.global_step, self.client_state(), self.cfg.train.keep_checkpoints
         )
 
     def export_backbone(self) -> Path:
         """``backbone.pt``: the last step's backbone, or with ``train.export=best`` the best one (the last
         then goes to ``backbone_last.pt``)."""
-        path = self.out / "backbone.pt"
+        path = self.run.backbone
         best = self.selection.best_backbone() if self.cfg.train.export == "best" else None
         if self.info.is_main:
             last = self.engine.module.encoder.backbone_state_dict()
             if best is not None:
                 write_atomic_tensors(best, path)
-                save_tensors(last, self.out / LAST_BACKBONE)
+                save_tensors(last, self.run.last_backbone)
             else:
                 save_tensors(last, path)
         D.barrier()
@@ -374,7 +380,7 @@ class Trainer:
 
     def _train(self, bar: tqdm) -> None:
         cfg = self.cfg
-        samples_per_step = cfg.data.batch_size * self.info.world_size
+        samples_per_step = self.batch.per_micro_step
         tick, ticks = time.perf_counter(), 0
         while self.global_step < self.total_steps:
             for batch in self.loader.epoch(self.epoch, self.step_in_epoch):
@@ -418,7 +424,7 @@ class Trainer:
                 "best": self.selection.record() if self.selection is not None else None,
                 "export": self.cfg.train.export,
             }
-            (self.out / "final_state.json").write_text(json.dumps(state, indent=2))
+            self.run.final_state.write_text(json.dumps(state, indent=2))
 
     def _log(self, step: int, terms: dict[str, torch.Tensor], rate: float, bar) -> None:
         self.nan_watch.check()

@@ -1,6 +1,7 @@
 """Components the trainer runs every few steps on the models it trains, without knowing what they measure.
 
-The trainer is handed *builders* (``device -> Validator``), builds them once it knows its device, and
+The trainer is handed *builders* (``(Placement, Manifest) -> Validator``), builds them once it knows its
+rank and device and has loaded the data's manifest, and
 every ``validator.every`` optimizer steps (and at the last step when ``at_end``) logs what
 ``validator(models, step)`` returns. A validator with ``main_rank_only`` runs on rank 0 alone and must
 not use collectives (the other ranks wait at the next one). The online kNN monitor
@@ -20,9 +21,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ilm_dist import distributed as D
-from ilm_dist.config import RunConfig, ValConfig
+from ilm_dist.config import AugConfig, DataConfig, RunConfig, ValConfig
 from ilm_dist.data.augment import MocoViews, eval_transform
-from ilm_dist.data.manifest import load_manifest
+from ilm_dist.data.batch import Placement
+from ilm_dist.data.manifest import Manifest
 from ilm_dist.data.sampling import rank_shard, seeded_draw
 from ilm_dist.data.shard_reader import ShardReader
 from ilm_dist.data.torch_backend import SplitDataset, TwoViews
@@ -50,7 +52,8 @@ class Validator(Protocol):
     def __call__(self, models: Models, step: int) -> dict[str, float]: ...
 
 
-ValidatorBuilder = Callable[[torch.device], Validator]
+# what the trainer calls with this rank's Placement and the manifest of the data it trains on
+ValidatorBuilder = Callable[[Placement, Manifest | None], Validator]
 
 
 def selection_criterion(val: ValConfig) -> dict[str, object]:
@@ -80,40 +83,42 @@ class ValidationLoss:
     main_rank_only = False  # an all-reduce of the sums
     at_end = True  # the last step's weights are a candidate too
 
-    def __init__(self, cfg: RunConfig, device: torch.device):
-        val, batch = cfg.val, cfg.data.batch_size
-        self.every, self.device = val.every, device
-        self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-        reader = ShardReader(load_manifest(cfg.data.shards), val.split)
+    def __init__(
+        self, val: ValConfig, data: DataConfig, aug: AugConfig, where: Placement, manifest: Manifest
+    ):
+        batch = data.batch_size
+        self.every, self.device = val.every, where.device
+        self.memory_format = torch.channels_last if where.channels_last else torch.contiguous_format
+        reader = ShardReader(manifest, val.split)
         drawn = seeded_draw(len(reader), val.max_samples)
         self.num_samples = len(drawn) // batch * batch
         if self.num_samples == 0:
             raise InputError(
-                f"val.split: split {val.split!r} of {cfg.data.shards} has {len(drawn)} samples to validate on, "
+                f"val.split: split {val.split!r} of {data.shards} has {len(drawn)} samples to validate on, "
                 f"fewer than one batch of data.batch_size={batch}"
             )
-        mine = drawn[: self.num_samples][rank_shard(self.num_samples, batch, D.rank(), D.world_size())]
+        mine = drawn[: self.num_samples][rank_shard(self.num_samples, batch, where.rank, where.world_size)]
         views = (
-            MocoViews(cfg.aug, cfg.data.image_size, views=2)
+            MocoViews(aug, data.image_size, views=2)
             if val.views == "augmented"
-            else TwoViews(eval_transform(cfg.aug, cfg.data.image_size))
+            else TwoViews(eval_transform(aug, data.image_size))
         )
-        dataset = SplitDataset(reader, views, mine, seed=cfg.seed)
+        dataset = SplitDataset(reader, views, mine, seed=where.seed)
         self.loader = DataLoader(
             dataset, batch_size=batch, num_workers=val.num_workers, collate_fn=dataset.collate
         )
         self.description = (
             f"validation loss every {val.every} steps and at the last: {self.num_samples} samples of "
-            f"{cfg.data.shards} [{val.split}] ({len(drawn) - self.num_samples} of the draw dropped), "
+            f"{data.shards} [{val.split}] ({len(drawn) - self.num_samples} of the draw dropped), "
             f"{self.num_samples // batch} batches of {batch}, {val.views} views"
         )
-        if D.rank() == 0:
+        if where.rank == 0:
             log.info("%s", self.description)
 
     @classmethod
-    def builder(cls, cfg: RunConfig) -> Callable[[torch.device], ValidationLoss]:
-        """What the trainer is handed: builds the validator on the training device."""
-        return lambda device: cls(cfg, device)
+    def builder(cls, cfg: RunConfig) -> ValidatorBuilder:
+        """What the trainer is handed: builds the validator for its rank, device and manifest."""
+        return lambda where, manifest: cls(cfg.val, cfg.data, cfg.aug, where, manifest)
 
     @torch.no_grad()
     def __call__(self, models: Models, step: int) -> dict[str, float]:
@@ -135,7 +140,5 @@ class ValidationLoss:
         finally:
             query.train(modes[0])
             key.train(modes[1])
-        if D.world_size() > 1:
-            torch.distributed.all_reduce(sums)
-        *totals, count = sums.tolist()
+        *totals, count = D.all_reduce_sum_(sums).tolist()
         return {VAL_PREFIX + name: total / count for name, total in zip(names, totals, strict=True)}

@@ -11,6 +11,7 @@ import pandas as pd
 
 from ilm_dist.config import ConfigError, RunConfig, save_config
 from ilm_dist.losses import NO_LOSS, loss_types
+from ilm_dist.train.run_dir import RunDir
 from ilm_dist.tune.space import plain
 from ilm_dist.tune.spec import Sweep
 
@@ -50,7 +51,7 @@ def _status(ray_status: str, run_dir: Path) -> str:
         return "error"
     if ray_status != "TERMINATED":
         return "unfinished"
-    return "completed" if (run_dir / "final_state.json").exists() else "stopped"
+    return "completed" if RunDir(run_dir).final_state.exists() else "stopped"
 
 
 def error_text(error_file: Path) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 from ilm_dist.config import save_config
 from ilm_dist.eval.monitor import is_monitor_record
 from ilm_dist.processes import last_lines, launch, module_command
+from ilm_dist.train.run_dir import RunDir
 from ilm_dist.tune.spec import Sweep
 
 POLL_S = 1.0
@@ -38,7 +39,7 @@ def run_trial(config: dict[str, Any], sweep: Sweep) -> None:
     run_dir.mkdir(parents=True)
     cfg = sweep.run_config(config, run_dir, f"{sweep.settings.name}_{trial_id}")
     save_config(cfg, run_dir / "run.yaml")
-    follower = MetricsFollower(run_dir / "metrics.jsonl")
+    follower = MetricsFollower(RunDir(run_dir).metrics)
     # the installed package runs from the trial directory: no checkout needed
     cmd, env = module_command(
         ["ilm_dist.pretrain", "--config", str(run_dir / "run.yaml")], sweep.settings.resources

@@ -17,6 +17,7 @@ import torch
 from ilm_dist import distributed as D
 from ilm_dist.train import checkpoint
 from ilm_dist.train import engine as ds_engine
+from ilm_dist.train.run_dir import RunDir
 
 STALE = {"save": "step_2", "restore": "step_1"}  # what rank 1's reading of `latest` says, per phase
 
@@ -31,22 +32,22 @@ def tiny_engine():
 
 def stale_view_on_rank_1(phase: str) -> None:
     if D.rank() == 1:
-        checkpoint.latest_tag = lambda output_dir: STALE[phase]
+        RunDir.latest_tag = lambda run: STALE[phase]
 
 
 def main(out: Path) -> None:
     D.init_process_group("gloo", timeout_s=30)
     engine = tiny_engine()
-    checkpoint.save(engine, out, 1, {"moco": {}}, keep=3)
+    checkpoint.save(engine, RunDir(out), 1, {"moco": {}}, keep=3)
     loss = engine(torch.full((2, 4), float(D.rank() + 1))).square().sum()
     engine.backward(loss)
     engine.step()
     saved = [p.detach().clone() for p in engine.module.parameters()]
     stale_view_on_rank_1("save")
-    checkpoint.save(engine, out, 2, {"moco": {}}, keep=3)
+    checkpoint.save(engine, RunDir(out), 2, {"moco": {}}, keep=3)
     stale_view_on_rank_1("restore")
     resumed = tiny_engine()
-    checkpoint.restore(resumed, out, D.world_size())
+    checkpoint.restore(resumed, RunDir(out), D.world_size())
     weights = D.all_gather_object([p.detach().clone() for p in resumed.module.parameters()])
     if D.rank() == 0:
         torch.save({"saved": saved, "resumed_per_rank": weights}, out / "result.pt")

@@ -15,6 +15,8 @@ import torch
 
 from ilm_dist import distributed as D
 from ilm_dist.config import load_config
+from ilm_dist.data.batch import Placement
+from ilm_dist.data.manifest import load_manifest
 from ilm_dist.moco.key_encoder import KeyEncoder
 from ilm_dist.moco.queue import KeyQueue
 from ilm_dist.model.moco import MoCoILM
@@ -37,7 +39,9 @@ if __name__ == "__main__":
     out, shards, *overrides = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     cfg = load_config("configs/demo.yaml", [f"data.shards={shards}", *overrides])
     _, device = D.init_process_group("gloo")
-    results = ValidationLoss(cfg, device)(fixed_models(cfg, device), step=1)
+    where = Placement(D.rank(), D.world_size(), device, cfg.seed, cfg.model.channels_last)
+    validator = ValidationLoss(cfg.val, cfg.data, cfg.aug, where, load_manifest(cfg.data.shards))
+    results = validator(fixed_models(cfg, device), step=1)
     if D.rank() == 0:
         Path(out).write_text(json.dumps(results))
     D.shutdown()

@@ -15,7 +15,8 @@ import torch
 from ilm_dist.errors import InputError
 from ilm_dist.serialization import CheckpointWriteError, save_tensors
 from ilm_dist.train import checkpoint
-from ilm_dist.train.checkpoint import FULL_OPTIMIZER_STATE, LATEST, checkpoint_dir
+from ilm_dist.train.checkpoint import FULL_OPTIMIZER_STATE
+from ilm_dist.train.run_dir import RunDir
 from tests.launcher import run_deepspeed
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -52,15 +53,17 @@ class FakeEngine:
 
 
 def tags(out: Path) -> list[str]:
-    return sorted(p.name for p in checkpoint_dir(out).iterdir() if p.name.startswith("step_"))
+    return sorted(p.name for p in RunDir(out).checkpoints.iterdir() if p.name.startswith("step_"))
 
 
 def latest_text(out: Path) -> str:
-    return (checkpoint_dir(out) / LATEST).read_text()
+    return RunDir(out).latest.read_text()
 
 
 def save(out: Path, step: int, engine: FakeEngine | None = None, keep: int = 3) -> Path:
-    return checkpoint.save(engine or FakeEngine(), out, step, {"moco": {"step": torch.tensor(step)}}, keep)
+    return checkpoint.save(
+        engine or FakeEngine(), RunDir(out), step, {"moco": {"step": torch.tensor(step)}}, keep
+    )
 
 
 # --------------------------------------------------------------------------- save, latest, rotation
@@ -69,29 +72,29 @@ def save(out: Path, step: int, engine: FakeEngine | None = None, keep: int = 3) 
 def test_save_writes_the_tag_then_names_it_in_latest(tmp_path):
     engine = FakeEngine()
     path = save(tmp_path, 7, engine)
-    assert path == checkpoint_dir(tmp_path) / "step_7"
+    assert path == RunDir(tmp_path).checkpoints / "step_7"
     assert sorted(p.name for p in path.iterdir()) == [MODEL_STATES, OPTIM_STATES]
     assert latest_text(tmp_path) == "step_7"
-    assert checkpoint.latest_checkpoint(tmp_path) == path
+    assert checkpoint.latest_checkpoint(RunDir(tmp_path)) == path
     # the client state travels with DeepSpeed's save, plus the (absent without ZeRO) full optimizer state
     [(tag, client_state)] = engine.saved
     assert tag == "step_7" and client_state[FULL_OPTIMIZER_STATE] is None
     assert int(client_state["moco"]["step"]) == 7
-    assert not list(checkpoint_dir(tmp_path).glob(".*"))  # no temporary file left behind
+    assert not list(RunDir(tmp_path).checkpoints.glob(".*"))  # no temporary file left behind
 
 
 def test_saving_the_latest_step_again_writes_nothing(tmp_path):
     save(tmp_path, 4)
-    before = os.stat(checkpoint_dir(tmp_path) / LATEST)
+    before = os.stat(RunDir(tmp_path).latest)
     engine = FakeEngine()
-    assert save(tmp_path, 4, engine) == checkpoint_dir(tmp_path) / "step_4"
+    assert save(tmp_path, 4, engine) == RunDir(tmp_path).checkpoints / "step_4"
     assert engine.saved == []
-    after = os.stat(checkpoint_dir(tmp_path) / LATEST)
+    after = os.stat(RunDir(tmp_path).latest)
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
 def test_rotation_keeps_the_newest_tags_by_step_number(tmp_path):
-    root = checkpoint_dir(tmp_path)
+    root = RunDir(tmp_path).checkpoints
     (root / "step_notes").mkdir(parents=True)  # not a checkpoint tag: never rotated away
     (root / "README").write_text("mine")
     for step in (1, 2, 9, 10):  # as text, step_10 sorts before step_2 and step_9
@@ -105,27 +108,27 @@ def test_rotation_keeps_the_newest_tags_by_step_number(tmp_path):
 
 def test_a_failed_latest_write_keeps_the_old_latest_and_names_the_file(tmp_path):
     save(tmp_path, 2)
-    root = checkpoint_dir(tmp_path)
-    tmp = root / f".{LATEST}.tmp"
+    root = RunDir(tmp_path).checkpoints
+    tmp = root / f".{RunDir.LATEST}.tmp"
     tmp.symlink_to("/dev/full")  # the next write of 'latest' fails with a real ENOSPC
     with pytest.raises(CheckpointWriteError) as caught:
         save(tmp_path, 4)
     assert caught.value.errno == errno.ENOSPC
     message = str(caught.value)
-    assert str(root / LATEST) in message and "No space left on device" in message
+    assert str(root / RunDir.LATEST) in message and "No space left on device" in message
     assert "'latest' was not changed" in message
     assert latest_text(tmp_path) == "step_2"
     assert not tmp.is_symlink() and not tmp.exists()  # the temporary file was removed
-    assert checkpoint.latest_checkpoint(tmp_path) == root / "step_2"
+    assert checkpoint.latest_checkpoint(RunDir(tmp_path)) == root / "step_2"
 
 
 @pytest.mark.parametrize("how", ["dev_full", "oserror"])
 def test_a_failed_save_removes_the_partial_tag_and_keeps_the_previous_one(tmp_path, how):
     save(tmp_path, 2)
     save(tmp_path, 4)
-    root = checkpoint_dir(tmp_path)
+    root = RunDir(tmp_path).checkpoints
     before = {p.name: p.read_bytes() for p in (root / "step_4").iterdir()}
-    latest_before = os.stat(root / LATEST)
+    latest_before = os.stat(root / RunDir.LATEST)
     if how == "dev_full":  # DeepSpeed's optimizer file lands on a full disk: a real ENOSPC
         (root / "step_6").mkdir()
         (root / "step_6" / OPTIM_STATES).symlink_to("/dev/full")
@@ -144,7 +147,7 @@ def test_a_failed_save_removes_the_partial_tag_and_keeps_the_previous_one(tmp_pa
     assert not (root / "step_6").exists()
     assert tags(tmp_path) == ["step_2", "step_4"]  # no rotation either
     assert {p.name: p.read_bytes() for p in (root / "step_4").iterdir()} == before
-    latest_after = os.stat(root / LATEST)
+    latest_after = os.stat(root / RunDir.LATEST)
     assert (latest_after.st_ino, latest_after.st_mtime_ns) == (
         latest_before.st_ino,
         latest_before.st_mtime_ns,
@@ -156,7 +159,7 @@ def test_a_failed_first_save_says_there_is_no_earlier_checkpoint(tmp_path):
     with pytest.raises(CheckpointWriteError, match="no earlier checkpoint"):
         save(tmp_path, 1, FakeEngine(fail=OSError(errno.EIO, "Input/output error")))
     assert tags(tmp_path) == []
-    assert not (checkpoint_dir(tmp_path) / LATEST).exists()
+    assert not RunDir(tmp_path).latest.exists()
 
 
 # --------------------------------------------------------------------------- finding and counting checkpoints
@@ -171,27 +174,27 @@ def one_line_input_error(fn, *args) -> str:
 
 
 def test_latest_checkpoint_without_latest_names_the_directory(tmp_path):
-    message = one_line_input_error(checkpoint.latest_checkpoint, tmp_path)
-    assert str(checkpoint_dir(tmp_path)) in message and "no 'latest' file" in message
+    message = one_line_input_error(checkpoint.latest_checkpoint, RunDir(tmp_path))
+    assert str(RunDir(tmp_path).checkpoints) in message and "no 'latest' file" in message
 
 
 def test_latest_checkpoint_naming_a_missing_tag_names_both(tmp_path):
-    root = checkpoint_dir(tmp_path)
+    root = RunDir(tmp_path).checkpoints
     root.mkdir()
-    (root / LATEST).write_text("step_8\n")
-    message = one_line_input_error(checkpoint.latest_checkpoint, tmp_path)
-    assert str(root / LATEST) in message and str(root / "step_8") in message and "missing" in message
+    (root / RunDir.LATEST).write_text("step_8\n")
+    message = one_line_input_error(checkpoint.latest_checkpoint, RunDir(tmp_path))
+    assert str(root / RunDir.LATEST) in message and str(root / "step_8") in message and "missing" in message
 
 
 @pytest.mark.parametrize("text", ["", "\n", "../../elsewhere", "global_step8"])
 def test_latest_checkpoint_refuses_a_latest_that_names_no_tag(tmp_path, text):
-    root = checkpoint_dir(tmp_path)
+    root = RunDir(tmp_path).checkpoints
     (root / "step_8").mkdir(parents=True)
     (tmp_path / "elsewhere").mkdir()
     (root / "global_step8").mkdir()
-    (root / LATEST).write_text(text)
-    message = one_line_input_error(checkpoint.latest_checkpoint, tmp_path)
-    assert str(root / LATEST) in message and "step_<N>" in message
+    (root / RunDir.LATEST).write_text(text)
+    message = one_line_input_error(checkpoint.latest_checkpoint, RunDir(tmp_path))
+    assert str(root / RunDir.LATEST) in message and "step_<N>" in message
 
 
 def test_zero_world_size_counts_the_optimizer_partitions(tmp_path):
@@ -209,18 +212,18 @@ def test_zero_world_size_counts_the_optimizer_partitions(tmp_path):
 def test_restore_returns_the_saved_client_state(tmp_path):
     save(tmp_path, 3)
     engine = FakeEngine()
-    client_state = checkpoint.restore(engine, tmp_path, world_size=1)
+    client_state = checkpoint.restore(engine, RunDir(tmp_path), world_size=1)
     assert int(client_state["moco"]["step"]) == 3
     assert engine.loaded == [
-        {"dir": str(checkpoint_dir(tmp_path)), "tag": "step_3", "load_optimizer_states": True}
+        {"dir": str(RunDir(tmp_path).checkpoints), "tag": "step_3", "load_optimizer_states": True}
     ]
 
 
 def test_restore_on_another_world_size_under_zero_needs_the_full_optimizer_copy(tmp_path):
     save(tmp_path, 3)  # one partition, and no full copy (as written without ZeRO, or by an older ilm_dist)
     engine = FakeEngine(zero_stage=1)
-    message = one_line_input_error(checkpoint.restore, engine, tmp_path, 2)
-    assert str(checkpoint_dir(tmp_path) / "step_3") in message
+    message = one_line_input_error(checkpoint.restore, engine, RunDir(tmp_path), 2)
+    assert str(RunDir(tmp_path).checkpoints / "step_3") in message
     assert "partitions for 1 ranks" in message and "resume it on 1 ranks" in message
     assert engine.loaded[0]["load_optimizer_states"] is False  # the partitions do not fit 2 ranks
 
@@ -228,18 +231,18 @@ def test_restore_on_another_world_size_under_zero_needs_the_full_optimizer_copy(
 def test_restore_of_state_that_does_not_fit_is_one_line_naming_the_checkpoint(tmp_path):
     save(tmp_path, 3)
     error = RuntimeError("Error(s) in loading state_dict for MoCoILM:\n\tsize mismatch for w: [3] vs [4]")
-    message = one_line_input_error(checkpoint.restore, FakeEngine(load_error=error), tmp_path, 1)
-    assert str(checkpoint_dir(tmp_path) / "step_3") in message
+    message = one_line_input_error(checkpoint.restore, FakeEngine(load_error=error), RunDir(tmp_path), 1)
+    assert str(RunDir(tmp_path).checkpoints / "step_3") in message
     assert "Error(s) in loading state_dict for MoCoILM:" in message and "size mismatch" not in message
 
 
 def test_restore_reads_the_moco_sidecar_of_older_checkpoints(tmp_path):
-    root = checkpoint_dir(tmp_path) / "step_5"
+    root = RunDir(tmp_path).checkpoints / "step_5"
     root.mkdir(parents=True)
     save_tensors({"module": {}}, root / MODEL_STATES)  # written before the MoCo state moved into it
     save_tensors({"queue": torch.arange(4.0)}, root / checkpoint.LEGACY_MOCO_STATE)
-    (root.parent / LATEST).write_text("step_5")
-    client_state = checkpoint.restore(FakeEngine(), tmp_path, 1)
+    (root.parent / RunDir.LATEST).write_text("step_5")
+    client_state = checkpoint.restore(FakeEngine(), RunDir(tmp_path), 1)
     assert torch.equal(client_state["moco"]["queue"], torch.arange(4.0))
 
 
@@ -249,7 +252,7 @@ def test_ranks_that_read_latest_differently_save_and_resume_the_same_step(tmp_pa
     rank 0's reading decides for both, so both write step 2 and both resume its weights."""
     run_deepspeed("tests/dist_scripts/checkpoint_views.py", [str(tmp_path)], timeout=240)
     result = torch.load(tmp_path / "result.pt")
-    assert (tmp_path / "checkpoints" / LATEST).read_text() == "step_2"
+    assert (tmp_path / "checkpoints" / RunDir.LATEST).read_text() == "step_2"
     for weights in result["resumed_per_rank"]:
         for got, saved in zip(weights, result["saved"], strict=True):
             torch.testing.assert_close(got, saved, rtol=0, atol=0)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ilm_dist.train.health import Heartbeat, NanWatch, NonFiniteLoss
+from ilm_dist.train.run_dir import RunDir
 
 NAMES = ["moco", "mse"]
 
@@ -89,12 +90,12 @@ def test_record_never_reads_a_value_and_check_transfers_once(monkeypatch):
 
 
 def read_beat(hb: Heartbeat, rank: int) -> tuple[str, float]:
-    step, stamp = (hb.dir / f"rank{rank}").read_text().split()
+    step, stamp = (hb.run.heartbeats / f"rank{rank}").read_text().split()
     return step, float(stamp)
 
 
 def test_beat_writes_at_most_once_per_period_unless_forced(tmp_path):
-    hb = Heartbeat(tmp_path, rank=1, world_size=2, period_s=60.0)
+    hb = Heartbeat(RunDir(tmp_path), rank=1, world_size=2, period_s=60.0)
     hb.beat(5)
     assert read_beat(hb, 1)[0] == "5"
     hb.beat(6)  # within the period: not written
@@ -102,10 +103,10 @@ def test_beat_writes_at_most_once_per_period_unless_forced(tmp_path):
     hb.beat(7, force=True)
     step, stamp = read_beat(hb, 1)
     assert step == "7" and abs(stamp - time.time()) < 5
-    fast = Heartbeat(tmp_path, rank=1, world_size=2, period_s=0.0)
+    fast = Heartbeat(RunDir(tmp_path), rank=1, world_size=2, period_s=0.0)
     fast.beat(8)
     assert read_beat(fast, 1)[0] == "8"
-    assert sorted(p.name for p in hb.dir.iterdir()) == ["rank1"]  # nothing else left in the folder
+    assert sorted(p.name for p in hb.run.heartbeats.iterdir()) == ["rank1"]  # nothing else left in the folder
 
 
 def beat_until(hb: Heartbeat, step: int, stop: threading.Event) -> None:
@@ -115,9 +116,9 @@ def beat_until(hb: Heartbeat, step: int, stop: threading.Event) -> None:
 
 
 def test_diagnose_names_ranks_silent_since_the_failure_and_ranks_never_heard_from(tmp_path):
-    ranks = [Heartbeat(tmp_path, rank=r, world_size=4, period_s=0.0) for r in range(4)]
+    ranks = [Heartbeat(RunDir(tmp_path), rank=r, world_size=4, period_s=0.0) for r in range(4)]
     # rank 2 was last alive at step 7, half a minute before the failure
-    (ranks[2].dir / "rank2").write_text(f"7 {time.time() - 30:.3f}\n")
+    (ranks[2].run.heartbeats / "rank2").write_text(f"7 {time.time() - 30:.3f}\n")
     ranks[1].beat(7)
     stop = threading.Event()
     survivor = threading.Thread(target=beat_until, args=(ranks[1], 9, stop))
@@ -136,12 +137,15 @@ def test_diagnose_names_ranks_silent_since_the_failure_and_ranks_never_heard_fro
 
 
 def test_diagnose_with_every_rank_alive_says_none(tmp_path):
-    assert Heartbeat(tmp_path, 0, 1).diagnose(3, grace_s=0.05) == "not heard from since the failure: none"
+    assert (
+        Heartbeat(RunDir(tmp_path), 0, 1).diagnose(3, grace_s=0.05)
+        == "not heard from since the failure: none"
+    )
 
 
 def test_diagnose_survives_a_heartbeat_caught_mid_write(tmp_path):
-    hb = Heartbeat(tmp_path, rank=0, world_size=3, period_s=0.0)
-    (hb.dir / "rank1").write_text("")  # truncated by its writer, not yet rewritten
-    (hb.dir / "rank2").write_text("12")  # or half written
+    hb = Heartbeat(RunDir(tmp_path), rank=0, world_size=3, period_s=0.0)
+    (hb.run.heartbeats / "rank1").write_text("")  # truncated by its writer, not yet rewritten
+    (hb.run.heartbeats / "rank2").write_text("12")  # or half written
     report = hb.diagnose(4, grace_s=0.05)
     assert "rank 1 (never checked in)" in report and "rank 2 (never checked in)" in report

@@ -1,5 +1,5 @@
 """The run directory belongs to one run: refused without --overwrite, emptied of exactly the run's files with
-it, and a resumed run's metrics.jsonl cut back to its checkpoint."""
+it, and a resumed run's metrics.jsonl cut back to its checkpoint; RunDir names every file of a run."""
 
 import json
 import re
@@ -7,7 +7,57 @@ import re
 import pytest
 
 from ilm_dist.errors import InputError
-from ilm_dist.train.run_dir import METRICS, RUN_FILES, keep_metrics_until, prepare_fresh
+from ilm_dist.train.run_dir import RunDir
+
+METRICS = "metrics.jsonl"
+# What launch/pretrain.py writes and the evaluation commands, sweeps and experiments read, spelled out here
+# as docs/ and the configs spell them (an independent reference for the names RunDir owns).
+RUN_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "tensorboard",
+    "checkpoints",
+    "heartbeat",
+    "backbone.pt",
+    "backbone_best.pt",
+    "backbone_last.pt",
+    "best.json",
+    "final_state.json",
+    "knn_check.json",
+    "resume_changes.jsonl",
+)
+
+
+def prepare_fresh(out, overwrite: bool) -> None:
+    RunDir(out).prepare_fresh(overwrite)
+
+
+def keep_metrics_until(out, step: int) -> int:
+    return RunDir(out).keep_metrics_until(step)
+
+
+def test_every_name_of_a_run_and_its_path(tmp_path):
+    run = RunDir(tmp_path / "r")
+    assert RunDir.names() == RUN_FILES
+    assert run.config == tmp_path / "r" / "config.yaml" and RunDir.config.name == "config.yaml"
+    assert run.metrics == tmp_path / "r" / METRICS
+    assert run.latest == tmp_path / "r" / "checkpoints" / "latest"
+    assert run.checkpoint(12) == run.checkpoint("step_12") == tmp_path / "r" / "checkpoints" / "step_12"
+    assert run.heartbeat(3) == tmp_path / "r" / "heartbeat" / "rank3"
+    assert (run.backbone, run.best_backbone, run.last_backbone) == tuple(
+        tmp_path / "r" / name for name in ("backbone.pt", "backbone_best.pt", "backbone_last.pt")
+    )
+    assert run.final_state.name == "final_state.json" and run.resume_changes.name == "resume_changes.jsonl"
+    assert RunDir.TAG.match("step_12") and not RunDir.TAG.match("step_x")
+
+
+def test_latest_tag_is_what_the_latest_file_says(tmp_path):
+    run = RunDir(tmp_path)
+    assert run.latest_tag() is None
+    make_run(tmp_path)
+    assert run.latest_tag() == "step_2"
+    (tmp_path / "checkpoints" / "latest").write_text("step_5\n")
+    assert run.latest_tag() == "step_5"
 
 
 def make_run(out) -> None:
@@ -45,7 +95,6 @@ def test_overwrite_deletes_exactly_the_run_files(tmp_path, caplog):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     assert (elsewhere / "events").is_dir()
     assert "config.yaml, tensorboard, checkpoints, backbone.pt" in caplog.text
-    assert all(name in RUN_FILES for name in ("config.yaml", "tensorboard", "checkpoints", "backbone.pt"))
 
 
 def write_metrics(out, steps: list[int]) -> None:
