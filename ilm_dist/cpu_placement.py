@@ -31,7 +31,6 @@ from ilm_dist.errors import InputError
 log = logging.getLogger("ilm_dist")
 THREADS_ENV = "OMP_NUM_THREADS"
 _job_cores: tuple[int, ...] | None = None  # the mask before this process bound itself
-_applied: CpuPlacement | None = None  # what place_this_process applied here, for the loader workers it forks
 
 
 @dataclass
@@ -40,9 +39,6 @@ class CpuConfig:
 
     threads: int | None = None  # intra-op threads per rank; None: the rank's share of the cores
     bind: bool = True  # pin each rank, and its loader workers, to its own cores
-    # CPU ranks: loader workers, which share the rank's cores, run at idle priority (SCHED_IDLE), on the time
-    # the step leaves idle, instead of preempting an OpenMP thread that the others then wait for at a barrier
-    idle_loader: bool = True
 
 
 @dataclass(frozen=True)
@@ -54,7 +50,6 @@ class CpuPlacement:
     loader_workers: int  # per rank, one thread each
     bound: bool  # whether ranks are pinned to their blocks
     source: str  # where ``threads`` came from: "auto", "cpu.threads" or "OMP_NUM_THREADS"
-    idle_workers: bool = False  # loader workers at idle priority: they run when the rank's threads wait
 
     @property
     def local_ranks(self) -> int:
@@ -70,7 +65,6 @@ class CpuPlacement:
         where = "cores " + "/".join(_core_list(b) for b in self.blocks) if self.bound else "not bound"
         workers = self.loader_workers
         loader = f"{workers} loader worker{'s' if workers != 1 else ''} x 1 thread per rank"
-        loader += ", at idle priority" if self.idle_workers and workers else ""
         source = "" if self.source == "auto" else f" (threads from {self.source})"
         return f"{ranks} x {threads}, {where}, {loader}{source}"
 
@@ -149,8 +143,7 @@ def plan_placement(
         share = len(blocks[0])
         threads, source = max(1, share - loader_workers) if gpu else share, "auto"
     bound = config.bind and env_threads is None
-    idle_workers = config.idle_loader and not gpu and loader_workers > 0
-    return CpuPlacement(blocks, threads, loader_workers, bound, source, idle_workers)
+    return CpuPlacement(blocks, threads, loader_workers, bound, source)
 
 
 def bind_process(cores: Sequence[int]) -> None:
@@ -175,23 +168,14 @@ def place_this_process(
     """Plan this node from the launcher's environment and apply this rank's part; with ``announce`` local
     rank 0 logs the plan. Planned again in the same process (a second trainer), it plans over the cores
     it had before it bound itself."""
-    global _job_cores, _applied
+    global _job_cores
     _job_cores = _job_cores or available_cores()
     rank, ranks = local_ranks()
     placement = plan_placement(ranks, loader_workers, config, cores=_job_cores, gpu=gpu)
     apply_placement(placement, rank)
-    _applied = placement
     if announce and rank == 0:
         log.info("cpu placement: %s", placement.describe())
     return placement
-
-
-def place_loader_worker() -> None:
-    """In a loader worker (forked by the rank after :func:`place_this_process`): its part of the placement.
-    At idle priority the kernel runs it only when no other thread of the core wants to run; a worker starved
-    that way makes the rank wait for its batch, which frees the core for it."""
-    if _applied is not None and _applied.idle_workers and hasattr(os, "SCHED_IDLE"):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def current_placement() -> dict[str, object]:

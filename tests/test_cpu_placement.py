@@ -44,38 +44,17 @@ def test_cores_are_split_into_one_equal_block_per_rank(cores, ranks, blocks):
     ("cores", "ranks", "workers", "gpu", "threads", "text"),
     [
         (TWO, 1, 0, False, 2, "1 rank x 2 threads, cores 0-1, 0 loader workers x 1 thread per rank"),
-        (
-            TWO,
-            1,
-            1,
-            False,
-            2,
-            "1 rank x 2 threads, cores 0-1, 1 loader worker x 1 thread per rank, at idle priority",
-        ),
+        (TWO, 1, 1, False, 2, "1 rank x 2 threads, cores 0-1, 1 loader worker x 1 thread per rank"),
         (TWO, 2, 0, False, 1, "2 ranks x 1 thread, cores 0/1, 0 loader workers x 1 thread per rank"),
-        (
-            TWO,
-            2,
-            1,
-            False,
-            1,
-            "2 ranks x 1 thread, cores 0/1, 1 loader worker x 1 thread per rank, at idle priority",
-        ),
-        (
-            TWO,
-            3,
-            1,
-            False,
-            1,
-            "3 ranks x 1 thread, cores 0/1/0, 1 loader worker x 1 thread per rank, at idle priority",
-        ),
+        (TWO, 2, 1, False, 1, "2 ranks x 1 thread, cores 0/1, 1 loader worker x 1 thread per rank"),
+        (TWO, 3, 1, False, 1, "3 ranks x 1 thread, cores 0/1/0, 1 loader worker x 1 thread per rank"),
         (
             SIXTEEN,
             2,
             4,
             False,
             8,
-            "2 ranks x 8 threads, cores 0-7/8-15, 4 loader workers x 1 thread per rank, at idle priority",
+            "2 ranks x 8 threads, cores 0-7/8-15, 4 loader workers x 1 thread per rank",
         ),
         # a GPU rank leaves its loader workers their cores and keeps the rest, at least one
         (SIXTEEN, 2, 4, True, 4, "2 ranks x 4 threads, cores 0-7/8-15, 4 loader workers x 1 thread per rank"),
@@ -104,44 +83,8 @@ def test_environment_threads_win_and_leave_the_binding_to_whoever_set_them():
     placement = plan_placement(2, 1, cores=TWO, environ={"OMP_NUM_THREADS": "2"})
     assert (placement.threads, placement.source, placement.bound) == (2, "OMP_NUM_THREADS", False)
     assert placement.describe() == (
-        "2 ranks x 2 threads, not bound, 1 loader worker x 1 thread per rank, at idle priority "
-        "(threads from OMP_NUM_THREADS)"
+        "2 ranks x 2 threads, not bound, 1 loader worker x 1 thread per rank (threads from OMP_NUM_THREADS)"
     )
-
-
-def test_loader_workers_run_at_idle_priority_on_cpu_ranks_only():
-    assert plan_placement(1, 1, cores=TWO, environ={}).idle_workers
-    assert not plan_placement(1, 0, cores=TWO, environ={}).idle_workers  # no workers: nothing to say
-    assert not plan_placement(2, 4, cores=SIXTEEN, gpu=True, environ={}).idle_workers  # cores of their own
-    assert not plan_placement(1, 1, CpuConfig(idle_loader=False), cores=TWO, environ={}).idle_workers
-
-
-WORKER_POLICY = """
-import os, sys
-from torch.utils.data import DataLoader
-from ilm_dist.config import CpuConfig
-from ilm_dist.cpu_placement import place_this_process
-from ilm_dist.data.torch_backend import start_loader_worker
-place_this_process(1, CpuConfig(idle_loader=sys.argv[1] == "1"), announce=False)
-policies = [lambda _: os.sched_getscheduler(0)]
-loader = DataLoader(range(2), num_workers=1, worker_init_fn=start_loader_worker, collate_fn=policies[0])
-print(os.sched_getscheduler(0), *loader)
-"""
-
-
-@pytest.mark.parametrize("idle", [True, False])
-def test_a_loader_worker_runs_at_the_priority_it_was_given(idle):
-    """Read back in a real DataLoader worker of a placed process; the rank itself keeps its priority."""
-    proc = subprocess.run(
-        [sys.executable, "-c", WORKER_POLICY, "1" if idle else "0"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    rank, *workers = map(int, proc.stdout.split())
-    assert rank == os.SCHED_OTHER
-    assert workers == [os.SCHED_IDLE if idle else os.SCHED_OTHER] * 2
 
 
 def test_bind_false_keeps_the_automatic_threads_unbound():
@@ -211,8 +154,8 @@ def test_local_rank_zero_announces_the_plan_and_an_override_is_read_back():
     log, got = place_in_a_fresh_process(LOCAL_RANK="0", LOCAL_SIZE="2", OMP_NUM_THREADS="3")
     assert got == {"threads": 3, "cores": list(available_cores())}  # not bound: the caller's cores
     assert (
-        log == "cpu placement: 2 ranks x 3 threads, not bound, 1 loader worker x 1 thread per rank, "
-        "at idle priority (threads from OMP_NUM_THREADS)"
+        log == "cpu placement: 2 ranks x 3 threads, not bound, 1 loader worker x 1 thread per rank "
+        "(threads from OMP_NUM_THREADS)"
     )
 
 

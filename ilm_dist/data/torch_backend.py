@@ -19,7 +19,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ilm_dist.config import AugConfig, DataConfig
-from ilm_dist.cpu_placement import place_loader_worker
 from ilm_dist.data.augment import MocoViews
 from ilm_dist.data.batch import Placement, TwoViewBatch
 from ilm_dist.data.manifest import Manifest
@@ -98,21 +97,18 @@ def epoch_loader(
         batch_sampler=batches,
         num_workers=num_workers,
         collate_fn=dataset.collate,
-        worker_init_fn=start_loader_worker,
+        worker_init_fn=leave_sigterm_to_the_parent,
         **loader_options,
     )
     return batches, loader
 
 
-def start_loader_worker(worker_id: int) -> None:
-    """The worker's part of the CPU placement (:func:`place_loader_worker`), and its signals.
-
-    A SIGTERM to the whole process group (``timeout``, a scheduler) stops the training process, which ends its
+def leave_sigterm_to_the_parent(worker_id: int) -> None:
+    """A SIGTERM to the whole process group (``timeout``, a scheduler) stops the training process, which ends its
     workers; a worker killed by it first made the DataLoader raise a second error beside the trainer's. And a
     worker handing a batch's shared memory to a parent that is going away (multiprocessing's resource_sharer
     thread) loses the connection: that is the parent's exit, not an error to print."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    place_loader_worker()
     threading.excepthook = _quiet_when_the_parent_left
 
 
