@@ -11,12 +11,13 @@ export MAX_JOBS ?= 2
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
-.PHONY: help install demo test test-fast lint format bench gpu-wheels gpu-check-dry-run clean
+.PHONY: help install demo test test-fast test-integration lint format bench gpu-wheels gpu-check-dry-run clean
 
 help:
 	@echo "make demo      set up .venv, pack a synthetic set, pretrain on 2 CPU ranks, probe"
 	@echo "make test      set up .venv and run the test suite"
-	@echo "make test-fast the tests without the multi-process runs"
+	@echo "make test-fast every unit test (the tests not marked slow: no launcher, no process runs)"
+	@echo "make test-integration  the tests marked slow: launcher, multi-process and whole-command runs"
 	@echo "make lint      ruff check + format check"
 	@echo "make format    ruff format + autofix"
 	@echo "make bench     CPU-sized benchmarks (writes bench/results/)"
@@ -45,6 +46,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow"
+
+test-integration: $(STAMP)
+	$(PYTEST) -m slow
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

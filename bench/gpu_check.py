@@ -80,7 +80,7 @@ def parse_args() -> argparse.Namespace:
     ext.add_argument("--out", type=Path, required=True)
     ext.add_argument("--require-cuda", action="store_true", help="fail without a CUDA kernel")
     ext.set_defaults(func=cmd_extension)
-    op_tests = sub.add_parser("op-tests", help="tests/test_xcorr_op.py, the CUDA tests first")
+    op_tests = sub.add_parser("op-tests", help="tests/ops/test_xcorr_op.py, the CUDA tests first")
     op_tests.add_argument("--out", type=Path, required=True)
     op_tests.add_argument("--cuda-only", action="store_true", help="only the CUDA tests")
     op_tests.set_defaults(func=cmd_op_tests)
@@ -193,7 +193,7 @@ def cmd_extension(args: argparse.Namespace) -> None:
 
 
 OP = "ilm_dist::bt_xcorr_loss"
-OP_TESTS = ["tests/test_xcorr_op.py", "-q", "-ra", "-p", "no:cacheprovider"]
+OP_TESTS = ["tests/ops/test_xcorr_op.py", "-q", "-ra", "-p", "no:cacheprovider"]
 
 
 def op_kernels() -> dict[str, bool]:
@@ -207,7 +207,7 @@ def op_kernels() -> dict[str, bool]:
 
 
 def cmd_op_tests(args: argparse.Namespace) -> None:
-    """tests/test_xcorr_op.py in two pytest runs, the CUDA tests first, so that the stage's time cap cuts
+    """tests/ops/test_xcorr_op.py in two pytest runs, the CUDA tests first, so that the stage's time cap cuts
     the CPU tests, not the CUDA ones; ``--out`` holds each run's counts as soon as it ends."""
     runs = {"cuda": "cuda"} if args.cuda_only else {"cuda": "cuda", "rest": "not cuda"}
     result: dict[str, dict] = {}

@@ -8,7 +8,7 @@
 #   wheels         reassemble the carried wheel parts (.whl/parts, make gpu-wheels), verify, install
 #   build          ilm_dist._C against this torch, parallel compile for this GPU's architecture; asserts
 #                  that ilm_dist::bt_xcorr_loss has a CUDA kernel
-#   op_tests       tests/test_xcorr_op.py, the CUDA tests (which run only here) first, then the rest
+#   op_tests       tests/ops/test_xcorr_op.py, the CUDA tests (which run only here) first, then the rest
 #   op_bench       bench/xcorr.py --sizes full
 #   nccl           one-rank NCCL start-up through ilm_dist's process-group start-up (nccl asked for)
 #   data           a packed synthetic set (python -m data_tools.synthetic), made on the node

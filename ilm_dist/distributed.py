@@ -81,7 +81,7 @@ def _skip_shm_allreduce_op() -> None:
     unlinks, so every run, finished or killed, left its segments behind (sglang#38638 hit the same). The op
     serves only ``inference_all_reduce``, which training never calls; without it that call falls back to
     ``torch.distributed``. DeepSpeed consults this table of compatible ops before building
-    (``deepspeed.comm.torch.build_shm_op``); tests/test_shm_segments.py fails if a DeepSpeed ignores it.
+    (``deepspeed.comm.torch.build_shm_op``); tests/integration/test_shm_segments.py fails if a DeepSpeed ignores it.
     """
     import deepspeed.ops
 

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -60,30 +61,31 @@ def packed_tiny(tmp_path_factory):
     return out
 
 
-# The files that take longest (`make test` prints the slowest tests), longest first. `make test` hands
-# whole files to its workers in collection order (--no-loadscope-reorder); starting with the longest
+# The files that take longest (`make test` prints the slowest tests; paths under tests/), longest first.
+# `make test` hands whole files to its workers in collection order (--no-loadscope-reorder); starting with the longest
 # lets the workers finish together instead of one running a multi-minute file at the end alone.
 LONGEST_FILES = (
-    "test_pretrain_distributed.py",
-    "test_eval_distributed.py",
-    "test_precision.py",
-    "test_run_safety.py",
-    "test_cluster.py",
-    "test_experiment_processes.py",
-    "test_tune.py",
-    "test_gpu_check.py",
-    "test_validation_loss.py",
-    "test_experiment.py",
-    "test_bench_cpu_bound.py",
-    "test_shuffle_bn_distributed.py",
-    "test_pack_strict.py",
-    "test_eval_pipeline.py",
-    "test_bench_throughput.py",
-    "test_bench_cpu_step.py",
-    "test_checkpoint.py",
+    "integration/test_pretrain_distributed.py",
+    "integration/test_eval_distributed.py",
+    "integration/test_precision.py",
+    "integration/test_run_safety.py",
+    "integration/test_cluster.py",
+    "integration/test_experiment_processes.py",
+    "integration/test_tune_sweep.py",
+    "integration/test_gpu_check.py",
+    "integration/test_validation_loss.py",
+    "experiment/test_experiment.py",
+    "integration/test_bench_cpu_bound.py",
+    "integration/test_shuffle_bn_distributed.py",
+    "data_tools/test_pack_strict.py",
+    "eval/test_pipeline.py",
+    "integration/test_bench_throughput.py",
+    "integration/test_bench_cpu_step.py",
+    "integration/test_checkpoint_views.py",
 )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))
+    tests = Path(__file__).parent
+    items.sort(key=lambda item: rank.get(item.path.relative_to(tests).as_posix(), len(LONGEST_FILES)))

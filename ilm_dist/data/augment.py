@@ -7,7 +7,7 @@ chest X-rays and fundus photos and add a 30-degree rotation.
 
 The distributions, order and arithmetic are torchvision's (``RandomResizedCrop``, ``ColorJitter`` with its
 random order per sample, ``RandomGrayscale``, ``GaussianBlur``, ``RandomRotation``, flips, ``Normalize``),
-on float images in [0, 1]; tests/test_augment.py holds every view against torchvision's functional ops
+on float images in [0, 1]; tests/data/test_augment.py holds every view against torchvision's functional ops
 applied one image at a time with the same parameters. Applied one image at a time, the ~30 small operations
 of a view cost 0.4-0.8 ms at 32-64 px on one core, more than a ResNet-18 training step spends per image;
 batched they cost a few percent of it (bench/NOTES.md, section h). Only the crop and resize stays one image at

@@ -43,7 +43,7 @@ DEFAULT_DS_CONFIG = {"zero_optimization": {"stage": 0}, "gradient_clipping": 0.0
 # (runtime/zero/stage_1_and_2.py: DeepSpeedZeroOptimizer.__init__'s ipg_buckets, allreduce_bucket and
 # gradient_reduction_w_predivide). With no module listed every gradient is reduced in its parameter's dtype,
 # fp32: twice the bytes, but the ranks' sum (and gradient accumulation's) is not rounded to 8 bits
-# (tests/test_precision.py, test_zero_reduces_autocast_gradients_in_fp32).
+# (tests/integration/test_precision.py, test_zero_reduces_autocast_gradients_in_fp32).
 FP32_REDUCTION = {"lower_precision_safe_modules": []}
 
 # ZeRO 1/2 allocate a buffer of reduce_bucket_size fp32 elements per bucket, two with overlap_comm, whatever
@@ -184,7 +184,7 @@ def step(engine) -> None:
     DeepSpeedZeroOptimizer.step (runtime/zero/stage_1_and_2.py) returns on an inf/NaN gradient before
     ``_optimizer_step``, the only caller of its GradScaler's ``update``: the scale never came down, and with
     a scale too high for the gradients every later step was skipped (on 2 CPU ranks at 32 px, all of them:
-    tests/test_precision.py, test_fp16_zero_loss_scale_backs_off_after_an_overflow). Here it backs off as
+    tests/integration/test_precision.py, test_fp16_zero_loss_scale_backs_off_after_an_overflow). Here it backs off as
     ``update`` does after a skipped step (torch.amp.GradScaler: scale x backoff_factor, growth count 0)."""
     skipped = engine.skipped_steps
     engine.step()

@@ -22,8 +22,8 @@ from ilm_dist.model.encoder import Encoder
 from ilm_dist.model.moco import MoCoILM
 from ilm_dist.plan import build_plan
 from ilm_dist.serialization import save_tensors
+from tests.eval.support import pack_dataset
 from tests.launcher import REPO
-from tests.test_eval_support import pack_dataset
 
 # input pixels per block-map pixel after blocks 1..4: the ImageNet stem downsamples 4x (conv stride 2,
 # max-pool stride 2) before layer1, the small stem not at all; layers 2-4 halve the map each

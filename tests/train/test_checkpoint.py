@@ -17,7 +17,6 @@ from ilm_dist.serialization import CheckpointWriteError, save_tensors
 from ilm_dist.train import checkpoint
 from ilm_dist.train.checkpoint import FULL_OPTIMIZER_STATE
 from ilm_dist.train.run_dir import RunDir
-from tests.launcher import run_deepspeed
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 OPTIM_STATES = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -244,15 +243,3 @@ def test_restore_reads_the_moco_sidecar_of_older_checkpoints(tmp_path):
     (root.parent / RunDir.LATEST).write_text("step_5")
     client_state = checkpoint.restore(FakeEngine(), RunDir(tmp_path), 1)
     assert torch.equal(client_state["moco"]["queue"], torch.arange(4.0))
-
-
-@pytest.mark.slow
-def test_ranks_that_read_latest_differently_save_and_resume_the_same_step(tmp_path):
-    """Rank 1's view of ``latest`` is stale at the save and at the resume (tests/dist_scripts/checkpoint_views.py):
-    rank 0's reading decides for both, so both write step 2 and both resume its weights."""
-    run_deepspeed("tests/dist_scripts/checkpoint_views.py", [str(tmp_path)], timeout=240)
-    result = torch.load(tmp_path / "result.pt")
-    assert (tmp_path / "checkpoints" / RunDir.LATEST).read_text() == "step_2"
-    for weights in result["resumed_per_rank"]:
-        for got, saved in zip(weights, result["saved"], strict=True):
-            torch.testing.assert_close(got, saved, rtol=0, atol=0)

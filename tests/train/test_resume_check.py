@@ -10,7 +10,7 @@ from ilm_dist.data.manifest import Manifest, load_manifest
 from ilm_dist.errors import InputError
 from ilm_dist.train.resume_check import data_change, data_identity, refuse_changes, settings_changes
 from ilm_dist.train.run_dir import RunDir
-from tests.test_eval_support import pack_dataset
+from tests.eval.support import pack_dataset
 
 
 def manifest(folder, text: str) -> Manifest:

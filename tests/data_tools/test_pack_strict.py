@@ -15,10 +15,10 @@ import pytest
 
 from ilm_dist.data.manifest import load_manifest
 from ilm_dist.folder_lock import FolderLock
-from tests.test_pack import make_tree, pack
-from tests.test_run_safety import assert_one_line_error, tree
+from tests.data_tools.test_pack import make_tree, pack
+from tests.integration.test_run_safety import assert_one_line_error, tree
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 
 
 def pack_cli(*argv: object) -> subprocess.CompletedProcess:

@@ -20,9 +20,9 @@ from pydicom.dataset import Dataset  # noqa: E402
 from data_tools import dicom  # noqa: E402
 from data_tools.errors import BadImage, PackError  # noqa: E402
 from ilm_dist.data.manifest import load_manifest  # noqa: E402
-from tests.test_pack import pack, read_dataset  # noqa: E402
-from tests.test_pack_strict import pack_cli  # noqa: E402
-from tests.test_run_safety import assert_one_line_error, tree  # noqa: E402
+from tests.data_tools.test_pack import pack, read_dataset  # noqa: E402
+from tests.data_tools.test_pack_strict import pack_cli  # noqa: E402
+from tests.integration.test_run_safety import assert_one_line_error, tree  # noqa: E402
 
 
 def shipped(name: str) -> Path:

@@ -11,7 +11,7 @@ from ilm_dist.errors import InputError
 from ilm_dist.eval.commands import finetune_main, probe_main
 from ilm_dist.eval.settings import FinetuneSettings, ProbeSettings
 from ilm_dist.options import add_options, check_bounds, from_args, given_options, option
-from tests.test_eval_support import pack_dataset
+from tests.eval.support import pack_dataset
 
 QUICK_PROBE = ["--epochs", "1", "--evals", "1", "--bootstrap", "0", "--batch-size", "8"]
 

@@ -11,7 +11,7 @@ import pytest
 from data_tools.labelfiles import NIH_CLASSES
 from data_tools.verify import main as verify_main
 from ilm_dist.data.manifest import load_manifest
-from tests.test_pack import make_tree, pack, read_dataset
+from tests.data_tools.test_pack import make_tree, pack, read_dataset
 
 # The header exactly as NIH ships it (the bracketed column names contain commas, and a trailing comma)
 NIH_HEADER = (

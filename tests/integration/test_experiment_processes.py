@@ -19,10 +19,10 @@ import pytest
 
 from ilm_dist.distributed import free_port
 from ilm_dist.folder_lock import FolderBusy, FolderLock
+from tests.eval.support import pack_dataset
+from tests.experiment.test_experiment import DEMO, QUICK, experiment_dict, mtimes, write_experiment
 from tests.launcher import REPO
-from tests.test_eval_support import pack_dataset
-from tests.test_experiment import DEMO, QUICK, experiment_dict, mtimes, write_experiment
-from tests.test_tune import write_sweep
+from tests.tune.test_tune import write_sweep
 
 RUNNER = [sys.executable, "launch/experiment.py"]
 LINEAR = {"epochs": 1, "batch_size": 16, **QUICK}

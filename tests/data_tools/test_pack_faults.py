@@ -19,9 +19,9 @@ import pytest
 import data_tools.shard_writer
 import data_tools.writer
 from ilm_dist.data.manifest import load_manifest
-from tests.test_pack import make_tree, pack
+from tests.data_tools.test_pack import make_tree, pack
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"
 
 

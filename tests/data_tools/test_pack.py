@@ -252,7 +252,7 @@ def test_cli_runs_as_module(tmp_path: Path) -> None:
         [sys.executable, "-m", "data_tools.pack", tmp_path / "src", tmp_path / "out", "--workers", "2"],
         capture_output=True,
         text=True,
-        cwd=Path(__file__).parents[1],
+        cwd=Path(__file__).parents[2],
     )
     assert result.returncode == 0, result.stderr
     assert "packed 10 samples" in result.stdout

@@ -22,7 +22,7 @@ from ilm_dist.ops.xcorr import tf32_enabled
 needs_ext = pytest.mark.skipif(not extension_available(), reason="ilm_dist._C extension not built")
 cuda_only = pytest.mark.skipif(not (torch.cuda.is_available() and extension_available()), reason="needs CUDA")
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda_only)]
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EPS = 1e-5
 
 # (L, N, D): Gram form (2N <= D; the boundary 2N = D too), D x D form (2N > D), several reduction chunks

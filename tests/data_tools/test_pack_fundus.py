@@ -13,7 +13,7 @@ from PIL import Image
 from data_tools.errors import BadImage
 from data_tools.imaging import crop_fundus
 from ilm_dist.data.manifest import load_manifest
-from tests.test_pack import make_tree, pack, read_dataset
+from tests.data_tools.test_pack import make_tree, pack, read_dataset
 
 
 def fundus(width: int, height: int, cx: float, cy: float, radius: float, seed: int = 0) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 from ilm_dist.data.manifest import load_manifest
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.subsets import load_or_draw_subset, stratified_subset, subset_path
-from tests.test_eval_support import pack_dataset
+from tests.eval.support import pack_dataset
 
 NAMES = ("a", "b", "c")
 

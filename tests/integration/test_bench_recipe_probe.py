@@ -12,8 +12,8 @@ from sklearn.preprocessing import StandardScaler
 import ilm_dist.data.shard_reader as shard_reader
 import ilm_dist.eval.features as features
 from ilm_dist.data.manifest import load_manifest
+from tests.eval.support import pack_dataset
 from tests.launcher import REPO
-from tests.test_eval_support import pack_dataset
 
 sys.path.insert(0, str(REPO / "bench"))
 import recipe_probe

@@ -36,8 +36,8 @@ from ilm_dist.paths import NAME_RULE
 from ilm_dist.plan import build_plan
 from ilm_dist.pretrain import pretrain_parser
 from ilm_dist.processes import module_command
+from tests.eval.support import pack_dataset
 from tests.launcher import REPO
-from tests.test_eval_support import pack_dataset
 
 DEMO = REPO / "configs" / "demo.yaml"
 TINY_RUN = [

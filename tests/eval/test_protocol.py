@@ -22,7 +22,7 @@ from ilm_dist.eval.protocol import load_protocol
 from ilm_dist.eval.settings import FinetuneSettings
 from ilm_dist.eval.store import load_npz
 from ilm_dist.eval.weights import build_classifier
-from tests.test_eval_support import pack_dataset
+from tests.eval.support import pack_dataset
 
 CPU = torch.device("cpu")
 OFFICIAL_IDC = ["--protocol", "official", "--dataset", "idc"]

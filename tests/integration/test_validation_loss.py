@@ -26,9 +26,9 @@ from ilm_dist.serialization import load_tensors
 from ilm_dist.train.preflight import preflight
 from ilm_dist.train.validation import ValidationLoss
 from tests.dist_scripts.validation_loss import fixed_models
+from tests.eval.support import pack_dataset
 from tests.launcher import REPO, read_metrics, run_deepspeed
 from tests.test_config import plan_line
-from tests.test_eval_support import pack_dataset
 
 CPU = torch.device("cpu")
 SMALL = ["data.image_size=32", "data.batch_size=8", "data.num_workers=0", "moco.queue_size=64"]

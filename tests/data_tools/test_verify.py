@@ -13,7 +13,7 @@ from data_tools.pack import main as pack_main
 from data_tools.synthetic_dataset import main as synthetic_main
 from data_tools.verify import check_json
 from data_tools.verify import main as verify_main
-from tests.test_pack import save, smooth
+from tests.data_tools.test_pack import save, smooth
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from data_tools.verify import main as verify_main
 from ilm_dist.data.manifest import ManifestError, load_manifest
 from ilm_dist.data.shard_reader import ShardReader
-from tests.test_eval_support import pack_dataset
+from tests.eval.support import pack_dataset
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -26,9 +26,9 @@ from ilm_dist.eval.store import load_npz
 from ilm_dist.eval.weights import fingerprint, load_state, resolve_init
 from ilm_dist.folder_lock import FolderLock
 from ilm_dist.model.encoder import Encoder
-from tests.test_eval_support import pack_dataset
+from tests.eval.support import pack_dataset
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 QUICK_FT = ["--epochs", "1", "--batch-size", "32", "--evals", "1", "--bootstrap", "20"]
 QUICK_PROBE = ["--epochs", "3", "--evals", "2", "--bootstrap", "20"]
