@@ -32,6 +32,7 @@ from common import ROOT, device_slug, source_commit, write_result
 
 from ilm_dist.config import DataConfig, RunConfig
 from ilm_dist.data.batch import Placement
+from ilm_dist.data.manifest import load_manifest
 from ilm_dist.data.torch_backend import TorchLoader
 
 NUM_CLASSES = 8
@@ -153,8 +154,11 @@ def run_variants(args: argparse.Namespace, shards: Path, device: torch.device) -
             skipped[name] = no_dali
         elif where is None:
             skipped[name] = "no CUDA device on this machine"
+    manifest = load_manifest(shards)
     loaders = {
-        name: factory(cfg.data, cfg.aug, Placement(rank=0, world_size=1, device=where, seed=cfg.seed))
+        name: factory(
+            cfg.data, cfg.aug, Placement(rank=0, world_size=1, device=where, seed=cfg.seed), manifest
+        )
         for name, (factory, backend, where) in plans.items()
         if name not in skipped
         for cfg in [make_cfg(args, shards, backend)]
