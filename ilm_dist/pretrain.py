@@ -52,7 +52,7 @@ def pretrain_main(argv: list[str] | None = None) -> None:
         parser.error("--allow-changes applies to --resume only")
     setup_logging()
     with exit_on_input_error():
-        cfg = preflight(args.config, args.overrides)
+        cfg, manifest = preflight(args.config, args.overrides)
         check_output_dir(cfg.output_dir, "output_dir")
     from ilm_dist.train.trainer import Trainer
     from ilm_dist.train.validation import ValidationLoss
@@ -71,6 +71,7 @@ def pretrain_main(argv: list[str] | None = None) -> None:
             overwrite=args.overwrite,
             validators=validators,
             allow_changes=args.allow_changes,
+            manifest=manifest,
         )
     except InputError as err:  # raised alike on every rank (rank 0's decisions are shared by on_main)
         shutdown()

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 from ilm_dist.config import RunConfig, load_config
-from ilm_dist.data.manifest import load_manifest
+from ilm_dist.data.manifest import Manifest, load_manifest
 from ilm_dist.errors import ConfigError
 
 
-def preflight(config_path: str, overrides: list[str]) -> RunConfig:
-    """Load and validate the config and its data before any process group exists."""
+def preflight(config_path: str, overrides: list[str]) -> tuple[RunConfig, Manifest | None]:
+    """Load and validate the config and its data before any process group exists; returns the config and
+    the packed set's manifest (None for the synthetic backend), to be handed to the trainer."""
     cfg = load_config(config_path, overrides)
-    if cfg.data.backend != "synthetic":
-        manifest = load_manifest(cfg.data.shards)
-        manifest.split(cfg.data.split)
-        if cfg.val.every:
-            _check_val_split(cfg, manifest.split(cfg.val.split).num_samples)
-    return cfg
+    if cfg.data.backend == "synthetic":
+        return cfg, None
+    manifest = load_manifest(cfg.data.shards)
+    manifest.split(cfg.data.split)
+    if cfg.val.every:
+        _check_val_split(cfg, manifest.split(cfg.val.split).num_samples)
+    return cfg, manifest
 
 
 def _check_val_split(cfg: RunConfig, num_samples: int) -> None:

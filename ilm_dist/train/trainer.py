@@ -25,7 +25,7 @@ from ilm_dist import distributed as D
 from ilm_dist.config import RunConfig, read_yaml_mapping, save_config
 from ilm_dist.cpu_placement import current_placement, place_this_process
 from ilm_dist.data import Placement, TwoViewBatch, build_pretrain_loader
-from ilm_dist.data.manifest import load_manifest
+from ilm_dist.data.manifest import Manifest, load_manifest
 from ilm_dist.data.sampling import GlobalBatch
 from ilm_dist.errors import InputError
 from ilm_dist.folder_lock import FolderLock
@@ -77,9 +77,10 @@ def use_deterministic_algorithms(gpu: bool) -> None:
 
 class Trainer:
     """One pretraining run. ``resume``: continue from ``output_dir``'s latest checkpoint; ``overwrite``: start
-    over in an ``output_dir`` that holds an earlier run, deleting its files (otherwise that is refused). ``validators``: builders of the components run every few
-    steps (:mod:`ilm_dist.train.validation`); ``timer``: per-phase step timing for a benchmark (default: a
-    disabled StepTimer, which is free)."""
+    over in an ``output_dir`` that holds an earlier run, deleting its files (otherwise that is refused).
+    ``validators``: builders of the components run every few steps (:mod:`ilm_dist.train.validation`);
+    ``timer``: per-phase step timing for a benchmark (default: a disabled StepTimer, which is free);
+    ``manifest``: the packed set's, when the command loaded it already (:func:`preflight`)."""
 
     def __init__(
         self,
@@ -89,6 +90,7 @@ class Trainer:
         validators: Sequence[ValidatorBuilder] = (),
         timer: StepTimer | None = None,
         allow_changes: bool = False,
+        manifest: Manifest | None = None,
     ):
         self.cfg = cfg
         self.allow_changes = allow_changes
@@ -105,7 +107,7 @@ class Trainer:
         self.folder_lock: FolderLock | None = None  # rank 0's, for the life of the run
         D.on_main(lambda: self._own_output_dir(resume, overwrite))
         try:
-            self._set_up(resume, validators, timer)
+            self._set_up(resume, validators, timer, manifest)
         except BaseException:
             self.release_output_dir()
             raise
@@ -125,10 +127,19 @@ class Trainer:
         if self.folder_lock is not None:
             self.folder_lock.release()
 
-    def _set_up(self, resume: bool, validators: Sequence[ValidatorBuilder], timer: StepTimer | None) -> None:
+    def _set_up(
+        self,
+        resume: bool,
+        validators: Sequence[ValidatorBuilder],
+        timer: StepTimer | None,
+        manifest: Manifest | None,
+    ) -> None:
         cfg = self.cfg
-        # loaded once, handed to the loader, the resume check and the validators
-        self.manifest = None if cfg.data.backend == "synthetic" else load_manifest(cfg.data.shards)
+        # loaded once (by the command's preflight, else here), handed to the loader, the resume check and
+        # the validators
+        if manifest is None and cfg.data.backend != "synthetic":
+            manifest = load_manifest(cfg.data.shards)
+        self.manifest = manifest
         self.data_identity = data_identity(cfg.data, self.manifest)
         torch.manual_seed(cfg.seed)
         where = Placement(

@@ -124,7 +124,7 @@ def _load_base(base_config: Path, settings: SweepSettings) -> RunConfig:
     if not settings.base.config:
         raise ConfigError("base.config: required (the run config every trial starts from)")
     try:
-        base = preflight(str(base_config), settings.base.overrides)
+        base, _ = preflight(str(base_config), settings.base.overrides)
     except (ConfigError, ManifestError) as err:
         raise ConfigError(f"base: {err}") from None
     if base.monitor.every <= 0:
