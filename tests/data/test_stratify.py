@@ -1,5 +1,6 @@
 """ilm_dist.data.stratify: count vectors against hand counts, per-class counts of the allocated parts
-against fraction x class size, groups kept whole (a small case allocated by hand), determinism by seed."""
+against fraction x class size, groups kept whole (a small case allocated by hand), every decision against
+a replay of the documented rule (the normalised squared error recomputed from scratch), determinism by seed."""
 
 import numpy as np
 import pytest
@@ -55,6 +56,35 @@ def test_groups_stay_whole_allocated_as_by_hand(seed):
     parts = allocate(vectors, {"a": 0.5, "b": 0.5}, seed)
     assert parts["a"][0] == 0 and parts["b"][-1] == 1
     assert sorted([parts["a"][1], parts["b"][0]]) == [2, 3] and len(parts["a"]) == len(parts["b"]) == 2
+
+
+def objective(sums: dict[str, np.ndarray], fractions: dict[str, float], total: np.ndarray) -> float:
+    """The module docstring's error: sum over parts and dimensions of ((count - fraction * total) / total)^2."""
+    return sum((((sums[p] - fractions[p] * total) / total) ** 2).sum() for p in fractions)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_each_unit_goes_where_it_most_reduces_the_normalised_error(seed):
+    # groups of distinct sizes (so the order, largest first, needs no tie-break), three classes, one rare
+    rng = np.random.default_rng(seed)
+    units = [
+        [[int(c)] for c in rng.choice(3, size=size, p=[0.75, 0.2, 0.05])]
+        for size in rng.permutation(np.arange(1, 25))
+    ]
+    vectors = count_vectors(units, 3)
+    fractions = {"train": 0.6, "val": 0.2, "test": 0.2}
+    total = vectors.sum(axis=0)
+    sums = {p: np.zeros(4) for p in fractions}
+    expected = {p: [] for p in fractions}
+    for row in sorted(range(len(units)), key=lambda r: -len(units[r])):
+
+        def error_with(part: str, row: int = row) -> float:
+            return objective(sums | {part: sums[part] + vectors[row]}, fractions, total)
+
+        best = min(fractions, key=error_with)
+        sums[best] += vectors[row]
+        expected[best].append(row)
+    assert allocate(vectors, fractions, seed) == expected
 
 
 def test_the_seed_decides_ties_and_repeats():
