@@ -10,9 +10,12 @@ to do.
 
 from __future__ import annotations
 
+import socket
+
 from ilm_dist.errors import InputError
 
 OBJECT_STORE_BYTES = 256 * 2**20  # trials and cells exchange small dicts; keep a local Ray light
+ANSWER_TIMEOUT_S = 10  # ray.init retries a closed address for minutes before it fails
 
 
 def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
@@ -31,10 +34,26 @@ def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | N
         raise InputError(
             f"--address {address}: --num-cpus/--num-gpus size a local Ray instance; a cluster has its own"
         )
+    check_something_answers(address)
     try:
         ray.init(address=address)
     except (ConnectionError, RuntimeError) as err:
         raise InputError(connection_error(address, err)) from None
+
+
+def check_something_answers(address: str) -> None:
+    """A ``host:port`` address where nothing accepts a connection is refused at once, in one line
+    (``ray.init`` would retry it for minutes); ``auto`` and ``ray://`` addresses are left to Ray."""
+    host, _, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=ANSWER_TIMEOUT_S).close()
+    except OSError as err:
+        raise InputError(
+            f"--address {address}: nothing answers there ({err.strerror or err}); start a cluster with "
+            "`ray start --head` and pass the address it prints"
+        ) from None
 
 
 def connection_error(address: str, err: BaseException) -> str:

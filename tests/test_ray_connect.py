@@ -1,7 +1,8 @@
 """ilm_dist.ray_connect: what ``init_ray`` asks of Ray (a stand-in ``ray`` module records it, so no Ray
 starts) and the one-line errors for an address Ray cannot join. (Real Ray at an address with no cluster
-retries for minutes before it raises, too long for a test.)"""
+retries for minutes before it raises: an address where nothing listens is refused before Ray is asked.)"""
 
+import socket
 import sys
 import types
 
@@ -27,6 +28,21 @@ def fake_ray(monkeypatch):
     return ray
 
 
+@pytest.fixture
+def listening():
+    """``host:port`` of a socket that accepts connections (a stand-in for a Ray head's port)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+
+
+@pytest.fixture
+def closed():
+    """``host:port`` where nothing listens."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
 def test_no_address_starts_a_light_local_instance(fake_ray):
     init_ray(None, num_cpus=3, num_gpus=0)
     assert fake_ray.calls == [
@@ -35,9 +51,18 @@ def test_no_address_starts_a_light_local_instance(fake_ray):
     assert OBJECT_STORE_BYTES == 268435456
 
 
-def test_an_address_is_joined_as_given(fake_ray):
-    init_ray("10.0.0.5:6379")
-    assert fake_ray.calls == [{"address": "10.0.0.5:6379"}]
+def test_an_address_is_joined_as_given(fake_ray, listening):
+    init_ray(listening)
+    init_ray("auto")
+    assert fake_ray.calls == [{"address": listening}, {"address": "auto"}]
+
+
+def test_an_address_where_nothing_listens_is_one_line_before_ray_is_asked(fake_ray, closed):
+    with pytest.raises(InputError) as err:
+        init_ray(closed)
+    assert str(err.value).startswith(f"--address {closed}: nothing answers there (")
+    assert str(err.value).endswith("start a cluster with `ray start --head` and pass the address it prints")
+    assert "\n" not in str(err.value) and fake_ray.calls == []
 
 
 @pytest.mark.parametrize(("cpus", "gpus"), [(2, None), (None, 1), (0, 0)])
@@ -54,22 +79,22 @@ def test_local_sizes_with_an_address_are_refused_before_connecting(fake_ray, cpu
     "error",
     [ConnectionError("Could not find any running Ray instance.\nmore\n"), RuntimeError("\n  boom  \nx")],
 )
-def test_a_failed_join_is_one_input_error_naming_the_address(fake_ray, error):
+def test_a_failed_join_is_one_input_error_naming_the_address(fake_ray, listening, error):
     fake_ray.error = error
     with pytest.raises(InputError) as err:
-        init_ray("1.2.3.4:6379")
+        init_ray(listening)
     first = str(error).strip().splitlines()[0].strip()
     assert str(err.value) == (
-        f"--address 1.2.3.4:6379: cannot join a Ray cluster there ({first}); start one with "
+        f"--address {listening}: cannot join a Ray cluster there ({first}); start one with "
         "`ray start --head` and pass the address it prints"
     )
     assert err.value.__cause__ is None and err.value.__suppress_context__  # no chain of tracebacks
 
 
-def test_other_errors_are_not_hidden(fake_ray):
+def test_other_errors_are_not_hidden(fake_ray, listening):
     fake_ray.error = KeyError("bug")
     with pytest.raises(KeyError):
-        init_ray("1.2.3.4:6379")
+        init_ray(listening)
 
 
 class AuthenticationError(Exception):
