@@ -200,11 +200,8 @@ def closure_errors(metas: dict[str, dict]) -> list[str]:
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(MIB), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_tar(wheels: list[Path], tar_path: Path) -> None:

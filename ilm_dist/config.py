@@ -328,6 +328,11 @@ def format_override(key: str, value: Any) -> str:
     return f"{key}={text}"
 
 
+def format_overrides(values: dict[str, Any]) -> list[str]:
+    """``{key: value}`` as ``key=value`` strings that :func:`load_config` parses back."""
+    return [format_override(key, value) for key, value in values.items()]
+
+
 def absolute_overrides(overrides: list[str], directory: Path) -> list[str]:
     """``overrides`` with their relative path values made absolute against ``directory`` (the directory of
     the file that names them), so they mean the same from any working directory."""

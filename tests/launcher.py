@@ -71,6 +71,15 @@ def run_deepspeed(
     return proc
 
 
+def run_bench(script: str, args: list[str], out: Path) -> dict:
+    """``python bench/<script> args`` from the repository root (it must succeed): the JSON it wrote to ``out``."""
+    proc = subprocess.run(
+        [sys.executable, f"bench/{script}", *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """The records of a run's ``metrics.jsonl``."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -28,7 +28,7 @@ from ilm_dist.data.shard_reader import ShardReader
 from ilm_dist.distributed import dist_info, init_process_group, on_main
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.features import BlockFeatures, block_extractor, eval_loader, run_blocks, sharded_rows
-from ilm_dist.eval.fit import predict
+from ilm_dist.eval.fit import metric_score, predict
 from ilm_dist.eval.protocol import BUILTIN, BUILTIN_PROTOCOL, EvalProtocol, load_protocol
 from ilm_dist.eval.store import (
     check_method_name,
@@ -132,6 +132,10 @@ class EvalContext:
 
         arrays = self._sharded(split, None, run)
         return arrays["logits"], arrays["labels"]
+
+    def val_score(self, model: torch.nn.Module, metric: str) -> float:
+        """Metric ``metric`` of ``model`` over the validation split, the same on every rank."""
+        return metric_score(metric, self.task, *self.predictions(model, "val"), self.class_names)
 
     def classes_without_samples(self) -> dict[str, list[str]]:
         """Per evaluation split (val, test), the classes with no sample there (multi-label: no positive):

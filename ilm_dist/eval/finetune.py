@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 from torch import nn
@@ -28,7 +29,7 @@ from ilm_dist.distributed import on_main, world_size
 from ilm_dist.eval.context import EvalContext, result_lock
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.features import BlockFeatures
-from ilm_dist.eval.fit import FitResult, fit, metric_score, schedule
+from ilm_dist.eval.fit import FitResult, fit, schedule
 from ilm_dist.eval.metrics import check_metric, evaluate_predictions, probabilities
 from ilm_dist.eval.settings import FinetuneSettings
 from ilm_dist.eval.store import finetune_dir, read_json, save_npz, write_json
@@ -89,7 +90,7 @@ def _finetune(ctx: EvalContext, out: Path, fraction: float, settings: FinetuneSe
     trainable = frozen_head(model, settings.frozen_bn) if linear else model
     before = fingerprint(model, buffers=bn_frozen) if linear else ""
     loader = train_loader(ctx, subset["indices"], settings)
-    steps, checks = schedule(settings, len(loader))
+    steps, _ = schedule(settings, len(loader))
     log.info(
         "%s: %s fine-tuning on %d labelled images, %d steps of %d ranks x %d",
         ctx.name,
@@ -104,11 +105,9 @@ def _finetune(ctx: EvalContext, out: Path, fraction: float, settings: FinetuneSe
         trainable,
         loader,
         ctx.task,
-        steps,
-        checks,
-        lambda: metric_score(select, ctx.task, *ctx.predictions(model, "val"), ctx.class_names),
+        settings,
+        partial(ctx.val_score, model),
         ctx.device,
-        settings.lr,
         data_parallel=True,
     )
     if linear:

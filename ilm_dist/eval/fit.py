@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader
 
 from ilm_dist.data.shard_format import squeeze_labels
 from ilm_dist.distributed import all_reduce_mean_, world_size
-from ilm_dist.eval.metrics import compute_metrics, probabilities
-from ilm_dist.eval.settings import ADAM_LR, FitSettings
+from ilm_dist.eval.metrics import check_metric, compute_metrics, probabilities
+from ilm_dist.eval.settings import FitSettings
 
 
 @dataclass
@@ -131,15 +131,14 @@ def fit(
     trainable: nn.Module,
     loader: DataLoader,
     task: str,
-    steps: int,
-    checks: set[int],
-    evaluate: Callable[[], float],
+    settings: FitSettings,
+    evaluate: Callable[[str], float],
     device: torch.device,
-    lr: float = ADAM_LR,
     data_parallel: bool = False,
 ) -> FitResult:
-    """Train ``trainable`` (``model`` or a part of it) for ``steps``, validating after the steps in
-    ``checks`` (:func:`validation_steps`); keep the weights (and buffers) of the best validation score.
+    """Train ``trainable`` (``model`` or a part of it) with ``settings.lr`` for the steps of
+    :func:`schedule`, validating after its validation steps (``evaluate(metric)``: the validation score
+    of ``settings.select``); keep the weights (and buffers) of the best validation score.
 
     Only ``trainable`` is put in train mode, so a frozen backbone stays in eval mode (fixed BN statistics).
     ``data_parallel`` (with a process group of several ranks): ``loader`` yields this rank's share of
@@ -147,9 +146,11 @@ def fit(
     before each validation, the recorded train loss is the mean over ranks, and ``evaluate`` must
     return the same score on every rank (so all ranks keep the same weights).
     """
+    steps, checks = schedule(settings, len(loader))
+    select = check_metric(settings.select, task, "--select")
     distributed = data_parallel and world_size() > 1
     net = _ddp(model, device) if distributed else model
-    optimizer = torch.optim.Adam([p for p in trainable.parameters() if p.requires_grad], lr=lr)
+    optimizer = torch.optim.Adam([p for p in trainable.parameters() if p.requires_grad], lr=settings.lr)
     result = FitResult(steps, steps, float("nan"))
     best_state, losses, batches = None, [], _forever(loader)
     for step in range(1, steps + 1):
@@ -167,7 +168,7 @@ def fit(
             if distributed:
                 _average_buffers(trainable)
                 all_reduce_mean_(train_loss)
-            score = evaluate()
+            score = evaluate(select)
             result.history.append({"step": step, "train_loss": train_loss.item(), "val": score})
             losses = []
             if math.isfinite(score) and (best_state is None or score > result.best_val):

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 
+@torch.autocast("cpu", enabled=False)
 def knn_scores(
     train: np.ndarray,
     train_targets: np.ndarray,
@@ -19,18 +20,12 @@ def knn_scores(
     temperature: float = 0.07,
     chunk: int = 1024,
 ) -> np.ndarray:
-    """[N_test, C] vote mass per class; ``train_targets`` is one-hot or multi-hot [N_train, C]. In fp32
-    whatever autocast the caller runs under (the trainer runs its validators under the run's autocast)."""
-    with torch.autocast("cpu", enabled=False):
-        return _knn_scores(train, train_targets, test, k, temperature, chunk)
-
-
-def _knn_scores(
-    train: np.ndarray, train_targets: np.ndarray, test: np.ndarray, k: int, temperature: float, chunk: int
-) -> np.ndarray:
+    """[N_test, C] vote mass per class; ``train_targets`` is class indices [N_train] (C: the largest + 1)
+    or one-hot or multi-hot [N_train, C]. In fp32 whatever autocast the caller runs under (the trainer
+    runs its validators under the run's autocast)."""
     train_t = torch.nn.functional.normalize(torch.as_tensor(train, dtype=torch.float32), dim=1)
     test_t = torch.nn.functional.normalize(torch.as_tensor(test, dtype=torch.float32), dim=1)
-    targets = torch.as_tensor(train_targets, dtype=torch.float32)
+    targets = torch.as_tensor(_one_hot(train_targets), dtype=torch.float32)
     k = min(k, len(train_t))
     scores = []
     for start in range(0, len(test_t), chunk):
@@ -40,18 +35,12 @@ def _knn_scores(
     return torch.cat(scores).numpy()
 
 
-def knn_predict(
-    train: np.ndarray,
-    train_labels: np.ndarray,
-    test: np.ndarray,
-    k: int = 20,
-    temperature: float = 0.07,
-    chunk: int = 1024,
-) -> np.ndarray:
-    """Predicted class for each test row (single-label ``train_labels`` as class indices)."""
-    labels = np.asarray(train_labels, dtype=np.int64)
-    one_hot = np.eye(int(labels.max()) + 1, dtype=np.float32)[labels]
-    return knn_scores(train, one_hot, test, k, temperature, chunk).argmax(axis=1)
+def _one_hot(targets: np.ndarray) -> np.ndarray:
+    """Class indices [N] as one-hot [N, C]; [N, C] targets as they are."""
+    if np.ndim(targets) == 2:
+        return targets
+    labels = np.asarray(targets, dtype=np.int64)
+    return np.eye(int(labels.max()) + 1, dtype=np.float32)[labels]
 
 
 def knn_accuracy(
@@ -62,4 +51,6 @@ def knn_accuracy(
     k: int = 20,
     temperature: float = 0.07,
 ) -> float:
-    return float((knn_predict(train, train_labels, test, k, temperature) == np.asarray(test_labels)).mean())
+    """Share of ``test`` rows whose highest-scoring class (:func:`knn_scores`) is their label."""
+    predicted = knn_scores(train, train_labels, test, k, temperature).argmax(axis=1)
+    return float((predicted == np.asarray(test_labels)).mean())

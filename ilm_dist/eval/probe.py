@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,7 +40,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from ilm_dist.distributed import on_main
 from ilm_dist.eval.context import SPLITS, EvalContext, result_lock, saved_or_computed
 from ilm_dist.eval.errors import EvalError
-from ilm_dist.eval.fit import fit, metric_score, predict, schedule, torch_threads, val_score
+from ilm_dist.eval.fit import fit, predict, torch_threads, val_score
 from ilm_dist.eval.metrics import check_metric, evaluate_predictions, probabilities
 from ilm_dist.eval.settings import ProbeSettings
 from ilm_dist.eval.store import probe_result_dir, read_json, save_npz, write_json
@@ -102,19 +103,11 @@ def probe_block(ctx: EvalContext, feats: dict, block: str, settings: ProbeSettin
         generator=generator,
     )
     val, test = (DataLoader(data[s], batch_size=4096) for s in ("val", "test"))
-    steps, checks = schedule(settings, len(loader))
-    select = check_metric(settings.select, ctx.task, "--select")
-    result = fit(
-        head,
-        head,
-        loader,
-        ctx.task,
-        steps,
-        checks,
-        lambda: val_score(head, val, ctx.device, select, ctx.task, ctx.class_names),
-        ctx.device,
-        settings.lr,
-    )
+
+    def score(metric: str) -> float:
+        return val_score(head, val, ctx.device, metric, ctx.task, ctx.class_names)
+
+    result = fit(head, head, loader, ctx.task, settings, score, ctx.device)
     return _scored(ctx, settings, result, *predict(head, test, ctx.device))
 
 
@@ -146,19 +139,8 @@ def probe_block_live(ctx: EvalContext, indices: list[int], block: int, settings:
     net = BlockProbe(ctx.classifier(), block, ctx.manifest.num_classes, settings.frozen_bn).to(ctx.device)
     before = fingerprint(net.body, buffers=False)
     loader = train_loader(ctx, indices, settings)
-    steps, checks = schedule(settings, len(loader))
-    select = check_metric(settings.select, ctx.task, "--select")
     result = fit(
-        net,
-        net,
-        loader,
-        ctx.task,
-        steps,
-        checks,
-        lambda: metric_score(select, ctx.task, *ctx.predictions(net, "val"), ctx.class_names),
-        ctx.device,
-        settings.lr,
-        data_parallel=True,
+        net, net, loader, ctx.task, settings, partial(ctx.val_score, net), ctx.device, data_parallel=True
     )
     assert_unchanged(net.body, before, f"probing block {block} of {ctx.name}", buffers=False)
     return _scored(ctx, settings, result, *ctx.predictions(net, "test"))

@@ -45,10 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from ilm_dist.config import (
-    ConfigError,
     RunConfig,
     absolute_overrides,
-    format_override,
+    format_overrides,
     from_dict,
     load_config,
     parse_override,
@@ -56,7 +55,7 @@ from ilm_dist.config import (
     set_dotted,
 )
 from ilm_dist.data.manifest import Manifest, ManifestError, load_manifest
-from ilm_dist.errors import InputError
+from ilm_dist.errors import ConfigError, InputError
 from ilm_dist.eval.context import SPLITS, EvalTarget
 from ilm_dist.eval.errors import EvalError
 from ilm_dist.eval.finetune import FRACTIONS
@@ -211,7 +210,7 @@ class Experiment:
         fixed = {"data.shards": str(self.dataset), "seed": seed, "name": method.name}
         if method.pretrained:
             fixed["output_dir"] = str(self.run_dir(method.name, seed).root)
-        return [*method.overrides, *(format_override(k, v) for k, v in fixed.items())]
+        return [*method.overrides, *format_overrides(fixed)]
 
     def run_config(self, method: Method, seed: int) -> RunConfig:
         return load_config(method.config, self.run_overrides(method, seed))

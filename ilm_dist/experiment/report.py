@@ -13,11 +13,12 @@ missing with the cells that failed.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 
 from ilm_dist.eval.analysis import load_method, summarise
 from ilm_dist.eval.errors import EvalError
@@ -425,9 +426,7 @@ def per_seed_rows(exp: Experiment, results: Results, scores: dict) -> list[dict]
 
 
 def plot_differences(exp: Experiment, comparisons: list[Comparison], path: Path) -> None:
-    compared = evaluations_compared(exp)
-    fig, axes = new_figure(max(1, len(compared)))
-    for ax, (evaluation, fractions) in zip(axes[0], compared, strict=False):
+    def draw(ax: Axes, evaluation: str, fractions: tuple[float, ...]) -> None:
         width = 0.8 / max(1, len(exp.comparisons))
         for i, (a, b) in enumerate(exp.comparisons):
             found = [c for c in comparisons if (c.a, c.b, c.eval) == (a, b, evaluation)]
@@ -437,19 +436,12 @@ def plot_differences(exp: Experiment, comparisons: list[Comparison], path: Path)
             ax.errorbar(xs, ys, yerr=errs, fmt="o", capsize=3, label=f"{a} − {b}")
         ax.axhline(0, color="gray", linewidth=0.8)
         ax.set_xticks(range(len(fractions)), [pct(f) for f in fractions])
-        ax.set(
-            xlabel="labelled fraction of train",
-            ylabel=f"Δ test {reported_metric(exp, evaluation)}",
-            title=evaluation,
-        )
-    share_legend_and_labels(list(axes[0]))
-    save_figure(fig, path)
+
+    _evaluation_panels(exp, "Δ test", draw, path)
 
 
 def plot_means(exp: Experiment, scores: dict, path: Path) -> None:
-    compared = evaluations_compared(exp)
-    fig, axes = new_figure(max(1, len(compared)))
-    for ax, (evaluation, fractions) in zip(axes[0], compared, strict=False):
+    def draw(ax: Axes, evaluation: str, fractions: tuple[float, ...]) -> None:
         for name in exp.methods:
             xs = [f for f in fractions if (name, evaluation, f) in scores]
             summaries = [over_seeds(scores[(name, evaluation, f)].full) for f in xs]
@@ -459,9 +451,22 @@ def plot_means(exp: Experiment, scores: dict, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xticks(list(fractions), [pct(f) for f in fractions])
         ax.minorticks_off()
+
+    _evaluation_panels(exp, "test", draw, path)
+
+
+def _evaluation_panels(
+    exp: Experiment, ylabel: str, draw: Callable[[Axes, str, tuple[float, ...]], None], path: Path
+) -> None:
+    """One panel per compared evaluation over its labelled fractions, ``draw(ax, evaluation, fractions)``
+    drawing its data; the y axis is ``ylabel`` and the evaluation's reported metric."""
+    compared = evaluations_compared(exp)
+    fig, axes = new_figure(max(1, len(compared)))
+    for ax, (evaluation, fractions) in zip(axes[0], compared, strict=False):
+        draw(ax, evaluation, fractions)
         ax.set(
             xlabel="labelled fraction of train",
-            ylabel=f"test {reported_metric(exp, evaluation)}",
+            ylabel=f"{ylabel} {reported_metric(exp, evaluation)}",
             title=evaluation,
         )
     share_legend_and_labels(list(axes[0]))

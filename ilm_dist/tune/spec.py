@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ilm_dist.config import (
-    ConfigError,
     RunConfig,
     absolute_overrides,
-    format_override,
+    format_overrides,
     from_dict,
     load_config,
     read_yaml_mapping,
 )
 from ilm_dist.data.manifest import ManifestError, load_manifest
+from ilm_dist.errors import ConfigError
 from ilm_dist.eval.monitor import metric_names
 from ilm_dist.paths import check_name
 from ilm_dist.processes import ResourcesConfig
@@ -82,11 +82,6 @@ class Sweep:
         """The trial's run config: base + fixed overrides + the sample (raises ConfigError)."""
         overrides = {**self.space.overrides(sampled), "output_dir": str(output_dir), "name": name}
         return load_config(self.base_config, [*self.settings.base.overrides, *format_overrides(overrides)])
-
-
-def format_overrides(values: dict[str, Any]) -> list[str]:
-    """``{key: value}`` as ``key=value`` strings that :func:`~ilm_dist.config.load_config` parses back."""
-    return [format_override(key, value) for key, value in values.items()]
 
 
 def load_sweep(path: str | Path, run_overrides: list[str] = (), **settings: Any) -> Sweep:

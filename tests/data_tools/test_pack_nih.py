@@ -102,16 +102,8 @@ def test_nih_csv_with_the_official_split_lists(
 
 def test_generic_csv_options_give_the_same_labels(release, tmp_path: Path) -> None:
     root, truth = release
-    argv = [
-        "--labels-csv",
-        root / "Data_Entry_2017.csv",
-        "--image-col",
-        "Image Index",
-        "--label-cols",
-        "Finding Labels",
-    ]
     extra = ["--label-sep", "|", "--empty-label", "No Finding", "--group-col", "Patient ID"]
-    assert pack(root, tmp_path / "out", *argv, *extra) == 0
+    assert pack(root, tmp_path / "out", *_generic_csv(root), *extra) == 0
     manifest = load_manifest(tmp_path / "out")
     found = sorted({NIH_CLASSES[i] for _, positives in truth.values() for i in positives})
     assert manifest.class_names == tuple(found) and manifest.raw["split_method"] == "stratified_group"
@@ -121,7 +113,8 @@ def test_generic_csv_options_give_the_same_labels(release, tmp_path: Path) -> No
             assert sample["meta"]["labels"] == sorted((NIH_CLASSES[i] for i in positives), key=found.index)
 
 
-def _no_sep(root: Path) -> list[object]:
+def _generic_csv(root: Path) -> list[object]:
+    """The NIH CSV's image and label columns through the generic CSV options (no --label-sep)."""
     return [
         "--labels-csv",
         root / "Data_Entry_2017.csv",
@@ -164,7 +157,7 @@ def test_nih_mistakes_are_refused(
     ]
     csv = root / "Data_Entry_2017.csv"
     if case == "no-sep":
-        argv = _no_sep(root)
+        argv = _generic_csv(root)
     elif case == "no-finding-mixed":
         argv = ["--nih-csv", _edited_csv(root, tmp_path, 3, "No Finding|Mass")]
     elif case == "unknown-finding":

@@ -1,15 +1,12 @@
 """bench/cpu_bound.py at toy size: 1 and 2 ranks through the real launchers, the documented JSON, ratios
 computed from the rounds it measured, and each rank's placement read back."""
 
-import json
 import statistics
-import subprocess
-import sys
 
 import pytest
 
 from ilm_dist.cpu_placement import available_cores, plan_placement
-from tests.launcher import REPO
+from tests.launcher import run_bench
 
 
 @pytest.mark.slow
@@ -18,11 +15,7 @@ def test_cpu_bound_benchmark_writes_the_documented_json(packed_tiny, tmp_path):
     args = ["--config", "configs/demo.yaml", "--shards", str(packed_tiny), "--ranks", "1", "2"]
     args += ["--placement", "ilm_dist", "--rounds", "2", "--steps", "2", "--warmup", "1", "--out", str(out)]
     args += ["--set", "data.image_size=32", "data.batch_size=4", "moco.queue_size=16", "data.num_workers=0"]
-    proc = subprocess.run(
-        [sys.executable, "bench/cpu_bound.py", *args], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_bench("cpu_bound.py", args, out)
     assert {"device", "cpu", "torch", "commit", "command", "load_avg", "settings", "results"} <= result.keys()
     assert {"model", "cores", "amx_bf16", "torch_cpu_capability"} <= result["cpu"].keys()
     assert set(result["results"]) == {"ilm_dist/1_ranks", "ilm_dist/2_ranks"}

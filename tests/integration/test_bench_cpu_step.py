@@ -2,14 +2,12 @@
 and bf16 check are computed from what it measured."""
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 
 import pytest
 
-from tests.launcher import REPO
+from tests.launcher import REPO, run_bench
 
 sys.path.insert(0, str(REPO / "bench"))
 import cpu_step
@@ -41,15 +39,7 @@ def test_cpu_step_benchmark_writes_the_documented_json(packed_tiny, tmp_path):
         "--out",
         str(out),
     ]
-    proc = subprocess.run(
-        [sys.executable, "bench/cpu_step.py", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_bench("cpu_step.py", args, out)
     assert {"device", "commit", "command", "settings", "load_avg", "variants", "ratios"} <= result.keys()
     assert set(result["variants"]) == VARIANTS
     ref = result["variants"]["deepspeed"]["rounds_ms"]

@@ -1,15 +1,12 @@
 """The end-to-end throughput benchmark (bench/pretrain_throughput.py) at CPU size, and its step timer."""
 
-import json
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 from ilm_dist.train.timing import StepTimer
-from tests.launcher import REPO
+from tests.launcher import run_bench
 
 PHASES = {"data", "to_device", "ema", "key_forward", "forward", "loss", "backward", "optimizer", "queue"}
 
@@ -46,15 +43,7 @@ def test_cpu_benchmark_writes_the_documented_json(packed_tiny, tmp_path):
     args = ["--shards", str(packed_tiny), "--arch", "resnet18", "--size", "32", "--batch", "4"]
     args += ["--steps", "2", "--warmup", "1", "--threads", "1", "--curve-steps", "2", "--out", str(out)]
     args += ["--set", "loss.bt.proj_dims=[64, 64]", "moco.queue_size=64"]
-    proc = subprocess.run(
-        [sys.executable, "bench/pretrain_throughput.py", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_bench("pretrain_throughput.py", args, out)
     assert {"device", "commit", "command", "variants", "ratios", "model_flops_per_step"} <= result.keys()
     assert set(result["variants"]) == {"baseline", "ilm_dist", "synthetic"}
     for variant in result["variants"].values():

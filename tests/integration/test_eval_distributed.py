@@ -50,20 +50,22 @@ def dirs(tmp_path_factory):
     return tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
 
 
+def one_and_two_ranks(data, dirs, script: str, extra: list[str], result: str) -> tuple:
+    """``script`` run by one process into the first of ``dirs`` and on two ranks into the second: the
+    ``result`` folder of each."""
+    for out, run in zip(dirs, (one_process, run_deepspeed), strict=True):
+        run(script, args(data, out, *extra))
+    return tuple(out / "random_init" / result for out in dirs)
+
+
 @pytest.fixture(scope="module")
 def probed(packed_tiny, dirs):
-    one, two = dirs
-    one_process("launch/probe.py", args(packed_tiny, one, *PROBE))
-    run_deepspeed("launch/probe.py", args(packed_tiny, two, *PROBE))
-    return one / "random_init" / "probe" / "f1", two / "random_init" / "probe" / "f1"
+    return one_and_two_ranks(packed_tiny, dirs, "launch/probe.py", PROBE, "probe/f1")
 
 
 @pytest.fixture(scope="module")
 def finetuned(packed_tiny, dirs):
-    one, two = dirs
-    one_process("launch/finetune.py", args(packed_tiny, one, *FINETUNE))
-    run_deepspeed("launch/finetune.py", args(packed_tiny, two, *FINETUNE))
-    return one / "random_init" / "finetune" / "linear_f1", two / "random_init" / "finetune" / "linear_f1"
+    return one_and_two_ranks(packed_tiny, dirs, "launch/finetune.py", FINETUNE, "finetune/linear_f1")
 
 
 def read(path):

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import yaml
 
-from ilm_dist.config import ConfigError, load_config
+from ilm_dist.config import ConfigError, format_overrides, load_config
 from ilm_dist.tune.command import tune_main
 from ilm_dist.tune.space import parse_space
-from ilm_dist.tune.spec import format_overrides, load_sweep
+from ilm_dist.tune.spec import load_sweep
 from tests.launcher import REPO
 
 DEMO = REPO / "configs" / "demo.yaml"
