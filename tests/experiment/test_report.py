@@ -25,8 +25,8 @@ from ilm_dist.experiment.report import (
     write_report,
 )
 from ilm_dist.experiment.state import State
+from tests.eval.support import pack_dataset
 from tests.launcher import REPO
-from tests.test_eval_support import pack_dataset
 
 DEMO = REPO / "configs" / "demo.yaml"
 N_TEST, N_BOOT, BOOT_SEED = 30, 200, 5
