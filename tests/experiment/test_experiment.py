@@ -377,6 +377,7 @@ def recompute_difference(exp_out: Path, seeds: list[int], pair, evaluation, frac
     return direct_two_level_bootstrap(labels, a, b, n_boot, seed)
 
 
+@pytest.mark.slow  # whole commands: pretraining runs as child processes
 def test_experiment_end_to_end_resumes_and_adds_a_seed(tmp_path, data):
     out = tmp_path / "out"
     path = write_experiment(tmp_path / "exp.yaml", experiment_dict(data, out))

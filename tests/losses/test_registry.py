@@ -134,6 +134,7 @@ MONITORED = [
 ]
 
 
+@pytest.mark.slow  # whole commands: pretraining runs as child processes
 def test_trains_through_the_command_and_appears_in_the_sweep_results(plugins, tmp_path, packed_tiny):
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(
