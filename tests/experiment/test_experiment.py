@@ -10,8 +10,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -500,16 +498,16 @@ def test_the_command_reports_a_bad_experiment_file_in_one_line(tmp_path, data, c
     assert capsys.readouterr().err == f"error: {path}: seeds: [1, 1]: repeated seed\n"
 
 
-def test_a_method_named_dot_dot_is_refused_before_any_work(tmp_path, data):
+def test_a_method_named_dot_dot_is_refused_before_any_work(tmp_path, data, capsys):
     """The issue's case: method '..' put both seeds' evaluations in evals/, so seed 1 reused seed 0's."""
     raw = experiment_dict(data, tmp_path / "out", seeds=[0, 1])
     raw["methods"] = {"..": {"config": str(DEMO), "weights": "random"}}
     raw["evaluations"] = {"probe": raw["evaluations"]["probe"]}
     path = write_experiment(tmp_path / "exp.yaml", raw)
-    cmd = [sys.executable, "launch/experiment.py", "--config", str(path)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr[-3000:]
-    assert proc.stderr == f"error: {path}: methods: '..': {NAME_RULE}\n"
+    with pytest.raises(SystemExit) as exit_:
+        experiment_main(["--config", str(path)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr() == ("", f"error: {path}: methods: '..': {NAME_RULE}\n")
     assert not (tmp_path / "out").exists()
 
 
