@@ -143,9 +143,8 @@ class DataConfig:
     batch_size: int = 32  # per rank
     num_workers: int = 4
     shuffle_buffer: int = 2048
-    verify_sha256: bool = (
-        True  # hash the split's shards against manifest.json at start-up (data/integrity.py)
-    )
+    # hash the split's shards against manifest.json at start-up (ilm_dist/data/integrity.py)
+    verify_sha256: bool = True
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     dali: DaliConfig = field(default_factory=DaliConfig)
 

@@ -215,9 +215,9 @@ def all_reduce_sum_(tensor: Tensor) -> Tensor:
 
 
 def all_reduce_mean_(tensor: Tensor) -> Tensor:
+    """Average ``tensor`` over the ranks in place (no-op on one rank)."""
     if world_size() > 1:
-        dist.all_reduce(tensor)
-        tensor /= world_size()
+        all_reduce_sum_(tensor).div_(world_size())
     return tensor
 
 

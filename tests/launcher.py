@@ -11,7 +11,6 @@ README's command).
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -34,7 +33,9 @@ def launcher_command(num_procs: int, port: int, runner: bool) -> list[str]:
     """``deepspeed --num_gpus N --master_port P``, or the node-launcher command the runner would run for it."""
     if runner:
         return [str(DEEPSPEED), "--num_gpus", str(num_procs), "--master_port", str(port)]
-    world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(num_procs))}).encode()).decode()
+    from deepspeed.launcher.runner import encode_world_info  # the runner's own encoding of the world
+
+    world = encode_world_info({"localhost": list(range(num_procs))})
     return [
         *(sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}"),
         *(

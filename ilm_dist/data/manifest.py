@@ -115,7 +115,7 @@ class Manifest:
     def file_names(self) -> set[str]:
         """The names of the files this dataset consists of: ``manifest.json`` and every shard and index."""
         shards = [shard for split in self.splits.values() for shard in split.shards]
-        return {"manifest.json"} | {file.name for shard in shards for file in (shard.tar, shard.index)}
+        return {MANIFEST} | {file.name for shard in shards for file in (shard.tar, shard.index)}
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:

@@ -72,11 +72,12 @@ def resolve_init(spec: str) -> InitSpec:
 
 
 def _resolve_dir(spec: str, path: Path) -> InitSpec:
-    if RunDir(path).backbone.is_file():
-        return InitSpec(spec, "state_dict", RunDir(path).backbone, _config_beside(path))
+    folder = RunDir(path)
+    if folder.backbone.is_file():
+        return InitSpec(spec, "state_dict", folder.backbone, _config_beside(path))
     if (path / DS_MODEL_STATES).is_file():
         return InitSpec(spec, "deepspeed", path / DS_MODEL_STATES, _config_beside(path.parent.parent))
-    for root, run in ((path, path.parent), (RunDir(path).checkpoints, path)):  # checkpoints/, or its run
+    for root, run in ((path, path.parent), (folder.checkpoints, path)):  # checkpoints/, or its run
         latest = root / RunDir.LATEST
         if latest.is_file():
             tag = latest.read_text().strip()

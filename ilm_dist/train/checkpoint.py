@@ -93,9 +93,8 @@ def latest_checkpoint(run: RunDir) -> Path:
         raise InputError(
             f"--resume: no checkpoint in {run.checkpoints} (no '{RunDir.LATEST}' file); start without --resume"
         )
-    if not RunDir.TAG.match(
-        tag
-    ):  # an emptied file would name the checkpoints folder itself, '../x' one outside it
+    # an emptied file would name the checkpoints folder itself, '../x' one outside it
+    if not RunDir.TAG.match(tag):
         raise InputError(f"--resume: {run.latest} names {tag!r}, not a checkpoint tag step_<N> of ilm_dist")
     if not run.checkpoint(tag).is_dir():
         raise InputError(f"--resume: {run.latest} names {tag!r}, but {run.checkpoint(tag)} is missing")

@@ -105,8 +105,8 @@ class Trainer:
         )
         self.run = RunDir(cfg.output_dir)
         self.folder_lock: FolderLock | None = None  # rank 0's, for the life of the run
-        D.on_main(lambda: self._own_output_dir(resume, overwrite))
         try:
+            D.on_main(lambda: self._own_output_dir(resume, overwrite))
             self._set_up(resume, validators, timer, manifest)
         except BaseException:
             self.release_output_dir()
@@ -117,11 +117,7 @@ class Trainer:
         anything is written: an earlier run is never overwritten silently."""
         self.folder_lock = FolderLock(self.run.root, "pretraining run")
         if not resume:
-            try:
-                self.run.prepare_fresh(overwrite)
-            except BaseException:
-                self.release_output_dir()
-                raise
+            self.run.prepare_fresh(overwrite)
 
     def release_output_dir(self) -> None:
         if self.folder_lock is not None:
