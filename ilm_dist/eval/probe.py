@@ -26,6 +26,7 @@ The live path trains data-parallel as fine-tuning does. Rank 0 alone writes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -40,7 +41,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from ilm_dist.distributed import on_main
 from ilm_dist.eval.context import SPLITS, EvalContext, result_lock, saved_or_computed
 from ilm_dist.eval.errors import EvalError
-from ilm_dist.eval.fit import fit, predict, torch_threads, val_score
+from ilm_dist.eval.fit import FitResult, fit, predict, torch_threads, val_score
 from ilm_dist.eval.metrics import check_metric, evaluate_predictions, probabilities
 from ilm_dist.eval.settings import ProbeSettings
 from ilm_dist.eval.store import probe_result_dir, read_json, save_npz, write_json
@@ -84,31 +85,46 @@ def _tensors(x: np.ndarray, labels: np.ndarray, mean: np.ndarray, std: np.ndarra
     return TensorDataset(torch.from_numpy((x - mean) / std).float(), torch.from_numpy(labels))
 
 
-def probe_block(ctx: EvalContext, feats: dict, block: str, settings: ProbeSettings) -> Scored:
-    """One block's head on cached features."""
-    train = feats["train"][block]
-    mean, std = np.zeros(train.shape[1]), np.ones(train.shape[1])
+def fit_head(
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    settings: ProbeSettings,
+    task: str,
+    class_names: tuple[str, ...],
+    device: torch.device,
+) -> tuple[nn.Linear, FitResult, Callable[[np.ndarray, np.ndarray], TensorDataset]]:
+    """A linear head fitted on cached ``(features, labels)`` of train, selected on val; also the feature
+    transform it was fitted with (standardised with the train mean/std unless ``standardise`` is off)."""
+    features = train[0]
+    mean, std = np.zeros(features.shape[1]), np.ones(features.shape[1])
     if settings.standardise:
-        mean, std = train.mean(axis=0), train.std(axis=0)
+        mean, std = features.mean(axis=0), features.std(axis=0)
         std[std < 1e-6] = 1.0  # dead (constant) features stay zero after centring
-    data = {s: _tensors(feats[s][block], feats[s]["labels"], mean, std) for s in SPLITS}
+    dataset = partial(_tensors, mean=mean, std=std)
     torch.manual_seed(settings.seed)
-    head = nn.Linear(train.shape[1], ctx.manifest.num_classes).to(ctx.device)
+    head = nn.Linear(features.shape[1], len(class_names)).to(device)
     generator = torch.Generator().manual_seed(settings.seed)
     loader = DataLoader(
-        data["train"],
-        batch_size=min(settings.batch_size, len(train)),
+        dataset(*train),
+        batch_size=min(settings.batch_size, len(features)),
         shuffle=True,
         drop_last=True,
         generator=generator,
     )
-    val, test = (DataLoader(data[s], batch_size=4096) for s in ("val", "test"))
+    val_loader = DataLoader(dataset(*val), batch_size=4096)
 
     def score(metric: str) -> float:
-        return val_score(head, val, ctx.device, metric, ctx.task, ctx.class_names)
+        return val_score(head, val_loader, device, metric, task, class_names)
 
-    result = fit(head, head, loader, ctx.task, settings, score, ctx.device)
-    return _scored(ctx, settings, result, *predict(head, test, ctx.device))
+    return head, fit(head, head, loader, task, settings, score, device), dataset
+
+
+def probe_block(ctx: EvalContext, feats: dict, block: str, settings: ProbeSettings) -> Scored:
+    """One block's head on cached features."""
+    train, val, test = ((feats[s][block], feats[s]["labels"]) for s in SPLITS)
+    head, result, dataset = fit_head(train, val, settings, ctx.task, ctx.class_names, ctx.device)
+    test_loader = DataLoader(dataset(*test), batch_size=4096)
+    return _scored(ctx, settings, result, *predict(head, test_loader, ctx.device))
 
 
 class BlockProbe(nn.Module):
