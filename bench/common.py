@@ -9,6 +9,8 @@ import os
 import platform
 import re
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -39,6 +41,22 @@ def source_commit(*paths: str) -> str | None:
         if dirty.returncode != 0 or dirty.stdout.strip():
             return "uncommitted"
     return head.stdout.strip()
+
+
+def val_split_record(
+    script: str, argv: list[str] | None, start: float, config: str, overrides: list[str]
+) -> dict:
+    """The head of a val-split script's JSON (recipe_probe, eval_budget, probe_budget): command, commit,
+    device, the run config with its overrides, the splits read (never test) and the seconds since ``start``."""
+    return {
+        "command": " ".join(["python", f"bench/{script}", *(argv if argv is not None else sys.argv[1:])]),
+        "commit": source_commit(f"bench/{script}", "ilm_dist"),
+        "device": "cpu",
+        "config": config,
+        "overrides": overrides,
+        "splits": ["train", "val"],
+        "seconds": round(time.time() - start, 1),
+    }
 
 
 def write_result(result: dict, out: Path) -> None:

@@ -16,7 +16,6 @@ writes JSON (device, commit, command, every curve) and, with ``--plot``, a figur
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from functools import partial
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import source_commit, write_result
+from common import val_split_record, write_result
 
 from ilm_dist.config import load_config
 from ilm_dist.data.manifest import load_manifest
@@ -139,19 +138,11 @@ def main(argv: list[str] | None = None) -> dict:
                     + f"; within {args.tolerance} of the best from step {enough}"
                 )
     result = {
-        "command": " ".join(
-            ["python", "bench/eval_budget.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "commit": source_commit("bench/eval_budget.py", "ilm_dist"),
-        "device": "cpu",
-        "config": args.config,
-        "overrides": args.overrides,
+        **val_split_record("eval_budget.py", argv, start, args.config, args.overrides),
         "mode": args.mode,
         "lr": args.lr,
         "frozen_bn": args.frozen_bn,
         "metric": metric,
-        "splits": ["train", "val"],
-        "seconds": round(time.time() - start, 1),
         "curves": curves,
     }
     if args.plot:

@@ -14,12 +14,11 @@ beside it the val AUC of scikit-learn's L2 logistic regression (``recipe_probe.p
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
-from common import source_commit, write_result
+from common import val_split_record, write_result
 from recipe_probe import block_features, probe_auc
 
 from ilm_dist.config import load_config
@@ -74,15 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
                     + f"; sklearn {sklearn:.3f}"
                 )
     result = {
-        "command": " ".join(
-            ["python", "bench/probe_budget.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "commit": source_commit("bench/probe_budget.py", "ilm_dist"),
-        "device": "cpu",
-        "config": args.config,
-        "overrides": args.overrides,
-        "splits": ["train", "val"],
-        "seconds": round(time.time() - start, 1),
+        **val_split_record("probe_budget.py", argv, start, args.config, args.overrides),
         "curves": curves,
     }
     if args.out:

@@ -14,13 +14,12 @@ network): what a probe gets from colour alone. Prints a table; writes JSON with 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import source_commit, write_result
+from common import val_split_record, write_result
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
@@ -101,16 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
         means = [val_auc[f"f{fraction:g}_b{b}"]["mean"] for b in range(1, len(train_blocks) + 1)]
         print(f"val AUC at {fraction:g} of the labels, per block: " + " ".join(f"{m:.4f}" for m in means))
     result = {
-        "command": " ".join(
-            ["python", "bench/recipe_probe.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "commit": source_commit("bench/recipe_probe.py", "ilm_dist"),
-        "device": "cpu",
+        **val_split_record("recipe_probe.py", argv, start, args.config, args.overrides),
         "weights": args.weights,
-        "config": args.config,
-        "overrides": args.overrides,
-        "splits": list(SPLITS),
-        "seconds": round(time.time() - start, 1),
         "val_auc": val_auc,
     }
     if args.out:
