@@ -2,8 +2,8 @@
 
 For each encoder in ``--weights`` (a run directory, backbone.pt or ``random``), label fraction and label
 subset (stratified, seeds ``0..--subsets-1``), the fine-tuning loop of ``python -m ilm_dist.eval finetune``
-(:func:`ilm_dist.eval.fit.fit`: Adam, the run's MoCo augmentations as training views, a frozen backbone in
-eval mode for ``--mode linear``) runs ``--steps`` steps and scores the val split ``--checks`` times. The
+(:func:`ilm_dist.eval.fit.fit`: Adam, the run's MoCo augmentations as training views; for ``--mode linear`` a
+frozen backbone, its BatchNorm in eval mode unless ``--frozen-bn train``) runs ``--steps`` steps and scores the val split ``--checks`` times. The
 test split is never read. Prints, per encoder and fraction, the mean val metric over the subsets at each
 check and the first check within ``--tolerance`` of the curve's best (where more steps stopped paying);
 writes JSON (device, commit, command, every curve) and, with ``--plot``, a figure of the curves.
