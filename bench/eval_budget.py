@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,23 +27,17 @@ from common import val_split_record, write_result
 from ilm_dist.config import load_config
 from ilm_dist.data.manifest import load_manifest
 from ilm_dist.eval.context import EvalContext
-from ilm_dist.eval.finetune import frozen_head
-from ilm_dist.eval.fit import fit
+from ilm_dist.eval.finetune import train_on_subset
 from ilm_dist.eval.metrics import check_metric
 from ilm_dist.eval.settings import FinetuneSettings
 from ilm_dist.eval.subsets import load_or_draw_subset
-from ilm_dist.eval.training_data import train_loader
 from ilm_dist.eval.weights import load_state, resolve_init
 
 
 def val_curve(ctx: EvalContext, fraction: float, settings: FinetuneSettings) -> list[dict]:
     """One fine-tuning run's validation history: ``[{"step", "train_loss", "val"}, ...]``."""
     subset = load_or_draw_subset(ctx.eval_dir, ctx.manifest, "train", fraction, settings.seed)
-    model = ctx.classifier()
-    trainable = frozen_head(model, settings.frozen_bn) if settings.mode == "linear" else model
-    loader = train_loader(ctx, subset["indices"], settings)
-    evaluate = partial(ctx.val_score, model)
-    return fit(model, trainable, loader, ctx.task, settings, evaluate, ctx.device).history
+    return train_on_subset(ctx, subset["indices"], settings)[1].history
 
 
 def plateau_step(steps: list[int], means: list[float], tolerance: float) -> int:

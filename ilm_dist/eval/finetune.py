@@ -19,6 +19,7 @@ ranks before each validation. Validation and test run sharded over the ranks; on
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -85,11 +86,21 @@ def _finetune(ctx: EvalContext, out: Path, fraction: float, settings: FinetuneSe
     subset = on_main(
         lambda: load_or_draw_subset(ctx.eval_dir, ctx.manifest, "train", fraction, settings.seed)
     )
+    model, result = train_on_subset(ctx, subset["indices"], settings)
+    test = ctx.features(model, "test", with_logits=True)
+    return on_main(lambda: _save(ctx, out, fraction, settings, subset, test, result, select, report))
+
+
+def train_on_subset(
+    ctx: EvalContext, indices: Sequence[int], settings: FinetuneSettings
+) -> tuple[nn.Module, FitResult]:
+    """The classifier fine-tuned on the training images ``indices`` (``settings.mode``), selected on val;
+    in linear mode, checked to have left the backbone (and with eval-mode BatchNorm, its statistics) as it was."""
     model = ctx.classifier()
     linear, bn_frozen = settings.mode == "linear", settings.frozen_bn == "eval"
     trainable = frozen_head(model, settings.frozen_bn) if linear else model
     before = fingerprint(model, buffers=bn_frozen) if linear else ""
-    loader = train_loader(ctx, subset["indices"], settings)
+    loader = train_loader(ctx, indices, settings)
     steps, _ = schedule(settings, len(loader))
     log.info(
         "%s: %s fine-tuning on %d labelled images, %d steps of %d ranks x %d",
@@ -112,8 +123,7 @@ def _finetune(ctx: EvalContext, out: Path, fraction: float, settings: FinetuneSe
     )
     if linear:
         assert_unchanged(model, before, f"linear fine-tuning of {ctx.name}", buffers=bn_frozen)
-    test = ctx.features(model, "test", with_logits=True)
-    return on_main(lambda: _save(ctx, out, fraction, settings, subset, test, result, select, report))
+    return model, result
 
 
 def _save(
