@@ -2,9 +2,9 @@
 
 For each encoder in ``--weights`` (a run directory, backbone.pt or ``random``), label fraction and label
 subset (stratified, seeds ``0..--subsets-1``), the fine-tuning loop of ``python -m ilm_dist.eval finetune``
-(:func:`ilm_dist.eval.fit.fit`: Adam, the run's MoCo augmentations as training views; for ``--mode linear`` a
-frozen backbone, its BatchNorm in eval mode unless ``--frozen-bn train``) runs ``--steps`` steps and scores the val split ``--checks`` times. The
-test split is never read. Prints, per encoder and fraction, the mean val metric over the subsets at each
+(:func:`ilm_dist.eval.finetune.train_on_subset`: Adam, the run's MoCo augmentations as training views; for
+``--mode linear`` a frozen backbone, its BatchNorm in eval mode unless ``--frozen-bn train``) runs ``--steps``
+steps and scores the val split ``--checks`` times. The test split is never read. Prints, per encoder and fraction, the mean val metric over the subsets at each
 check and the first check within ``--tolerance`` of the curve's best (where more steps stopped paying);
 writes JSON (device, commit, command, every curve) and, with ``--plot``, a figure of the curves.
 
@@ -115,14 +115,15 @@ def main(argv: list[str] | None = None) -> dict:
                     )
                     runs.append(val_curve(ctx, fraction, settings))
                 steps = [point["step"] for point in runs[0]]
-                mean = np.mean([[point["val"] for point in run] for run in runs], axis=0).tolist()
+                per_subset = [[point["val"] for point in run] for run in runs]
+                mean = np.mean(per_subset, axis=0).tolist()
                 enough = plateau_step(steps, mean, args.tolerance)
                 curves[f"{ctx.name}/f{fraction:g}"] = {
                     "weights": weights,
                     "fraction": fraction,
                     "steps": steps,
                     "mean": mean,
-                    "per_subset": [[point["val"] for point in run] for run in runs],
+                    "per_subset": per_subset,
                     "plateau_step": enough,
                 }
                 print(

@@ -27,6 +27,8 @@ from ilm_dist.eval.probe import fit_head
 from ilm_dist.eval.settings import ProbeSettings
 from ilm_dist.eval.subsets import stratified_subset
 
+CPU = torch.device("cpu")
+
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -46,6 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
     manifest = load_manifest(cfg.data.shards)
     if manifest.task != "binary":
         parser.error(f"{cfg.data.shards}: a {manifest.task} dataset; this script scores binary tasks only")
+    settings = ProbeSettings(
+        epochs=1, min_steps=args.steps, evals=args.checks, lr=args.lr, batch_size=args.batch_size, seed=0
+    )
     curves = {}
     for weights in args.weights:
         feats = block_features(weights, cfg, manifest)
@@ -54,19 +59,18 @@ def main(argv: list[str] | None = None) -> dict:
             idx = stratified_subset(train_labels, fraction, 0, manifest.class_names)
             for block in args.blocks:
                 train, val = train_blocks[block - 1][idx], val_blocks[block - 1]
-                settings = ProbeSettings(
-                    epochs=1, min_steps=args.steps, evals=args.checks, lr=args.lr, batch_size=args.batch_size,
-                    seed=0, n_boot=0,
-                )  # fmt: skip
-                labelled, cpu = (train, train_labels[idx]), torch.device("cpu")
+                labelled = (train, train_labels[idx])
                 _, fitted, _ = fit_head(
-                    labelled, (val, val_labels), settings, "binary", manifest.class_names, cpu
+                    labelled, (val, val_labels), settings, "binary", manifest.class_names, CPU
                 )
                 history = fitted.history
-                sklearn = probe_auc(train, train_labels[idx], val, val_labels)
+                sklearn = probe_auc(*labelled, val, val_labels)
                 key = f"{weights}/f{fraction:g}/b{block}"
-                curves[key] = {"steps": [h["step"] for h in history], "val": [h["val"] for h in history],
-                               "sklearn_val": sklearn}  # fmt: skip
+                curves[key] = {
+                    "steps": [h["step"] for h in history],
+                    "val": [h["val"] for h in history],
+                    "sklearn_val": sklearn,
+                }
                 print(
                     f"{key}: "
                     + " ".join(f"{h['step']}:{h['val']:.3f}" for h in history)
