@@ -110,7 +110,7 @@ def test_a_given_config_keeps_its_own_sizes_and_the_preset_gets_the_documented_o
         return cpu_step.bench_config(args, tmp_path / "run")
 
     recipe = cfg("configs/experiments/cpu/idc.yaml")
-    assert (recipe.data.image_size, recipe.moco.queue_size, recipe.aug.color_jitter_p) == (32, 1024, 0.5)
+    assert (recipe.data.image_size, recipe.moco.queue_size, recipe.aug.color_jitter_p) == (32, 1024, 0.0)
     preset = cfg(None)
     assert (preset.model.arch, preset.data.image_size, preset.data.batch_size, preset.moco.queue_size) == (
         "resnet18",
