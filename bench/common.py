@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import json
@@ -41,6 +42,15 @@ def source_commit(*paths: str) -> str | None:
         if dirty.returncode != 0 or dirty.stdout.strip():
             return "uncommitted"
     return head.stdout.strip()
+
+
+def add_val_split_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of every val-split script: the run config and its overrides (what
+    :func:`val_split_record` records), the label fractions and the JSON file."""
+    parser.add_argument("--config", required=True, help="run config (data.shards, image size, aug, arch)")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.06, 1.0])
+    parser.add_argument("--out", type=Path, default=None, help="JSON file (default: print only)")
+    parser.add_argument("overrides", nargs="*", help="run-config key=value overrides")
 
 
 def val_split_record(

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import val_split_record, write_result
+from common import add_val_split_arguments, val_split_record, write_result
 
 from ilm_dist.config import load_config
 from ilm_dist.data.manifest import load_manifest
@@ -75,10 +75,9 @@ def plot_curves(curves: dict, path: Path, metric: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--weights", nargs="+", required=True, help="run dirs, backbone.pt files or random")
-    parser.add_argument("--config", required=True, help="run config (data.shards, image size, aug, arch)")
+    add_val_split_arguments(parser)
     parser.add_argument("--mode", choices=("linear", "full"), default="linear")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.06, 1.0])
     parser.add_argument("--subsets", type=int, default=3, help="label subsets per fraction below 1")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--checks", type=int, default=12, help="val checks, evenly over the steps")
@@ -87,9 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--frozen-bn", choices=("eval", "train"), default="eval", help="as the finetune command's"
     )
     parser.add_argument("--tolerance", type=float, default=0.005, help="'no longer changes': within this")
-    parser.add_argument("--out", type=Path, default=None, help="JSON file (default: print only)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the mean curves")
-    parser.add_argument("overrides", nargs="*", help="run-config key=value overrides")
     args = parser.parse_args(argv)
     start = time.time()
     cfg = load_config(args.config, args.overrides)

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
-from common import val_split_record, write_result
+from common import add_val_split_arguments, val_split_record, write_result
 from recipe_probe import block_features, probe_auc
 
 from ilm_dist.config import load_config
@@ -33,15 +32,12 @@ CPU = torch.device("cpu")
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--weights", nargs="+", required=True, help="run dirs, backbone.pt files or random")
-    parser.add_argument("--config", required=True, help="run config (data.shards, image size, aug, arch)")
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.06, 1.0])
+    add_val_split_arguments(parser)
     parser.add_argument("--blocks", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--checks", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=None, help="JSON file (default: print only)")
-    parser.add_argument("overrides", nargs="*", help="run-config key=value overrides")
     args = parser.parse_args(argv)
     start = time.time()
     cfg = load_config(args.config, args.overrides)

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from common import val_split_record, write_result
+from common import add_val_split_arguments, val_split_record, write_result
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
@@ -77,11 +76,8 @@ def probe_auc(train: np.ndarray, train_labels: np.ndarray, val: np.ndarray, val_
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--weights", required=True, help="run dir, backbone.pt, random, or colour")
-    parser.add_argument("--config", required=True, help="run config (data.shards, image size, aug, arch)")
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.06, 1.0])
+    add_val_split_arguments(parser)
     parser.add_argument("--subsets", type=int, default=5, help="label subsets per fraction below 1")
-    parser.add_argument("--out", type=Path, default=None, help="JSON file (default: print only)")
-    parser.add_argument("overrides", nargs="*", help="run-config key=value overrides")
     args = parser.parse_args(argv)
     start = time.time()
     cfg = load_config(args.config, args.overrides)
